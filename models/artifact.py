@@ -1,0 +1,31 @@
+"""The stored model: what `training export` writes into a BentoML model folder and the service reads.
+
+The folder holds `weights.pt` (the AgeGenderNet state dict, buffers included); the model's metadata
+holds everything needed to rebuild and preprocess it: backbone, head width, input size, normalisation,
+class names, age range, plus the data set, config and metrics it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.network import AgeGenderNet
+from models.presets import eval_preset
+
+MODEL_NAME = "age_gender"
+WEIGHTS_FILE = "weights.pt"
+
+
+def load_network(model_dir: str | Path, meta: dict[str, Any], device: str | torch.device = "cpu") -> AgeGenderNet:
+    net = AgeGenderNet.from_metadata(meta)
+    net.load_state_dict(torch.load(Path(model_dir) / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    return net.eval().to(device)
+
+
+def preprocess_for(meta: dict[str, Any]):
+    """The eval preset with the input size and normalisation that this model was trained with."""
+    norm = meta["normalisation"]
+    return eval_preset(meta["image_size"], norm["mean"], norm["std"])

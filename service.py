@@ -1,0 +1,189 @@
+"""Age and gender recognition service: `bentoml serve service:AgeGender`.
+
+Three services, each in its own process(es):
+- FaceDetection:  upload bytes -> decoded photo, faces, aligned 200x200 crops (CPU).
+- AgeGenderModel: aligned crops -> age and gender, with adaptive batching across requests (GPU if any).
+- AgeGender:      the public HTTP API; fans photos out to the detector, crops into shared model batches.
+Settings come from AGE_GENDER_* environment variables (serving/settings.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import bentoml
+import numpy as np
+import torch
+from starlette.responses import JSONResponse
+
+from models.artifact import load_network, preprocess_for
+from models.errors import UserError
+from models.faces import CROP_SIZE, FaceDetector, align_crop, decode_image
+from serving.guard import FileField, RequestGuard, error
+from serving.schemas import BatchResult, DetectedFace, FaceAttributes, FacesResult, ModelInfo, PhotoResult
+from serving.settings import SETTINGS
+
+# inter-service HTTP sessions are otherwise recycled under in-flight requests (BentoML #5540, #5544)
+_CONNECTION = {"runner_connection": {"max_requests": 2**31 - 1, "max_age": 1e9}}
+
+
+@bentoml.service(workers=1, traffic={"timeout": 60}, **_CONNECTION)
+class FaceDetection:
+    def __init__(self) -> None:
+        self.detector = FaceDetector(SETTINGS.detector, SETTINGS.score_threshold, SETTINGS.min_face_size)
+
+    @bentoml.api
+    def detect(self, image: bytes) -> dict:
+        """-> {width, height, boxes (N, 4), scores (N,), crops (N, 200, 200, 3) uint8} or {error, status}."""
+        try:
+            rgb = decode_image(image, SETTINGS.max_pixels)
+        except UserError as exc:
+            return {"error": str(exc), "status": 413 if "limit" in str(exc) else 400}
+        faces = self.detector.detect(rgb)
+        crops = (
+            np.stack([align_crop(rgb, f) for f in faces]) if faces else np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+        )
+        return {
+            "width": rgb.shape[1],
+            "height": rgb.shape[0],
+            "boxes": [f.box for f in faces],
+            "scores": [f.score for f in faces],
+            "crops": crops,
+        }
+
+    @bentoml.api
+    def load_crops(self, images: list[bytes]) -> dict:
+        """Already-cropped faces -> {crops (N, 200, 200, 3)} or {error, status}; resized as UTKFace chips."""
+        import cv2
+
+        crops = []
+        for i, data in enumerate(images):
+            try:
+                rgb = decode_image(data, SETTINGS.max_pixels)
+            except UserError as exc:
+                return {"error": f"image #{i}: {exc}", "status": 413 if "limit" in str(exc) else 400}
+            crops.append(
+                rgb
+                if rgb.shape[:2] == (CROP_SIZE, CROP_SIZE)
+                else cv2.resize(rgb, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA)
+            )
+        return {"crops": np.stack(crops)}
+
+
+@bentoml.service(workers=1, traffic={"timeout": 60}, **_CONNECTION)
+class AgeGenderModel:
+    model_ref = bentoml.models.BentoModel(SETTINGS.model)
+
+    def __init__(self) -> None:
+        self.meta = self.model_ref.info.metadata
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.net = load_network(self.model_ref.path, self.meta, self.device)
+        self.preprocess = preprocess_for(self.meta)
+        self.classes = self.meta["gender_classes"]
+
+    @bentoml.api(
+        batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms
+    )
+    def predict(self, crops: np.ndarray) -> np.ndarray:
+        """(B, 200, 200, 3) uint8 aligned crops -> (B, 3) float32: age in years, p(male), p(female)."""
+        x = self.preprocess(torch.from_numpy(crops).permute(0, 3, 1, 2)).to(self.device)  # (B, 3, S, S)
+        with torch.inference_mode():
+            age, logits = self.net(x)
+        return torch.cat([age[:, None], logits.softmax(1)], 1).float().cpu().numpy()
+
+    @bentoml.api
+    def info(self) -> dict:
+        return {
+            "tag": str(self.model_ref.tag),
+            "backbone": self.meta["backbone"],
+            "image_size": self.meta["image_size"],
+            "dataset": self.meta["dataset"]["name"],
+            "demo": self.meta["demo"],
+            "test_metrics": self.meta.get("metrics", {}).get("test", {}),
+            "gender_classes": self.classes,
+            "device": self.device,
+        }
+
+
+ROUTES = {
+    "/predict": FileField("image", many=False),
+    "/predict_batch": FileField("images", many=True),
+    "/predict_faces": FileField("images", many=True),
+}
+
+
+@bentoml.service(traffic={"timeout": 120, "max_concurrency": 128})
+class AgeGender:
+    detector = bentoml.depends(FaceDetection)
+    model = bentoml.depends(AgeGenderModel)
+
+    def __init__(self) -> None:
+        self._info: dict | None = None
+
+    async def _model_info(self) -> dict:
+        if self._info is None:
+            self._info = await self.model.to_async.info()
+        return self._info
+
+    async def _attributes(self, crops: np.ndarray) -> list[dict]:
+        """Crops -> per-face attributes; each chunk is one request to the batching model service."""
+        if len(crops) == 0:
+            return []
+        classes = (await self._model_info())["gender_classes"]
+        step = SETTINGS.max_batch_size
+        chunks = await asyncio.gather(
+            *(self.model.to_async.predict(crops[i : i + step]) for i in range(0, len(crops), step))
+        )
+        out = []
+        for age, *probs in np.concatenate(chunks):
+            k = int(np.argmax(probs))
+            out.append(
+                {"age": round(float(age), 2), "gender": classes[k], "gender_probability": round(float(probs[k]), 4)}
+            )
+        return out
+
+    async def _photos(self, paths: list[Path]) -> list[PhotoResult] | JSONResponse:
+        detections = await asyncio.gather(*(self.detector.to_async.detect(p.read_bytes()) for p in paths))
+        for i, d in enumerate(detections):
+            if "error" in d:
+                return error(d["status"], d["error"] if len(paths) == 1 else f"image #{i}: {d['error']}")
+        attrs = await self._attributes(np.concatenate([d["crops"] for d in detections]))
+        results, k = [], 0
+        for d in detections:
+            faces = []
+            for (x, y, w, h), score in zip(d["boxes"], d["scores"], strict=True):
+                box = {"x": x, "y": y, "width": w, "height": h}
+                faces.append(DetectedFace(box=box, detection_score=round(score, 4), **attrs[k]))
+                k += 1
+            results.append(PhotoResult(width=d["width"], height=d["height"], faces=faces))
+        return results
+
+    @bentoml.api
+    async def predict(self, image: Path) -> PhotoResult:
+        """Every face in one photo: box, age, gender. Multipart field `image`."""
+        results = await self._photos([image])
+        return results if isinstance(results, JSONResponse) else results[0]
+
+    @bentoml.api
+    async def predict_batch(self, images: list[Path]) -> BatchResult:
+        """Several photos in one request (multipart field `images`, repeated); results in request order."""
+        results = await self._photos(images)
+        return results if isinstance(results, JSONResponse) else BatchResult(results=results)
+
+    @bentoml.api
+    async def predict_faces(self, images: list[Path]) -> FacesResult:
+        """Already-cropped faces (e.g. UTKFace crops), no detection; multipart field `images`."""
+        loaded = await self.detector.to_async.load_crops([p.read_bytes() for p in images])
+        if "error" in loaded:
+            return error(loaded["status"], loaded["error"])
+        return FacesResult(predictions=[FaceAttributes(**a) for a in await self._attributes(loaded["crops"])])
+
+    @bentoml.api
+    async def model_info(self) -> ModelInfo:
+        """The loaded model: tag, backbone, input size, training data (demo or UTKFace), test metrics."""
+        info = await self._model_info()
+        return ModelInfo(**{k: v for k, v in info.items() if k != "gender_classes"}, detector=SETTINGS.detector)
+
+
+AgeGender.add_asgi_middleware(RequestGuard, routes=ROUTES, max_bytes=SETTINGS.max_bytes, max_images=SETTINGS.max_images)

@@ -1,0 +1,39 @@
+"""Service settings, read from environment variables so that one container image fits many deployments."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from models.errors import UserError
+
+PREFIX = "AGE_GENDER_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = "age_gender:latest"  # store tag the bento pins at build time
+    detector: str = "yunet"  # yunet | haar
+    score_threshold: float = 0.5  # minimum detector confidence
+    min_face_size: int = 20  # pixels, shorter box side
+    max_bytes: int = 20 * 1024 * 1024  # per request -> 413
+    max_pixels: int = 50_000_000  # per image, checked before decoding -> 413
+    max_images: int = 32  # files per request -> 413
+    max_batch_size: int = 32  # model batch (adaptive batching upper bound)
+    max_latency_ms: int = 2000  # adaptive batching: longest a request may wait before 503
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        values = {}
+        for f in fields(cls):
+            raw = os.environ.get(PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            try:
+                values[f.name] = type(f.default)(raw)
+            except ValueError:
+                raise UserError(f"{PREFIX}{f.name.upper()}={raw!r} is not a valid {type(f.default).__name__}") from None
+        return cls(**values)
+
+
+SETTINGS = Settings.from_env()

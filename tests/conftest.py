@@ -1,0 +1,106 @@
+"""Shared fixtures: one generated data set, one model trained by the project, one temporary model store.
+
+BENTOML_HOME is pointed at a temporary folder before anything imports bentoml.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_HOME = Path(tempfile.mkdtemp(prefix="bentoml-home-"))
+os.environ["BENTOML_HOME"] = str(_HOME)
+os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+
+# a small but real configuration: trains in well under a minute on two cores
+TINY = {
+    "seed": 0,
+    "name": "tiny",
+    "data": {"batch_size": 32, "num_workers": 0},
+    "model": {
+        "backbone": "resnet18",
+        "pretrained": False,
+        "head_width": 64,
+        "dropout": 0.0,
+        "image_size": 64,
+        "lr": 0.002,
+        "normalize_age": True,
+        "age_loss": "l1",
+        "age_weight": 1.0,
+        "gender_weight": 1.0,
+    },
+    "trainer": {
+        "max_epochs": 5,
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 5,
+    },
+}
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m training ...` in a subprocess, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess) -> str:
+    """A CLI failure: exit code 2, exactly one `error:` line, no traceback (progress bars may precede it)."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def bentoml_home() -> Path:
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    from training.synth import write_sample_dataset
+
+    return write_sample_dataset(tmp_path_factory.mktemp("sample") / "images", n=900, seed=1)
+
+
+@pytest.fixture(scope="session")
+def metadata_file(sample_dir: Path) -> Path:
+    from training.utkface import build_metadata
+
+    out = sample_dir.parent / "metadata.csv"
+    build_metadata(sample_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_config(metadata_file: Path, tmp_path_factory) -> dict:
+    from training.config import validate
+
+    cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
+    cfg["data"]["metadata"] = str(metadata_file)
+    cfg["logdir"] = str(tmp_path_factory.mktemp("runs"))
+    return validate(cfg)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_config: dict) -> Path:
+    from training.fit import fit
+
+    return fit(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def model_tag(checkpoint: Path, bentoml_home: Path) -> str:
+    from training.export import export
+
+    return str(export(checkpoint))

@@ -1,0 +1,80 @@
+"""The network and the loss: shapes per backbone, weights actually applied, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.errors import UserError
+from models.network import BACKBONES, AgeGenderNet
+from models.presets import eval_preset, train_preset
+from training.module import AgeGenderModule
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_output_shapes(backbone: str) -> None:
+    net = AgeGenderNet(backbone, head_width=32, age_mean=30.0, age_std=10.0).eval()
+    with torch.inference_mode():
+        age, logits = net(torch.randn(3, 3, 64, 64))
+    assert age.shape == (3,) and logits.shape == (3, 2)
+    # the age head is a 2-layer MLP whose output is mapped back to years by the stored statistics
+    assert [type(m).__name__ for m in net.age_head] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert net.age_mean.item() == 30.0 and net.age_std.item() == 10.0
+
+
+def test_unknown_backbone_names_choices() -> None:
+    with pytest.raises(UserError, match="unknown backbone 'resnet35'; choose from resnet18, resnet34, resnet50"):
+        AgeGenderNet("resnet35")
+
+
+def test_local_backbone_weights(tmp_path: Path) -> None:
+    donor = AgeGenderNet("resnet18")
+    state = {k.removeprefix("trunk."): v for k, v in donor.state_dict().items() if k.startswith("trunk.")}
+    state |= {"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    torch.save(state, tmp_path / "resnet18.pth")
+    net = AgeGenderNet("resnet18", weights_path=str(tmp_path / "resnet18.pth"))
+    assert torch.equal(net.trunk.conv1.weight, donor.trunk.conv1.weight)
+    with pytest.raises(UserError, match="does not exist"):
+        AgeGenderNet("resnet18", weights_path=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize(("w_age", "w_gender"), [(0.1, 0.99), (1.0, 0.0), (0.0, 2.0)])
+def test_loss_weights_are_applied(w_age: float, w_gender: float) -> None:
+    module = AgeGenderModule("resnet18", pretrained=False, age_weight=w_age, gender_weight=w_gender, age_loss="mse")
+    age, logits = torch.tensor([20.0, 50.0]), torch.tensor([[2.0, -1.0], [0.5, 0.5]])
+    true_age, true_gender = torch.tensor([25.0, 40.0]), torch.tensor([0, 1])
+    loss, loss_age, loss_gender = module.losses(age, logits, true_age, true_gender)
+    assert loss_age == pytest.approx((25 + 100) / 2)
+    assert loss_gender == pytest.approx(F.cross_entropy(logits, true_gender).item())
+    assert loss == pytest.approx(w_age * loss_age.item() + w_gender * loss_gender.item())
+
+
+def test_normalised_age_loss_is_in_standard_deviations() -> None:
+    module = AgeGenderModule("resnet18", pretrained=False, normalize_age=True, age_mean=30, age_std=10, age_loss="l1")
+    _, loss_age, _ = module.losses(torch.tensor([40.0]), torch.zeros(1, 2), torch.tensor([20.0]), torch.tensor([0]))
+    assert loss_age == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"age_weight": -0.1}, "model.age_weight must be >= 0"),
+        ({"age_loss": "huber"}, "unknown age_loss 'huber'; choose from mse, l1, smooth_l1"),
+        ({"age_weight": 0.0, "gender_weight": 0.0}, "cannot both be 0"),
+    ],
+)
+def test_module_rejects_bad_hyperparameters(kwargs: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        AgeGenderModule("resnet18", pretrained=False, **kwargs)
+
+
+def test_presets_output_normalised_tensors_of_the_input_size() -> None:
+    image = torch.randint(0, 256, (3, 200, 200), dtype=torch.uint8)
+    for preset in (train_preset(96), eval_preset(96)):
+        out = preset(image)
+        assert out.shape == (3, 96, 96) and out.dtype == torch.float32
+    # eval is deterministic; train augments
+    assert torch.equal(eval_preset(96)(image), eval_preset(96)(image))

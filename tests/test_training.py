@@ -1,0 +1,133 @@
+"""End to end on generated data: synth, learnability, export to the store and back, CLI errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bentoml
+import pytest
+import torch
+
+from models.artifact import MODEL_NAME, load_network, preprocess_for
+from models.presets import load_rgb
+from training.export import load_module
+from training.synth import MARKER
+from training.utkface import parse_name, read_metadata
+
+from .conftest import assert_one_line_error, run_cli
+
+
+def test_synth_writes_utkface_names(sample_dir: Path) -> None:
+    files = sorted(sample_dir.glob("*.jpg.chip.jpg"))
+    assert len(files) == 900 and (sample_dir / MARKER).is_file()
+    labels = [parse_name(f.name) for f in files]
+    assert {label.gender for label in labels} == {0, 1}
+    assert min(label.age for label in labels) < 6 and max(label.age for label in labels) > 50
+
+
+def test_synth_is_reproducible_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    assert run_cli("synth", "--out", str(tmp_path / "a"), "--n", "5", "--seed", "3").returncode == 0
+    assert run_cli("synth", "--out", str(tmp_path / "b"), "--n", "5", "--seed", "3").returncode == 0
+    a, b = sorted((tmp_path / "a").iterdir()), sorted((tmp_path / "b").iterdir())
+    assert [p.name for p in a] == [p.name for p in b]
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b, strict=True))
+    assert "already exists" in assert_one_line_error(run_cli("synth", "--out", str(tmp_path / "a"), "--n", "5"))
+
+
+def _predict(module, metadata: Path, split: str = "test"):
+    frame = read_metadata(metadata)
+    frame = frame[frame.split == split]
+    preprocess = preprocess_for(
+        {
+            "image_size": module.hparams.image_size,
+            "normalisation": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+        }
+    )
+    x = torch.stack([preprocess(load_rgb(p)) for p in frame.path])
+    with torch.inference_mode():
+        age, logits = module.eval()(x)
+    return frame, age, logits
+
+
+def test_training_learns(checkpoint: Path, metadata_file: Path) -> None:
+    module = load_module(checkpoint)
+    frame, age, logits = _predict(module, metadata_file)
+    true_age = torch.tensor(frame.age.to_numpy(), dtype=torch.float32)
+    train_mean = read_metadata(metadata_file).query("split == 'train'").age.mean()
+    baseline_mae = (true_age - train_mean).abs().mean().item()
+    mae = (age - true_age).abs().mean().item()
+    accuracy = (logits.argmax(1).numpy() == frame.gender.to_numpy()).mean()
+    assert mae < 0.5 * baseline_mae, (mae, baseline_mae)
+    assert accuracy > 0.85
+
+
+def test_checkpoint_and_logs_are_written(checkpoint: Path) -> None:
+    assert checkpoint.name == "best.ckpt"
+    version_dir = checkpoint.parent.parent
+    assert list(version_dir.glob("events.out.tfevents.*")), "TensorBoard logs missing"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(version_dir)).Reload().Tags()["scalars"]
+    for stage in ("train", "val"):
+        for name in ("loss", "loss_age", "loss_gender", "age_mae", "age_rmse", "gender_acc"):
+            assert any(t.startswith(f"{stage}/{name}") for t in tags), f"{stage}/{name} not logged"
+
+
+def test_export_then_load_gives_identical_outputs(model_tag: str, checkpoint: Path, metadata_file: Path) -> None:
+    model = bentoml.models.get(model_tag)
+    meta = model.info.metadata
+    for key in ("backbone", "head_width", "image_size", "normalisation", "gender_classes", "age_range", "config"):
+        assert key in meta
+    assert meta["demo"] is True and model.info.labels["demo"] == "true"
+    assert meta["dataset"]["name"] == "sample" and meta["dataset"]["n_test"] > 0
+    assert set(meta["metrics"]) == {"val", "test"}
+    assert meta["metrics"]["test"]["age_mse"] == pytest.approx(meta["metrics"]["test"]["age_rmse"] ** 2)
+
+    module = load_module(checkpoint)
+    net = load_network(model.path, meta)
+    frame, age, logits = _predict(module, metadata_file)
+    x = torch.stack([preprocess_for(meta)(load_rgb(p)) for p in frame.path])
+    with torch.inference_mode():
+        age2, logits2 = net(x)
+    assert torch.equal(age, age2) and torch.equal(logits, logits2)
+
+
+def test_fit_cli_trains_and_exports(metadata_file: Path, tmp_path: Path, bentoml_home: Path) -> None:
+    before = len(bentoml.models.list(MODEL_NAME))
+    result = run_cli(
+        "fit",
+        "--config",
+        "configs/demo.yaml",
+        "--export",
+        f"data.metadata={metadata_file}",
+        f"logdir={tmp_path}",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.enable_progress_bar=false",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "best checkpoint:" in result.stdout and "saved model age_gender:" in result.stdout
+    assert len(bentoml.models.list(MODEL_NAME)) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.backbone=resnet35"], "unknown backbone 'resnet35'; choose from resnet18, resnet34, resnet50"),
+        (["model.age_weight=-1"], "model.age_weight must be >= 0"),
+        (["model.lr_rate=1"], "unknown key model.lr_rate; choose from backbone"),
+        (["data.metadata=/nonexistent.csv"], "does not exist"),
+        (["nonsense"], "must look like section.key=value"),
+    ],
+)
+def test_fit_cli_bad_config(overrides: list[str], message: str, metadata_file: Path, tmp_path: Path) -> None:
+    args = ["fit", "--config", "configs/demo.yaml", f"data.metadata={metadata_file}", f"logdir={tmp_path}"]
+    assert message in assert_one_line_error(run_cli(*args, *overrides))
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_export_cli_rejects_non_checkpoints(tmp_path: Path) -> None:
+    fake = tmp_path / "model.ckpt"
+    fake.write_text("not a checkpoint")
+    assert "is not a checkpoint" in assert_one_line_error(run_cli("export", "--checkpoint", str(fake)))
+    assert "does not exist" in assert_one_line_error(run_cli("export", "--checkpoint", str(tmp_path / "no.ckpt")))

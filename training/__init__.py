@@ -1,0 +1,1 @@
+"""Lightning training for the age and gender network: `python -m training <command>`."""

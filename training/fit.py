@@ -1,0 +1,41 @@
+"""`fit`: train AgeGenderModule from a config; TensorBoard logs and the best checkpoint (on val/loss)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from training.data import UTKFaceDataModule
+from training.module import AgeGenderModule
+
+
+def build(cfg: dict) -> tuple[AgeGenderModule, UTKFaceDataModule]:
+    model_args = dict(cfg["model"])
+    datamodule = UTKFaceDataModule(**cfg["data"], image_size=model_args.get("image_size", 224))
+    if model_args.get("normalize_age"):
+        # the normalisation statistics belong to the training split; stored in hparams and weights
+        model_args["age_mean"], model_args["age_std"] = datamodule.age_stats()
+    module = AgeGenderModule(**model_args)
+    module.training_config = cfg
+    return module, datamodule
+
+
+def fit(cfg: dict, callbacks: list[L.Callback] = ()) -> Path:
+    """Train; return the path of the checkpoint with the lowest validation loss (or the last one)."""
+    L.seed_everything(cfg["seed"], workers=True)
+    module, datamodule = build(cfg)
+    monitor = module.hparams.monitor
+    checkpoint = ModelCheckpoint(dirpath=None, filename="best", monitor=monitor, mode="min", save_last=True)
+    all_callbacks = [checkpoint, LearningRateMonitor("epoch"), *callbacks]
+    if cfg["early_stopping_patience"]:
+        all_callbacks.append(EarlyStopping(monitor, patience=cfg["early_stopping_patience"], mode="min"))
+    trainer = L.Trainer(
+        logger=TensorBoardLogger(cfg["logdir"], name=cfg["name"]),
+        callbacks=all_callbacks,
+        **cfg["trainer"],
+    )
+    trainer.fit(module, datamodule)
+    return Path(checkpoint.best_model_path or checkpoint.last_model_path)

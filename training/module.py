@@ -1,0 +1,124 @@
+"""The LightningModule: owns the combined loss, the metrics and the optimiser around AgeGenderNet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanAbsoluteError, MeanSquaredError
+from torchmetrics.classification import MulticlassAccuracy
+
+from models.errors import UserError
+from models.network import GENDER_CLASSES, AgeGenderNet
+
+AGE_LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss}
+STAGES = ("train", "val", "test")
+
+
+class AgeGenderModule(L.LightningModule):
+    def __init__(
+        self,
+        backbone: str = "resnet34",
+        pretrained: bool = True,
+        weights_path: str | None = None,
+        head_width: int = 256,
+        dropout: float = 0.2,
+        image_size: int = 224,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        age_loss: str = "mse",
+        age_weight: float = 0.1,
+        gender_weight: float = 0.99,
+        normalize_age: bool = False,
+        age_mean: float = 0.0,
+        age_std: float = 1.0,
+        lr_factor: float = 0.5,
+        lr_patience: int = 2,
+        monitor: str = "val/loss",
+    ) -> None:
+        super().__init__()
+        if age_loss not in AGE_LOSSES:
+            raise UserError(f"unknown age_loss {age_loss!r}; choose from {', '.join(AGE_LOSSES)}")
+        for name, value in (("age_weight", age_weight), ("gender_weight", gender_weight)):
+            if value < 0:
+                raise UserError(f"model.{name} must be >= 0, got {value}")
+        if age_weight == 0 and gender_weight == 0:
+            raise UserError("model.age_weight and model.gender_weight cannot both be 0")
+        if not 0 <= dropout < 1 or lr <= 0 or image_size < 32:
+            raise UserError(f"need 0 <= dropout < 1, lr > 0 and image_size >= 32; got {dropout}, {lr}, {image_size}")
+        self.save_hyperparameters()
+        if not normalize_age:
+            age_mean, age_std = 0.0, 1.0
+        self.net = AgeGenderNet(backbone, head_width, dropout, age_mean, age_std, pretrained, weights_path)
+        self.age_loss = AGE_LOSSES[age_loss]
+        self.metrics = torch.nn.ModuleDict(
+            {
+                f"{stage}_metrics": torch.nn.ModuleDict(
+                    {
+                        "age_mae": MeanAbsoluteError(),
+                        "age_rmse": MeanSquaredError(squared=False),
+                        "gender_acc": MulticlassAccuracy(num_classes=len(GENDER_CLASSES), average="micro"),
+                    }
+                )
+                for stage in STAGES
+            }
+        )
+        self.training_config: dict[str, Any] | None = None  # set by `fit`, stored in checkpoints
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net(x)
+
+    def losses(self, age: torch.Tensor, logits: torch.Tensor, true_age: torch.Tensor, true_gender: torch.Tensor):
+        # with normalize_age the age term is computed in standard deviations, so one weight fits every data set
+        scale = self.net.age_std
+        loss_age = self.age_loss(age / scale, true_age / scale)
+        loss_gender = F.cross_entropy(logits, true_gender)
+        loss = self.hparams.age_weight * loss_age + self.hparams.gender_weight * loss_gender
+        return loss, loss_age, loss_gender
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, true_age, true_gender = batch
+        age, logits = self(x)
+        loss, loss_age, loss_gender = self.losses(age, logits, true_age, true_gender)
+        on_step = stage == "train"
+        log = dict(on_step=on_step, on_epoch=True, batch_size=len(x), sync_dist=not on_step)
+        self.log(f"{stage}/loss_age", loss_age, **log)
+        self.log(f"{stage}/loss_gender", loss_gender, **log)
+        self.log(f"{stage}/loss", loss, prog_bar=True, **log)
+        metrics = self.metrics[f"{stage}_metrics"]
+        for name, metric, args in (
+            ("age_mae", metrics["age_mae"], (age, true_age)),
+            ("age_rmse", metrics["age_rmse"], (age, true_age)),
+            ("gender_acc", metrics["gender_acc"], (logits, true_gender)),
+        ):
+            metric(*args)
+            self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=name != "age_rmse")
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        age, logits = self(batch[0])
+        return {"age": age, "gender_prob": logits.softmax(1), "true_age": batch[1], "true_gender": batch[2]}
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.hparams.monitor}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["training_config"] = self.training_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.training_config = checkpoint.get("training_config")
