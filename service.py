@@ -18,7 +18,7 @@ import torch
 from starlette.responses import JSONResponse
 
 from models.artifact import load_network, preprocess_for
-from models.errors import UserError
+from models.errors import TooLarge, UserError
 from models.faces import CROP_SIZE, FaceDetector, align_crop, decode_image
 from serving.guard import FileField, RequestGuard, error
 from serving.schemas import BatchResult, DetectedFace, FaceAttributes, FacesResult, ModelInfo, PhotoResult
@@ -26,6 +26,10 @@ from serving.settings import SETTINGS
 
 # inter-service HTTP sessions are otherwise recycled under in-flight requests (BentoML #5540, #5544)
 _CONNECTION = {"runner_connection": {"max_requests": 2**31 - 1, "max_age": 1e9}}
+
+
+def _error(exc: UserError, prefix: str = "") -> dict:
+    return {"error": prefix + str(exc), "status": 413 if isinstance(exc, TooLarge) else 400}
 
 
 @bentoml.service(workers=1, traffic={"timeout": 60}, **_CONNECTION)
@@ -39,7 +43,7 @@ class FaceDetection:
         try:
             rgb = decode_image(image, SETTINGS.max_pixels)
         except UserError as exc:
-            return {"error": str(exc), "status": 413 if "limit" in str(exc) else 400}
+            return _error(exc)
         faces = self.detector.detect(rgb)
         crops = (
             np.stack([align_crop(rgb, f) for f in faces]) if faces else np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
@@ -53,6 +57,11 @@ class FaceDetection:
         }
 
     @bentoml.api
+    def name(self) -> str:
+        """The detector in use: the configured one, or `haar` where yuface is not installed."""
+        return self.detector.name
+
+    @bentoml.api
     def load_crops(self, images: list[bytes]) -> dict:
         """Already-cropped faces -> {crops (N, 200, 200, 3)} or {error, status}; resized as UTKFace chips."""
         import cv2
@@ -62,7 +71,7 @@ class FaceDetection:
             try:
                 rgb = decode_image(data, SETTINGS.max_pixels)
             except UserError as exc:
-                return {"error": f"image #{i}: {exc}", "status": 413 if "limit" in str(exc) else 400}
+                return _error(exc, f"image #{i}: ")
             crops.append(
                 rgb
                 if rgb.shape[:2] == (CROP_SIZE, CROP_SIZE)
@@ -123,7 +132,8 @@ class AgeGender:
 
     async def _model_info(self) -> dict:
         if self._info is None:
-            self._info = await self.model.to_async.info()
+            info, detector = await asyncio.gather(self.model.to_async.info(), self.detector.to_async.name())
+            self._info = {**info, "detector": detector}
         return self._info
 
     async def _attributes(self, crops: np.ndarray) -> list[dict]:
@@ -183,7 +193,7 @@ class AgeGender:
     async def model_info(self) -> ModelInfo:
         """The loaded model: tag, backbone, input size, training data (demo or UTKFace), test metrics."""
         info = await self._model_info()
-        return ModelInfo(**{k: v for k, v in info.items() if k != "gender_classes"}, detector=SETTINGS.detector)
+        return ModelInfo(**{k: v for k, v in info.items() if k != "gender_classes"})
 
 
 AgeGender.add_asgi_middleware(RequestGuard, routes=ROUTES, max_bytes=SETTINGS.max_bytes, max_images=SETTINGS.max_images)

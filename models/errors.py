@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Something the user asked for or supplied is wrong; the message says what and what is allowed."""
+
+
+class TooLarge(UserError):
+    """Input over a configured size limit (the service answers HTTP 413)."""

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from models.errors import UserError
+from models.errors import TooLarge, UserError
 
 CROP_SIZE = 200  # UTKFace's aligned crops are 200x200; the model's eval preset resizes from here
 # 5-point template in a 200x200 crop (image-left eye, image-right eye, nose, mouth left, mouth right),
@@ -41,10 +41,12 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise UserError("the file is empty")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise TooLarge(f"the image has far more pixels than the limit of {max_pixels}") from None
     except Exception:
         raise UserError("the file is not an image PIL can read (send JPEG, PNG, WebP, BMP, GIF or TIFF)") from None
     if image.width * image.height > max_pixels:  # checked before decoding: decompression bombs stop here
-        raise UserError(f"the image is {image.width}x{image.height} pixels; the limit is {max_pixels} pixels")
+        raise TooLarge(f"the image is {image.width}x{image.height} pixels; the limit is {max_pixels} pixels")
     try:
         image.load()
         image = ImageOps.exif_transpose(image)

@@ -75,7 +75,9 @@ def as_error_object(status: int, body: bytes) -> bytes:
 
 
 def standard_openapi(spec: dict) -> dict:
-    """Replace BentoML's non-standard schema types ("file", "tensor") with OpenAPI 3.0 ones."""
+    """Make BentoML's spec standard and generator-friendly: OpenAPI 3.0 types instead of "file" and
+    "tensor", operation ids named after the APIs (`predict`, not `AgeGender__predict`), schema names
+    without BentoML's `IODescriptor` suffix or unused `__Input` copies, and the 413 / 415 answers."""
 
     def fix(node):
         if isinstance(node, dict):
@@ -88,7 +90,24 @@ def standard_openapi(spec: dict) -> dict:
             return [fix(v) for v in node]
         return node
 
-    return fix(spec)
+    # "PhotoResultIODescriptor" and "PhotoResult" describe the same model: merging them is safe
+    spec = fix(json.loads(json.dumps(spec).replace("IODescriptor", "")))
+    # unreferenced copies of the inline request bodies; generators name both alike and then clash
+    schemas = spec.get("components", {}).get("schemas", {})
+    for name in [n for n in schemas if n.endswith("__Input")]:
+        del schemas[name]
+    error_schema = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+    for operations in spec.get("paths", {}).values():
+        for op in operations.values():
+            if "x-bentoml-name" in op:
+                op["operationId"] = op["x-bentoml-name"]
+            if "multipart/form-data" in op.get("requestBody", {}).get("content", {}):
+                for status, text in (("413", "Request Too Large"), ("415", "Unsupported Media Type")):
+                    op["responses"][status] = {
+                        "description": text,
+                        "content": {"application/json": {"schema": error_schema}},
+                    }
+    return spec
 
 
 class RequestGuard:

@@ -1,0 +1,227 @@
+"""The real thing: `bentoml serve` in a subprocess, called over HTTP with httpx and BentoML's client."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.artifact import load_network, preprocess_for
+from models.presets import load_rgb
+from training.utkface import read_metadata
+
+from .conftest import SERVER_LIMITS
+from .photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode, group_photo, no_face
+
+JPEG = "image/jpeg"
+
+
+def post(url: str, path: str, files, **kw) -> httpx.Response:
+    return httpx.post(url + path, files=files, timeout=60, **kw)
+
+
+def predict(url: str, image: Image.Image) -> dict:
+    r = post(url, "/predict", {"image": ("photo.jpg", encode(image), JPEG)})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_astronaut_one_face_at_the_right_place(server: str) -> None:
+    body = predict(server, astronaut())
+    assert (body["width"], body["height"]) == (512, 512)
+    (face,) = body["faces"]
+    assert np.linalg.norm(box_centre(face["box"]) - ASTRONAUT_FACE_CENTRE) < 20
+    assert 60 < face["box"]["width"] < 130 and face["detection_score"] > 0.5
+    assert face["gender"] in ("male", "female") and 0.5 <= face["gender_probability"] <= 1
+    assert 0 <= face["age"] <= 120
+
+
+def test_group_photo_every_face_largest_first(server: str) -> None:
+    photo, centres = group_photo()
+    faces = predict(server, photo)["faces"]
+    assert len(faces) == len(centres)
+    areas = [f["box"]["width"] * f["box"]["height"] for f in faces]
+    assert areas == sorted(areas, reverse=True)
+    for face, centre in zip(faces, centres, strict=True):  # pasted largest first too
+        assert np.linalg.norm(box_centre(face["box"]) - centre) < 0.2 * face["box"]["width"]
+
+
+@pytest.mark.parametrize("name", ["coffee", "chelsea"])
+def test_no_face(server: str, name: str) -> None:
+    assert predict(server, no_face(name))["faces"] == []
+
+
+def test_batch_equals_single(server: str) -> None:
+    photos = [astronaut(), no_face("coffee"), group_photo()[0]]
+    files = [("images", (f"{i}.jpg", encode(p), JPEG)) for i, p in enumerate(photos)]
+    r = post(server, "/predict_batch", files)
+    assert r.status_code == 200, r.text
+    assert r.json()["results"] == [predict(server, p) for p in photos]
+
+
+def test_predict_faces_matches_in_process_model(server: str, model_tag: str, metadata_file: Path) -> None:
+    import bentoml
+
+    paths = read_metadata(metadata_file).query("split == 'test'").path.tolist()[:6]
+    files = [("images", (Path(p).name, Path(p).read_bytes(), JPEG)) for p in paths]
+    r = post(server, "/predict_faces", files)
+    assert r.status_code == 200, r.text
+    served = r.json()["predictions"]
+    stored = bentoml.models.get(model_tag)
+    meta = stored.info.metadata
+    net = load_network(stored.path, meta)
+    with torch.inference_mode():
+        age, logits = net(torch.stack([preprocess_for(meta)(load_rgb(p)) for p in paths]))
+    probs = logits.softmax(1)
+    for s, a, p in zip(served, age.tolist(), probs, strict=True):
+        k = int(p.argmax())
+        assert s["age"] == pytest.approx(a, abs=0.02)
+        assert s["gender"] == meta["gender_classes"][k]
+        assert s["gender_probability"] == pytest.approx(float(p[k]), abs=1e-3)
+
+
+def _bad_requests():
+    good = encode(astronaut())
+    return {
+        "non-image file": ({"image": ("notes.jpg", b"just some text", JPEG)}, 400, "not an image"),
+        "truncated jpeg": ({"image": ("cut.jpg", good[:3000], JPEG)}, 400, "corrupt or truncated"),
+        "empty file": ({"image": ("empty.jpg", b"", JPEG)}, 400, "empty"),
+        "unsupported type": ({"image": ("notes.txt", b"text", "text/plain")}, 415, "content type text/plain"),
+        "misnamed field": ({"photo": ("a.jpg", good, JPEG)}, 400, "unknown field 'photo'"),
+        "string in file field": ({"image": (None, "http://example.com/a.jpg")}, 400, "must be a file upload"),
+        "two files for one": ([("image", ("a.jpg", good, JPEG)), ("image", ("b.jpg", good, JPEG))], 400, "takes one"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_requests()))
+def test_bad_input_gets_json_4xx_and_server_keeps_serving(server: str, case: str) -> None:
+    files, status, message = _bad_requests()[case]
+    r = post(server, "/predict", files)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert isinstance(body, dict) and set(body) == {"error"} and message in body["error"]
+    assert len(predict(server, astronaut())["faces"]) == 1
+
+
+def test_missing_field_and_wrong_body(server: str) -> None:
+    empty_form = {"content-type": "multipart/form-data; boundary=xyz"}
+    r = httpx.post(server + "/predict", content=b"--xyz--\r\n", headers=empty_form, timeout=30)
+    assert r.status_code == 400 and "missing field 'image'" in r.json()["error"]
+    r = httpx.post(server + "/predict", data={"image": "x"}, timeout=30)  # url-encoded form
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]
+    r = httpx.post(server + "/predict", json={"image": "x"}, timeout=30)
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]
+    r = httpx.post(server + "/predict_faces", files={"other": ("a.jpg", b"x", JPEG)}, timeout=30)
+    assert r.status_code == 400 and "'images'" in r.json()["error"]
+
+
+def test_limits_answer_413(server: str) -> None:
+    big = np.random.default_rng(0).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)
+    r = post(server, "/predict", {"image": ("big.png", encode(Image.fromarray(big), "PNG"), "image/png")})
+    assert r.status_code == 413 and "byte limit" in r.json()["error"]
+    bomb = encode(Image.new("RGB", (3000, 3000)), "PNG")  # 9 Mpx in a few kB
+    assert len(bomb) < SERVER_LIMITS["AGE_GENDER_MAX_BYTES"]
+    r = post(server, "/predict", {"image": ("bomb.png", bomb, "image/png")})
+    assert r.status_code == 413 and "pixels" in r.json()["error"]
+    n = SERVER_LIMITS["AGE_GENDER_MAX_IMAGES"] + 1
+    small = encode(astronaut().resize((64, 64)))
+    r = post(server, "/predict_batch", [("images", (f"{i}.jpg", small, JPEG)) for i in range(n)])
+    assert r.status_code == 413 and f"at most {n - 1}" in r.json()["error"]
+    assert len(predict(server, astronaut())["faces"]) == 1
+
+
+def _batch_histogram(metrics: str) -> tuple[float, float]:
+    """(batches of size 1, all batches) of the model service's adaptive batching."""
+
+    def value(pattern: str) -> float:
+        return sum(float(m) for m in re.findall(pattern + r'[^\n]*method_name="predict"[^\n]*\} ([0-9.e+]+)', metrics))
+
+    ones = value(r'bentoml_service_adaptive_batch_size_bucket\{le="1\.0",')
+    return ones, value(r"bentoml_service_adaptive_batch_size_count\{")
+
+
+def _burst(url: str, path: str, files: dict, n: int = 32) -> list[httpx.Response]:
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(client.post(url + path, files=files) for _ in range(n)))
+
+    return asyncio.run(run())
+
+
+def test_32_concurrent_requests_succeed_and_share_batches(server: str, metadata_file: Path) -> None:
+    responses = _burst(server, "/predict", {"image": ("a.jpg", encode(astronaut()), JPEG)})
+    assert [r.status_code for r in responses] == [200] * 32
+    assert all(len(r.json()["faces"]) == 1 for r in responses)
+    # /predict is paced by the detector, so batches there depend on its speed; pre-cropped faces reach the
+    # model service together, which must then group them
+    ones_before, total_before = _batch_histogram(httpx.get(server + "/metrics").text)
+    crop = Path(read_metadata(metadata_file).path.iloc[0]).read_bytes()
+    responses = _burst(server, "/predict_faces", {"images": ("face.jpg", crop, JPEG)})
+    assert [r.status_code for r in responses] == [200] * 32
+    assert len({r.text for r in responses}) == 1, "the same crop must give the same answer in any batch"
+    ones, total = _batch_histogram(httpx.get(server + "/metrics").text)
+    assert total - total_before < 32, "every face went to the model alone: no batching"
+    assert (total - total_before) - (ones - ones_before) > 0, "no batch larger than one"
+
+
+def test_bentoml_sync_client(server: str, tmp_path: Path) -> None:
+    import bentoml
+
+    path = tmp_path / "astronaut.jpg"
+    astronaut().save(path)
+    with bentoml.SyncHTTPClient(server) as client:
+        result = client.predict(image=path)
+        info = client.model_info()
+    assert len(result["faces"]) == 1
+    assert info["demo"] is True and info["dataset"] == "sample" and info["backbone"] == "resnet18"
+
+
+def test_health_and_docs(server: str) -> None:
+    for path in ("/livez", "/readyz", "/metrics", "/"):
+        assert httpx.get(server + path).status_code == 200, path
+    spec = httpx.get(server + "/docs.json").json()
+    text = str(spec)
+    assert "'type': 'file'" not in text and "'type': 'tensor'" not in text
+    assert spec["paths"]["/predict"]["post"]["operationId"] == "predict"
+
+
+def test_openapi_generates_a_working_client(server: str, tmp_path: Path) -> None:
+    spec = tmp_path / "openapi.json"
+    spec.write_text(httpx.get(server + "/docs.json").text)
+    import subprocess
+
+    gen = subprocess.run(
+        [str(Path(sys.executable).parent / "openapi-python-client"), "generate", "--path", str(spec), "--meta", "none"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert gen.returncode == 0, gen.stdout + gen.stderr
+    assert "will not be generated" not in gen.stdout + gen.stderr
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from age_gender_client import Client
+        from age_gender_client.api.service_ap_is import predict as predict_api
+        from age_gender_client.models import PredictInput
+        from age_gender_client.types import File
+
+        client = Client(base_url=server, timeout=60)
+        with spec.open("rb") as f:
+            body = PredictInput(image=File(payload=f, file_name="spec.jpg", mime_type="image/jpeg"))
+            bad = predict_api.sync_detailed(client=client, body=body)
+        assert bad.status_code == 400 and "not an image" in bad.parsed.error
+        photo = tmp_path / "a.jpg"
+        astronaut().save(photo)
+        with photo.open("rb") as f:
+            result = predict_api.sync(client=client, body=PredictInput(image=File(payload=f, file_name="a.jpg")))
+        assert result.width == 512 and len(result.faces) == 1
+        assert result.faces[0].gender.value in ("male", "female")
+    finally:
+        sys.path.remove(str(tmp_path))

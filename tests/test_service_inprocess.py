@@ -1,0 +1,78 @@
+"""Each service class called in-process (BentoML makes dependencies local instances; no batching)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.artifact import load_network, preprocess_for
+
+from .conftest import SERVER_LIMITS
+from .photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode
+
+
+@pytest.fixture(scope="module")
+def service(model_tag: str):
+    # read when serving.settings is imported; the same small limits as the served process
+    os.environ.update({"AGE_GENDER_MODEL": model_tag, **{k: str(v) for k, v in SERVER_LIMITS.items()}})
+    import serving.settings
+
+    importlib.reload(serving.settings)
+    import service as module
+
+    return importlib.reload(module)
+
+
+def test_detector_returns_aligned_crops(service) -> None:
+    out = service.FaceDetection().detect(encode(astronaut()))
+    assert (out["width"], out["height"]) == (512, 512)
+    assert out["crops"].shape == (1, 200, 200, 3) and out["crops"].dtype == np.uint8
+    centre = box_centre(dict(zip(("x", "y", "width", "height"), out["boxes"][0], strict=True)))
+    assert np.linalg.norm(centre - ASTRONAUT_FACE_CENTRE) < 20
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "message"),
+    [
+        (b"", 400, "empty"),
+        (b"plain text", 400, "not an image"),
+        (encode(astronaut())[:2000], 400, "corrupt or truncated"),
+        (encode(Image.new("RGB", (2500, 2000)), "PNG"), 413, "limit"),
+    ],
+)
+def test_detector_errors(service, data: bytes, status: int, message: str) -> None:
+    detector = service.FaceDetection()
+    out = detector.detect(data)
+    assert out["status"] == status and message in out["error"]
+
+
+def test_model_service_matches_the_network(service, model_tag: str) -> None:
+    import bentoml
+
+    model = service.AgeGenderModel()
+    crops = np.random.default_rng(0).integers(0, 256, (5, 200, 200, 3), dtype=np.uint8)
+    out = model.predict(crops)
+    assert out.shape == (5, 3) and np.allclose(out[:, 1:].sum(1), 1, atol=1e-5)
+    stored = bentoml.models.get(model_tag)
+    net = load_network(stored.path, stored.info.metadata)
+    with torch.inference_mode():
+        age, logits = net(preprocess_for(stored.info.metadata)(torch.from_numpy(crops).permute(0, 3, 1, 2)))
+    assert np.allclose(out[:, 0], age.numpy(), atol=1e-4)
+    assert model.info()["tag"] == model_tag
+
+
+def test_entry_service_in_process(service, tmp_path: Path) -> None:
+    path = tmp_path / "astronaut.jpg"
+    astronaut().save(path)
+    api = service.AgeGender()
+    result = asyncio.run(api.predict(image=path))
+    assert len(result.faces) == 1 and result.faces[0].gender in ("male", "female")
+    info = asyncio.run(api.model_info())
+    assert info.demo is True and info.dataset == "sample"
