@@ -1,4 +1,4 @@
-"""`python -m training <command>`: synth, metadata, fit, export, demo.
+"""`python -m training <command>`: synth, metadata, fit, export, tune, production, evaluate, demo.
 
 Bad input ends with one line on stderr and exit code 2; no half-written files are left behind.
 """
@@ -63,6 +63,37 @@ def cmd_export(args: argparse.Namespace) -> None:
     _export(args.checkpoint, args.name)
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from training.config import load_config
+    from training.tune import load_space, tune
+
+    storage = args.storage or f"sqlite:///{Path(args.logdir, args.study + '.db').resolve()}"
+    base = load_config(args.config, args.overrides + [f"logdir={args.logdir}"])
+    Path(args.logdir).mkdir(parents=True, exist_ok=True)
+    out = args.out or Path("configs") / f"{args.study}_best.yaml"
+    info = tune(base, load_space(args.space), args.study, storage, args.n_trials, args.workers, out)
+    print(f"best trial {info['trial']} of study {args.study!r}: score {info['score']:.4f} (storage {storage})")
+    for name, value in info["importances"].items():
+        print(f"  importance {name}: {value}")
+    print(f"wrote {out}; train it with `python -m training production --config {out}`")
+
+
+def cmd_production(args: argparse.Namespace) -> None:
+    from training.production import production
+
+    print(f"saved model {production(args.config, args.overrides)} to the BentoML store")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from training.evaluate import evaluate
+
+    report = evaluate(args.model, args.metadata, args.out, args.split, args.tta, args.batch_size)
+    o = report["overall"]
+    print(f"{o['n']} images: age MAE {o['age_mae']:.2f}, RMSE {o['age_rmse']:.2f}, MSE {o['age_mse']:.1f}, "
+          f"CS@5 {o['cs5']:.3f}; gender accuracy {o['gender_acc']:.3f}")
+    print(f"wrote {args.out}/report.json, predictions.csv and plots")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Sample data -> metadata -> a small model -> the store: what `make serve` runs on a fresh clone."""
     import bentoml
@@ -111,6 +142,32 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", type=Path, required=True)
     s.add_argument("--name", default=None, help="model name in the store (default age_gender)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("tune", help="Optuna study over the config; writes the best config")
+    s.add_argument("--config", type=Path, required=True, help="base config (data.metadata, trainer settings)")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--space", type=Path, default=Path("configs/tune_space.yaml"))
+    s.add_argument("--study", default="age_gender")
+    s.add_argument("--storage", default=None, help="Optuna RDB URL (default: sqlite file in --logdir)")
+    s.add_argument("--n-trials", type=int, default=30, help="finished trials the study should reach")
+    s.add_argument("--workers", type=int, default=1, help="local worker processes on the study")
+    s.add_argument("--logdir", type=Path, default=Path("runs/tune"))
+    s.add_argument("--out", type=Path, default=None, help="best config (default configs/<study>_best.yaml)")
+    s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("production", help="retrain a config on train+val, test, export to the store")
+    s.add_argument("--config", type=Path, required=True)
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(func=cmd_production)
+
+    s = sub.add_parser("evaluate", help="metrics by age, gender and race, with plots")
+    s.add_argument("--model", required=True, help="store tag (age_gender:TAG) or checkpoint file")
+    s.add_argument("--metadata", type=Path, required=True)
+    s.add_argument("--split", default="test")
+    s.add_argument("--tta", action="store_true", help="average with the mirrored image")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--out", type=Path, default=Path("reports/latest"))
+    s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("demo", help="train and export a demo model on generated sample data")
     s.add_argument("--workdir", type=Path, default=Path(".cache/demo"))

@@ -32,7 +32,7 @@ def allowed_keys(section: str) -> list[str]:
     return [p for p in params if p not in skip]
 
 
-def _set(cfg: dict, dotted: str, value: Any) -> None:
+def set_key(cfg: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = cfg
     for key in parents:
@@ -73,5 +73,5 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r} must look like section.key=value, e.g. model.lr=3e-4")
-        _set(cfg, key, yaml.safe_load(raw))
+        set_key(cfg, key, yaml.safe_load(raw))
     return validate(cfg)

@@ -47,8 +47,8 @@ def measure(module: AgeGenderModule, datamodule: UTKFaceDataModule) -> dict[str,
     trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False)
     out = {}
     for stage, run in (("val", trainer.validate), ("test", trainer.test)):
-        if datamodule.split(stage).empty:
-            continue
+        if datamodule.split(stage).empty or stage in datamodule.train_splits:
+            continue  # no held-out data for this stage
         raw = run(module, datamodule=datamodule, verbose=False)[0]
         metrics = {k.split("/", 1)[1]: float(v) for k, v in raw.items()}
         metrics["age_mse"] = metrics["age_rmse"] ** 2  # the original project's headline metric
