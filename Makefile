@@ -34,3 +34,7 @@ build: demo
 
 clean:
 	rm -rf .cache runs lightning_logs test-artifacts .pytest_cache
+
+bench: setup
+	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.train_speed

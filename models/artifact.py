@@ -1,6 +1,7 @@
 """The stored model: what `training export` writes into a BentoML model folder and the service reads.
 
-The folder holds `weights.pt` (the AgeGenderNet state dict, buffers included); the model's metadata
+The folder holds `weights.pt` (the AgeGenderNet state dict, buffers included) and `model.onnx` (the
+same network as an ONNX graph with a dynamic batch dimension); the model's metadata
 holds everything needed to rebuild and preprocess it: backbone, head width, input size, normalisation,
 class names, age range, plus the data set, config and metrics it came from.
 """
@@ -17,6 +18,7 @@ from models.presets import eval_preset
 
 MODEL_NAME = "age_gender"
 WEIGHTS_FILE = "weights.pt"
+ONNX_FILE = "model.onnx"
 
 
 def load_network(model_dir: str | Path, meta: dict[str, Any], device: str | torch.device = "cpu") -> AgeGenderNet:
@@ -29,3 +31,18 @@ def preprocess_for(meta: dict[str, Any]):
     """The eval preset with the input size and normalisation that this model was trained with."""
     norm = meta["normalisation"]
     return eval_preset(meta["image_size"], norm["mean"], norm["std"])
+
+
+def export_onnx(net: AgeGenderNet, image_size: int, path: str | Path) -> None:
+    """(B, 3, S, S) normalised float -> age (B,), logits (B, 2); B is dynamic."""
+    example = torch.zeros(1, 3, image_size, image_size)
+    batch = {0: "batch"}
+    torch.onnx.export(
+        net.eval(),
+        (example,),
+        str(path),
+        input_names=["image"],
+        output_names=["age", "logits"],
+        dynamic_axes={"image": batch, "age": batch, "logits": batch},
+        dynamo=False,
+    )

@@ -57,7 +57,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 
 class FaceDetector:
     def __init__(
-        self, name: str = "yunet", score_threshold: float = 0.5, min_face_size: int = 20, max_side: int = 640
+        self,
+        name: str = "yunet",
+        score_threshold: float = 0.5,
+        min_face_size: int = 20,
+        max_side: int = 640,
     ) -> None:
         if name not in DETECTORS:
             raise UserError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")

@@ -55,6 +55,7 @@ class ModelInfo(BaseModel):
     test_metrics: Metrics
     detector: str
     device: str
+    runtime: str = Field(description="'onnx' (ONNX Runtime) or 'torch'")
 
 
 class ErrorBody(BaseModel):

@@ -19,7 +19,8 @@ class Settings:
     max_bytes: int = 20 * 1024 * 1024  # per request -> 413
     max_pixels: int = 50_000_000  # per image, checked before decoding -> 413
     max_images: int = 32  # files per request -> 413
-    max_batch_size: int = 32  # model batch (adaptive batching upper bound)
+    runtime: str = "onnx"  # onnx | torch (ONNX Runtime measured faster on CPU: BENCHMARKS.md)
+    max_batch_size: int = 32  # adaptive batching upper bound; 1 turns batching off
     max_latency_ms: int = 2000  # adaptive batching: longest a request may wait before 503
 
     @classmethod

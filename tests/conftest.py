@@ -6,16 +6,12 @@ BENTOML_HOME is pointed at a temporary folder before anything imports bentoml.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,49 +107,18 @@ def model_tag(checkpoint: Path, bentoml_home: Path) -> str:
     return str(export(checkpoint))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # small limits so that the limit tests stay small; the defaults are documented in serving/settings.py
 SERVER_LIMITS = {"AGE_GENDER_MAX_BYTES": 3_000_000, "AGE_GENDER_MAX_PIXELS": 4_000_000, "AGE_GENDER_MAX_IMAGES": 8}
 
 
 @pytest.fixture(scope="session")
-def server(model_tag: str, bentoml_home: Path, tmp_path_factory) -> Iterator[str]:
+def server(model_tag: str, tmp_path_factory) -> Iterator[str]:
     """A real `bentoml serve` of service:AgeGender on a free localhost port, serving the trained model."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "serve.log"
-    env = {**os.environ, "AGE_GENDER_MODEL": model_tag, **{k: str(v) for k, v in SERVER_LIMITS.items()}}
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:AgeGender", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
+    from serving.launch import running_service
+
+    env = {"AGE_GENDER_MODEL": model_tag, **{k: str(v) for k, v in SERVER_LIMITS.items()}}
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve not ready after 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        with running_service(env, tmp_path_factory.mktemp("server") / "serve.log") as url:
+            yield url
+    except RuntimeError as exc:
+        pytest.fail(str(exc))

@@ -89,8 +89,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     report = evaluate(args.model, args.metadata, args.out, args.split, args.tta, args.batch_size)
     o = report["overall"]
-    print(f"{o['n']} images: age MAE {o['age_mae']:.2f}, RMSE {o['age_rmse']:.2f}, MSE {o['age_mse']:.1f}, "
-          f"CS@5 {o['cs5']:.3f}; gender accuracy {o['gender_acc']:.3f}")
+    print(
+        f"{o['n']} images: age MAE {o['age_mae']:.2f}, RMSE {o['age_rmse']:.2f}, MSE {o['age_mse']:.1f}, "
+        f"CS@5 {o['cs5']:.3f}; gender accuracy {o['gender_acc']:.3f}"
+    )
     print(f"wrote {args.out}/report.json, predictions.csv and plots")
 
 

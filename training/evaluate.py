@@ -85,8 +85,9 @@ def build_report(frame: pd.DataFrame) -> dict[str, Any]:
     return report
 
 
-def evaluate(model: str, metadata: Path, out: Path, split: str = "test", tta: bool = False,
-             batch_size: int = 64) -> dict[str, Any]:
+def evaluate(
+    model: str, metadata: Path, out: Path, split: str = "test", tta: bool = False, batch_size: int = 64
+) -> dict[str, Any]:
     from training import plots
 
     frame = read_metadata(metadata)

@@ -15,7 +15,7 @@ import torch
 import torchvision
 import yaml
 
-from models.artifact import MODEL_NAME, WEIGHTS_FILE
+from models.artifact import MODEL_NAME, ONNX_FILE, WEIGHTS_FILE, export_onnx
 from models.errors import UserError
 from models.network import AGE_RANGE, GENDER_CLASSES
 from models.presets import IMAGENET_MEAN, IMAGENET_STD
@@ -82,12 +82,18 @@ def describe(module: AgeGenderModule, datamodule: UTKFaceDataModule, checkpoint:
     }
 
 
+def save_model(net: torch.nn.Module, meta: dict[str, Any], name: str = MODEL_NAME) -> bentoml.Tag:
+    """Weights and their ONNX graph into the store; committed only if everything was written."""
+    labels = {"dataset": meta["dataset"]["name"], "demo": str(meta["demo"]).lower(), "backbone": meta["backbone"]}
+    with bentoml.models.create(name, labels=labels, metadata=meta) as ref:
+        torch.save(net.state_dict(), ref.path_of(WEIGHTS_FILE))
+        export_onnx(net, meta["image_size"], ref.path_of(ONNX_FILE))
+    return ref.tag
+
+
 def export(checkpoint: str | Path, name: str = MODEL_NAME) -> bentoml.Tag:
     module = load_module(checkpoint)
     datamodule = datamodule_for(module)
     meta = describe(module, datamodule, Path(checkpoint))
     meta["metrics"] = measure(module, datamodule)
-    labels = {"dataset": meta["dataset"]["name"], "demo": str(meta["demo"]).lower(), "backbone": meta["backbone"]}
-    with bentoml.models.create(name, labels=labels, metadata=meta) as ref:
-        torch.save(module.net.state_dict(), ref.path_of(WEIGHTS_FILE))
-    return ref.tag
+    return save_model(module.net, meta, name)

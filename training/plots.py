@@ -80,8 +80,15 @@ def gender_confusion(frame: pd.DataFrame, path: Path) -> None:
     ax.imshow(matrix, cmap="Blues")
     for (i, j), n in np.ndenumerate(matrix):
         ax.text(j, i, str(n), ha="center", va="center")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["male", "female"], yticklabels=["male", "female"],
-           xlabel="predicted", ylabel="true", title="gender")
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=["male", "female"],
+        yticklabels=["male", "female"],
+        xlabel="predicted",
+        ylabel="true",
+        title="gender",
+    )
     _save(fig, path)
 
 

@@ -94,7 +94,10 @@ def objective(base: dict, space: dict, study_name: str, baseline_mae: float):
 def open_study(name: str, storage: str) -> optuna.Study:
     try:
         return optuna.create_study(
-            study_name=name, storage=storage, direction="minimize", load_if_exists=True,
+            study_name=name,
+            storage=storage,
+            direction="minimize",
+            load_if_exists=True,
             pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
         )
     except Exception as exc:
@@ -147,6 +150,9 @@ def tune(base: dict, space: dict, name: str, storage: str, n_trials: int, worker
     cfg, info = best_config(open_study(name, storage), base)
     header = "".join(f"# {line}\n" for line in yaml.safe_dump(info, sort_keys=False).splitlines())
     with atomic_path(out) as tmp:
-        tmp.write_text(f"# best trial of study {name!r} ({storage}); train it with `training production`\n"
-                       + header + yaml.safe_dump(cfg, sort_keys=False))
+        tmp.write_text(
+            f"# best trial of study {name!r} ({storage}); train it with `training production`\n"
+            + header
+            + yaml.safe_dump(cfg, sort_keys=False)
+        )
     return info

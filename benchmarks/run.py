@@ -1,0 +1,147 @@
+"""`make bench` / `python -m benchmarks.run`: the serving benchmark, with its limits, in one run.
+
+1. Limits, in this process: the network per runtime and batch size; crops -> preprocessing -> network;
+   the detector alone; detector + network.
+2. The service (`bentoml serve`, adaptive batching on) under a concurrency sweep, for /predict_faces
+   (one 200x200 face per request) and /predict (a photo with one face, and one with three).
+3. The baseline: the service with batching off (AGE_GENDER_MAX_BATCH_SIZE=1) at concurrency 16.
+The model is ResNet-34 at 224 px (configs/utkface_resnet34.yaml) with random weights: speed does not
+depend on the weights. Results: benchmarks/results/serving.json and a Markdown summary on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_model(backbone: str, image_size: int) -> tuple[str, str, dict]:
+    from models.network import AGE_RANGE, GENDER_CLASSES, AgeGenderNet
+    from models.presets import IMAGENET_MEAN, IMAGENET_STD
+    from training.export import save_model
+
+    torch.manual_seed(0)
+    net = AgeGenderNet(backbone, head_width=256, dropout=0.2).eval()
+    meta = {
+        "backbone": backbone,
+        "head_width": 256,
+        "dropout": 0.2,
+        "image_size": image_size,
+        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "gender_classes": list(GENDER_CLASSES),
+        "age_range": list(AGE_RANGE),
+        "demo": True,
+        "dataset": {"name": "benchmark (random weights)"},
+    }
+    tag = save_model(net, meta)
+    import bentoml
+
+    return str(tag), bentoml.models.get(tag).path, meta
+
+
+def photos() -> dict[str, bytes]:
+    from tests.photos import astronaut, encode, group_photo
+
+    return {"one_face": encode(astronaut()), "three_faces": encode(group_photo()[0])}
+
+
+def crop() -> bytes:
+    import numpy as np
+
+    from models.faces import FaceDetector, align_crop
+    from tests.photos import astronaut, encode
+
+    rgb = np.asarray(astronaut())
+    from PIL import Image
+
+    return encode(Image.fromarray(align_crop(rgb, FaceDetector().detect(rgb)[0])))
+
+
+def sweep(url: str, cases: dict, levels: list[int], seconds: float) -> dict:
+    from benchmarks.load import batch_histogram, drive, histogram_delta
+
+    out = {}
+    for name, (path, files) in cases.items():
+        out[name] = []
+        for c in levels:
+            before = batch_histogram(url)
+            result = drive(url + path, files, c, seconds)
+            result["batch_sizes"] = histogram_delta(before, batch_histogram(url))
+            out[name].append(result)
+            print(
+                f"  {name} c={c}: {result['requests_per_s']:.1f} req/s, p50 {result['p50_ms']:.0f} ms, "
+                f"p99 {result['p99_ms']:.0f} ms, errors {result['errors']}, batches {result['batch_sizes']}",
+                flush=True,
+            )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="resnet34")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--seconds", type=float, default=12.0, help="per concurrency level")
+    p.add_argument("--url", default=None, help="benchmark a running service instead of starting one")
+    args = p.parse_args()
+
+    os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bench-home-"))
+    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+    from benchmarks import inprocess
+    from serving.launch import running_service
+
+    RESULTS.mkdir(exist_ok=True)
+    tag, model_dir, meta = make_model(args.backbone, args.image_size)
+    pics, face = photos(), crop()
+    results: dict = {
+        "model": {"backbone": args.backbone, "image_size": args.image_size, "runtime": args.runtime},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+    }
+
+    print("limits (one process, no HTTP)", flush=True)
+    batches = [1, 4, 8, 16, 32]
+    results["network"] = inprocess.network_rates(model_dir, meta, batches)
+    for name, rates in results["network"].items():
+        print(f"  network {name}: " + ", ".join(f"b{b} {r:.1f}" for b, r in rates.items()) + " img/s", flush=True)
+    best = max(results["network"][args.runtime], key=results["network"][args.runtime].get)
+    results["best_batch"] = best
+    results["crops_limit"] = inprocess.crops_rate(model_dir, meta, args.runtime, best)
+    results["detector_limit"] = {k: inprocess.detector_rate(v) for k, v in pics.items()}
+    results["pipeline_limit"] = {
+        k: inprocess.pipeline_rate(v, model_dir, meta, args.runtime, 8) for k, v in pics.items()
+    }
+    print(
+        f"  crops->network b{best}: {results['crops_limit']:.1f} img/s; detector {results['detector_limit']}; "
+        f"pipeline {results['pipeline_limit']} photos/s",
+        flush=True,
+    )
+
+    cases = {"predict_faces": ("/predict_faces", [("images", ("face.jpg", face, "image/jpeg"))])}
+    cases |= {f"predict_{k}": ("/predict", [("image", (f"{k}.jpg", v, "image/jpeg"))]) for k, v in pics.items()}
+    env = {"AGE_GENDER_MODEL": tag, "AGE_GENDER_RUNTIME": args.runtime}
+    log = RESULTS / "serve.log"
+    print("service, adaptive batching on", flush=True)
+    if args.url:
+        results["batching_on"] = sweep(args.url, cases, args.levels, args.seconds)
+    else:
+        with running_service(env, log) as url:
+            results["batching_on"] = sweep(url, cases, args.levels, args.seconds)
+        print("service, batching off (AGE_GENDER_MAX_BATCH_SIZE=1)", flush=True)
+        with running_service({**env, "AGE_GENDER_MAX_BATCH_SIZE": "1"}, log) as url:
+            results["batching_off"] = sweep(url, cases, [16], args.seconds)
+    (RESULTS / "serving.json").write_text(json.dumps(results, indent=2))
+    from benchmarks.report import summary
+
+    print(summary(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The exported ONNX graph and the torch weights give the same answers; runtime errors are clear."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import bentoml
+import numpy as np
+import pytest
+import torch
+
+from models.artifact import ONNX_FILE, WEIGHTS_FILE
+from models.errors import UserError
+from models.runtime import OnnxRuntime, TorchRuntime, open_runtime
+
+
+def test_onnx_and_torch_agree(model_tag: str) -> None:
+    stored = bentoml.models.get(model_tag)
+    meta = stored.info.metadata
+    assert (Path(stored.path) / ONNX_FILE).is_file() and (Path(stored.path) / WEIGHTS_FILE).is_file()
+    x = torch.randn(7, 3, meta["image_size"], meta["image_size"])  # a batch size the export never saw
+    onnx = open_runtime("onnx", stored.path, meta)
+    torch_rt = open_runtime("torch", stored.path, meta)
+    assert isinstance(onnx, OnnxRuntime) and isinstance(torch_rt, TorchRuntime)
+    (age_o, logits_o), (age_t, logits_t) = onnx(x), torch_rt(x)
+    assert age_o.shape == (7,) and logits_o.shape == (7, 2)
+    np.testing.assert_allclose(age_o, age_t, atol=1e-3)
+    np.testing.assert_allclose(logits_o, logits_t, atol=1e-4)
+    channels_last = TorchRuntime(stored.path, meta, "cpu", channels_last=True)(x)
+    np.testing.assert_allclose(channels_last[0], age_t, atol=1e-3)
+
+
+def test_runtime_errors(model_tag: str, tmp_path: Path) -> None:
+    stored = bentoml.models.get(model_tag)
+    with pytest.raises(UserError, match="unknown runtime 'tensorrt'; choose from onnx, torch"):
+        open_runtime("tensorrt", stored.path, stored.info.metadata)
+    shutil.copy(Path(stored.path) / WEIGHTS_FILE, tmp_path)
+    with pytest.raises(UserError, match="exported without ONNX"):
+        open_runtime("onnx", tmp_path, stored.info.metadata)
