@@ -5,19 +5,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: setup test lint serve demo build bench clean
+.PHONY: setup test browser lint serve demo build bench clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements/serve.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-test: setup
+test: setup browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# the UI test drives Debian's Chromium; where it cannot be installed, pytest reports the skip and why
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "NOTE: could not install Chromium (apt-get as root): the browser test will be skipped"
 
 lint: setup
 	$(PY) -m ruff check .

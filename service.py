@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 
-# Before torch, cv2 and yuface load libgomp: idle OpenMP threads sleep instead of spinning. Spinning
-# YuNet and torch threads starved the other services on a 2-core machine (/predict: 8.4 -> 12.5 req/s,
-# BENCHMARKS.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch, cv2 and yuface load OpenMP (read once per process): no OpenMP thread teams. YuNet's
+# spinning OpenMP threads starved the model service on 2 cores, and sleeping ones made each detection
+# slow (BENCHMARKS.md). ONNX Runtime has its own pool; the torch runtime sets its own thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import asyncio
 from pathlib import Path
@@ -22,12 +22,15 @@ from pathlib import Path
 import bentoml
 import numpy as np
 import torch
-from starlette.responses import JSONResponse
+from PIL import Image
+from starlette.responses import JSONResponse, Response
+from starlette.staticfiles import StaticFiles
 
 from models.artifact import preprocess_for
 from models.errors import TooLarge, UserError
 from models.faces import CROP_SIZE, FaceDetector, align_crop, decode_image
 from models.runtime import open_runtime
+from serving.annotate import annotate
 from serving.guard import FileField, RequestGuard, error
 from serving.schemas import BatchResult, DetectedFace, FaceAttributes, FacesResult, ModelInfo, PhotoResult
 from serving.settings import SETTINGS
@@ -130,7 +133,9 @@ ROUTES = {
     "/predict": FileField("image", many=False),
     "/predict_batch": FileField("images", many=True),
     "/predict_faces": FileField("images", many=True),
+    "/annotate": FileField("image", many=False),
 }
+UI = Path(__file__).resolve().parent / "serving" / "ui"
 
 
 @bentoml.service(traffic={"timeout": 120, "max_concurrency": 128})
@@ -203,10 +208,20 @@ class AgeGender:
         return FacesResult(predictions=[FaceAttributes(**a) for a in await self._attributes(loaded["crops"])])
 
     @bentoml.api
+    async def annotate(self, image: Path) -> Image.Image:
+        """The photo as PNG with every face boxed and labelled (`34 · female 92 %`); multipart field `image`."""
+        results = await self._photos([image])
+        if isinstance(results, JSONResponse):
+            return results
+        rgb = await asyncio.to_thread(decode_image, image.read_bytes(), SETTINGS.max_pixels)
+        return Response(await asyncio.to_thread(annotate, rgb, results[0]), media_type="image/png")
+
+    @bentoml.api
     async def model_info(self) -> ModelInfo:
         """The loaded model: tag, backbone, input size, training data (demo or UTKFace), test metrics."""
         info = await self._model_info()
         return ModelInfo(**{k: v for k, v in info.items() if k != "gender_classes"})
 
 
+AgeGender.mount_asgi_app(StaticFiles(directory=UI, html=True), path="/ui", name="ui")
 AgeGender.add_asgi_middleware(RequestGuard, routes=ROUTES, max_bytes=SETTINGS.max_bytes, max_images=SETTINGS.max_images)

@@ -7,6 +7,7 @@ torch runs unless onnxruntime has the CUDA provider.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ RUNTIMES = ("onnx", "torch")
 
 class TorchRuntime:
     def __init__(self, model_dir: str | Path, meta: dict[str, Any], device: str, channels_last: bool = False):
+        torch.set_num_threads(os.cpu_count() or 1)  # explicit: the service limits OpenMP for the detector
         self.device = device
         self.net = load_network(model_dir, meta, device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -21,7 +21,7 @@ class Settings:
     max_images: int = 32  # files per request -> 413
     runtime: str = "onnx"  # onnx | torch (ONNX Runtime measured faster on CPU: BENCHMARKS.md)
     max_batch_size: int = 32  # adaptive batching upper bound; 1 turns batching off
-    max_latency_ms: int = 2000  # adaptive batching: longest a request may wait before 503
+    max_latency_ms: int = 20000  # adaptive batching: a request that would queue longer gets 503
 
     @classmethod
     def from_env(cls) -> Settings:

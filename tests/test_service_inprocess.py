@@ -25,9 +25,13 @@ def service(model_tag: str):
     import serving.settings
 
     importlib.reload(serving.settings)
+    threads = os.environ.get("OMP_NUM_THREADS")
     import service as module
 
-    return importlib.reload(module)
+    module = importlib.reload(module)
+    if threads is None:  # service.py sets it for its own processes; training subprocesses of later tests need it unset
+        os.environ.pop("OMP_NUM_THREADS", None)
+    return module
 
 
 def test_detector_returns_aligned_crops(service) -> None:

@@ -1,0 +1,36 @@
+"""Draw boxes and labels on a photo, for POST /annotate (the same labels the /ui page shows)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from serving.schemas import PhotoResult
+
+COLOUR = (255, 45, 85)
+
+
+def label(face) -> str:
+    return f"{round(face.age)} · {face.gender} {round(face.gender_probability * 100)} %"
+
+
+def annotate(rgb: np.ndarray, result: PhotoResult) -> bytes:
+    """(H, W, 3) photo + its /predict result -> PNG bytes of the same size with every face boxed."""
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    scale = max(image.size) / 640
+    width = max(2, round(3 * scale))
+    font = ImageFont.load_default(size=max(12, round(16 * scale)))  # bundled with Pillow: no font files
+    for face in result.faces:
+        b = face.box
+        draw.rectangle([b.x, b.y, b.x + b.width - 1, b.y + b.height - 1], outline=COLOUR, width=width)
+        left, top, right, bottom = draw.textbbox((b.x, b.y), label(face), font=font)
+        lift = bottom - top + 2 * width  # label above the box, or inside it at the top edge of the photo
+        y = b.y - lift if b.y >= lift else b.y
+        draw.rectangle([b.x, y, b.x + right - left + 2 * width, y + lift], fill=COLOUR)
+        draw.text((b.x + width, y + width - (top - b.y)), label(face), fill="white", font=font)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

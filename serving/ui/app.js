@@ -1,0 +1,93 @@
+// The page calls the same public API as every client: POST /predict, one photo per request.
+"use strict";
+
+const results = document.getElementById("results");
+
+function label(face) {
+  return `${Math.round(face.age)} · ${face.gender} ${Math.round(face.gender_probability * 100)} %`;
+}
+
+function el(tag, attrs = {}, text = "") {
+  const node = Object.assign(document.createElement(tag), attrs);
+  if (text) node.textContent = text;
+  return node;
+}
+
+function showFaces(card, url, body) {
+  const photo = el("div", { className: "photo" });
+  const img = el("img", { src: url, alt: "uploaded photo" });
+  photo.append(img);
+  body.faces.forEach((face) => {
+    // boxes are in pixels of the uploaded image: place them in percent so they scale with the picture
+    const b = face.box;
+    const box = el("div", { className: "box" });
+    Object.assign(box.style, {
+      left: `${(100 * b.x) / body.width}%`, top: `${(100 * b.y) / body.height}%`,
+      width: `${(100 * b.width) / body.width}%`, height: `${(100 * b.height) / body.height}%`,
+    });
+    box.append(el("span", {}, label(face)));
+    photo.append(box);
+  });
+  card.append(photo);
+  if (body.faces.length === 0) {
+    card.append(el("p", { className: "message" }, "No face found in this photo."));
+    return;
+  }
+  const table = el("table");
+  table.append(el("tr", { innerHTML: "<th>#</th><th>age</th><th>gender</th><th>probability</th><th>box (x, y, w, h)</th>" }));
+  body.faces.forEach((f, i) => {
+    const row = el("tr");
+    [i + 1, f.age.toFixed(1), f.gender, `${(f.gender_probability * 100).toFixed(1)} %`,
+      `${f.box.x}, ${f.box.y}, ${f.box.width}, ${f.box.height}`].forEach((v) => row.append(el("td", {}, String(v))));
+    table.append(row);
+  });
+  card.append(table);
+}
+
+async function predict(file) {
+  const card = el("section", { className: "card" });
+  card.append(el("h2", {}, file.name));
+  const status = el("p", { className: "message" }, "Detecting faces…");
+  card.append(status);
+  results.prepend(card);
+  const form = new FormData();
+  form.append("image", file, file.name);
+  try {
+    const response = await fetch("/predict", { method: "POST", body: form });
+    const body = await response.json().catch(() => ({ error: `server answered HTTP ${response.status}` }));
+    status.remove();
+    if (!response.ok) {
+      const kind = response.status >= 500 ? "Server error" : "Could not read this file";
+      card.append(el("p", { className: "message error" }, `${kind}: ${body.error}`));
+      return;
+    }
+    showFaces(card, URL.createObjectURL(file), body);
+  } catch (err) {
+    status.className = "message error";
+    status.textContent = `Server error: ${err.message}`;
+  }
+}
+
+function handle(files) {
+  Array.from(files).forEach(predict);
+}
+
+async function showModel() {
+  const node = document.getElementById("model");
+  try {
+    const info = await (await fetch("/model_info", { method: "POST" })).json();
+    node.textContent = `Model ${info.tag}: ${info.backbone}, ${info.image_size} px, trained on ${info.dataset}` +
+      (info.test_metrics.age_mae != null ? `; test age MAE ${info.test_metrics.age_mae.toFixed(2)} years` : "") +
+      (info.test_metrics.gender_acc != null ? `, gender accuracy ${(100 * info.test_metrics.gender_acc).toFixed(1)} %` : "");
+    document.getElementById("demo-warning").hidden = !info.demo;
+  } catch (err) {
+    node.textContent = `Model information unavailable: ${err.message}`;
+  }
+}
+
+const drop = document.getElementById("drop");
+document.getElementById("files").addEventListener("change", (e) => handle(e.target.files));
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); handle(e.dataTransfer.files); });
+showModel();

@@ -1,0 +1,97 @@
+"""The /ui page in a real headless Chromium against a real `bentoml serve`, and POST /annotate."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from .photos import ASTRONAUT_FACE_CENTRE, astronaut, encode
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [  # what Chromium needs on a machine with no network but the package registries
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def test_annotate_draws_inside_the_box_only(server: str) -> None:
+    photo = astronaut()
+    r = httpx.post(server + "/annotate", files={"image": ("a.jpg", encode(photo, "PNG"), "image/png")}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text[:300]
+    drawn = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(int)
+    original = np.asarray(photo).astype(int)
+    assert drawn.shape == original.shape
+    box = httpx.post(server + "/predict", files={"image": ("a.jpg", encode(photo, "PNG"), "image/png")}).json()
+    b = box["faces"][0]["box"]
+    changed = np.abs(drawn - original).sum(2) > 30
+    ys, xs = np.nonzero(changed)
+    assert changed[b["y"] : b["y"] + b["height"], b["x"] : b["x"] + b["width"]].any(), "nothing drawn on the face"
+    # the outline and its label: nothing changed far from the box
+    margin = 40
+    assert xs.min() >= b["x"] - margin and xs.max() <= b["x"] + b["width"] + 4 * margin
+    assert ys.min() >= b["y"] - margin and ys.max() <= b["y"] + b["height"] + margin
+
+
+def test_annotate_rejects_non_images(server: str) -> None:
+    r = httpx.post(server + "/annotate", files={"image": ("a.jpg", b"no image", "image/jpeg")}, timeout=30)
+    assert r.status_code == 400 and "not an image" in r.json()["error"]
+
+
+def test_ui_assets_are_served_locally(server: str) -> None:
+    page = httpx.get(server + "/ui/").text
+    assert "Age and gender recognition" in page
+    for asset in ("/ui/app.js", "/ui/style.css"):
+        assert httpx.get(server + asset).status_code == 200
+    assert "http://" not in page and "https://" not in page  # no CDN, no web fonts
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs Debian's chromium)")
+def test_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    photo = tmp_path / "astronaut.jpg"
+    astronaut().save(photo, quality=92)
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("this is not a photo")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        page.goto(server + "/ui/")
+        page.wait_for_selector("#model:has-text('Model age_gender:')")
+        assert page.is_visible("#demo-warning"), "the demo model must be flagged"
+
+        page.set_input_files("#files", str(photo))
+        box = page.wait_for_selector(".photo .box", timeout=60_000)
+        label = box.inner_text()
+        assert " · " in label and ("male" in label or "female" in label) and "%" in label
+        assert page.locator(".photo .box").count() == 1
+        img = page.locator(".photo img").bounding_box()
+        rect = box.bounding_box()
+        # the drawn box sits on the astronaut's face, in the picture's displayed coordinates
+        scale = img["width"] / 512
+        centre = (
+            (rect["x"] - img["x"] + rect["width"] / 2) / scale,
+            (rect["y"] - img["y"] + rect["height"] / 2) / scale,
+        )
+        assert np.linalg.norm(np.subtract(centre, ASTRONAUT_FACE_CENTRE)) < 25
+        assert page.locator("table tr").count() == 2  # header + one face
+
+        page.set_input_files("#files", str(not_image))
+        error = page.wait_for_selector(".message.error", timeout=30_000).inner_text()
+        assert "Could not read this file" in error and "not an image" in error
+        page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
+        browser.close()
