@@ -77,7 +77,8 @@ def main() -> None:
     data = write_sample_dataset(work / "data", n=args.batch_size * (args.batches + 4) * 2, seed=0)
     build_metadata(data, work / "metadata.csv", balance=False, fractions=(0.9, 0.05, 0.05))
     dm = UTKFaceDataModule(str(work / "metadata.csv"), args.batch_size, args.num_workers, args.image_size)
-    module = AgeGenderModule(args.backbone, pretrained=False, image_size=args.image_size)
+    # no validation here, so the LR schedule watches the training loss (as in `production`)
+    module = AgeGenderModule(args.backbone, pretrained=False, image_size=args.image_size, monitor="train/loss_epoch")
 
     out = {"config": vars(args), "torch_threads": torch.get_num_threads()}
     out["bare_forward_backward"] = bare_rate(module, args.batch_size, args.image_size, args.batches)

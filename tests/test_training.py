@@ -123,3 +123,22 @@ def test_export_cli_rejects_non_checkpoints(tmp_path: Path) -> None:
     fake.write_text("not a checkpoint")
     assert "is not a checkpoint" in assert_one_line_error(run_cli("export", "--checkpoint", str(fake)))
     assert "does not exist" in assert_one_line_error(run_cli("export", "--checkpoint", str(tmp_path / "no.ckpt")))
+
+
+def test_seeded_runs_are_reproducible(tiny_config: dict, tmp_path: Path) -> None:
+    from training.fit import fit
+
+    states = []
+    for run in ("a", "b"):
+        cfg = {**tiny_config, "logdir": str(tmp_path / run)}
+        cfg["trainer"] = {**cfg["trainer"], "max_epochs": 1, "limit_train_batches": 3, "limit_val_batches": 1}
+        states.append(load_module(fit(cfg)).state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_demo_skips_when_the_store_has_a_model(model_tag: str, tmp_path: Path) -> None:
+    result = run_cli("demo", "--if-missing", "--workdir", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "is in the store; not training" in result.stdout
+    assert not (tmp_path / "demo").exists()
