@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--seconds", type=float, default=12.0, help="per concurrency level")
     p.add_argument("--url", default=None, help="benchmark a running service instead of starting one")
+    p.add_argument("--cases", nargs="+", default=None, help="only these: predict_faces, predict_one_face, ...")
     args = p.parse_args()
 
     os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bench-home-"))
@@ -138,6 +139,7 @@ def main() -> None:
 
     cases = {"predict_faces": ("/predict_faces", [("images", ("face.jpg", face, "image/jpeg"))])}
     cases |= {f"predict_{k}": ("/predict", [("image", (f"{k}.jpg", v, "image/jpeg"))]) for k, v in pics.items()}
+    cases = {k: v for k, v in cases.items() if not args.cases or k in args.cases}
     env = {"AGE_GENDER_MODEL": tag, "AGE_GENDER_RUNTIME": args.runtime}
     print("service, adaptive batching on", flush=True)
     if args.url:
