@@ -137,8 +137,15 @@ def test_seeded_runs_are_reproducible(tiny_config: dict, tmp_path: Path) -> None
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-def test_demo_skips_when_the_store_has_a_model(model_tag: str, tmp_path: Path) -> None:
-    result = run_cli("demo", "--if-missing", "--workdir", str(tmp_path / "demo"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "is in the store; not training" in result.stdout
-    assert not (tmp_path / "demo").exists()
+def test_demo_trains_and_exports_into_an_empty_store(tmp_path: Path) -> None:
+    """What `make serve` runs on a fresh clone (smaller: 300 images, 1 epoch)."""
+    home, work = tmp_path / "store", tmp_path / "demo"
+    result = run_cli(
+        "demo", "--if-missing", "--workdir", str(work), "--n", "300", "--epochs", "1", BENTOML_HOME=str(home)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training a DEMO model" in result.stdout and "saved model age_gender:" in result.stdout
+    (model,) = (home / "models" / MODEL_NAME).glob("*/model.yaml")
+    assert "demo: 'true'" in model.read_text()
+    again = run_cli("demo", "--if-missing", "--workdir", str(work), BENTOML_HOME=str(home))
+    assert again.returncode == 0 and "is in the store; not training" in again.stdout

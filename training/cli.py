@@ -104,15 +104,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from training.synth import write_sample_dataset
     from training.utkface import build_metadata
 
-    if args.if_missing and bentoml.models.list(MODEL_NAME):
-        print(f"model {bentoml.models.get(MODEL_NAME)} is in the store; not training a demo model")
-        return
+    if args.if_missing:
+        try:
+            print(f"model {bentoml.models.get(MODEL_NAME)} is in the store; not training a demo model")
+            return
+        except bentoml.exceptions.NotFound:
+            pass  # an empty store (bentoml.models.list raises here too): train the demo model
     print("training a DEMO model on generated sample data: its predictions on real photos mean nothing")
     data, metadata = args.workdir / "data", args.workdir / "metadata.csv"
     if not data.exists():
         write_sample_dataset(data, args.n, seed=0)
     build_metadata(data, metadata)
-    _fit(DEMO_CONFIG, [f"data.metadata={metadata}", f"logdir={args.workdir / 'runs'}"], export=True)
+    overrides = [f"data.metadata={metadata}", f"logdir={args.workdir / 'runs'}"]
+    _fit(DEMO_CONFIG, overrides + ([f"trainer.max_epochs={args.epochs}"] if args.epochs else []), export=True)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -173,7 +177,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="train and export a demo model on generated sample data")
     s.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
-    s.add_argument("--n", type=int, default=1500)
+    s.add_argument("--n", type=int, default=1500, help="sample images to generate")
+    s.add_argument("--epochs", type=int, default=None, help="override configs/demo.yaml's max_epochs")
     s.add_argument("--if-missing", action="store_true", help="do nothing if the store has an age_gender model")
     s.set_defaults(func=cmd_demo)
     return p
