@@ -179,8 +179,10 @@ def test_bentoml_sync_client(server: str, tmp_path: Path) -> None:
     astronaut().save(path)
     with bentoml.SyncHTTPClient(server) as client:
         result = client.predict(image=path)
+        batch = client.predict_batch(images=[path, path])
         info = client.model_info()
     assert len(result["faces"]) == 1
+    assert batch["results"] == [result, result]
     assert info["demo"] is True and info["dataset"] == "sample" and info["backbone"] == "resnet18"
 
 
