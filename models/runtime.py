@@ -36,7 +36,7 @@ class TorchRuntime:
 
 
 class OnnxRuntime:
-    def __init__(self, model_dir: str | Path, providers: list[str], threads: int | None = None):
+    def __init__(self, model_dir: str | Path, providers: list[str]):
         import onnxruntime as ort
 
         path = Path(model_dir) / ONNX_FILE
@@ -45,8 +45,6 @@ class OnnxRuntime:
         options = ort.SessionOptions()
         # idle pool threads sleep instead of spinning: the detector process shares these cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
 

@@ -56,7 +56,3 @@ class ModelInfo(BaseModel):
     detector: str
     device: str
     runtime: str = Field(description="'onnx' (ONNX Runtime) or 'torch'")
-
-
-class ErrorBody(BaseModel):
-    error: str

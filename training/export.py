@@ -38,9 +38,9 @@ def load_module(checkpoint: str | Path) -> AgeGenderModule:
     return module.eval()
 
 
-def datamodule_for(module: AgeGenderModule, **overrides: Any) -> UTKFaceDataModule:
-    data = {**module.training_config["data"], **overrides}
-    return UTKFaceDataModule(**data, image_size=module.hparams.image_size)
+def datamodule_for(module: AgeGenderModule) -> UTKFaceDataModule:
+    """The data the checkpoint was trained on, as its config describes it."""
+    return UTKFaceDataModule(**module.training_config["data"], image_size=module.hparams.image_size)
 
 
 def measure(module: AgeGenderModule, datamodule: UTKFaceDataModule) -> dict[str, dict[str, float]]:

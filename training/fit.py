@@ -28,7 +28,7 @@ def fit(cfg: dict, callbacks: list[L.Callback] = ()) -> Path:
     L.seed_everything(cfg["seed"], workers=True)
     module, datamodule = build(cfg)
     monitor = module.hparams.monitor
-    checkpoint = ModelCheckpoint(dirpath=None, filename="best", monitor=monitor, mode="min", save_last=True)
+    checkpoint = ModelCheckpoint(filename="best", monitor=monitor, mode="min", save_last=True)
     all_callbacks = [checkpoint, LearningRateMonitor("epoch"), *callbacks]
     if cfg["early_stopping_patience"]:
         all_callbacks.append(EarlyStopping(monitor, patience=cfg["early_stopping_patience"], mode="min"))
