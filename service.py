@@ -21,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 import bentoml
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -86,8 +87,6 @@ class FaceDetection:
     @bentoml.api
     def load_crops(self, images: list[bytes]) -> dict:
         """Already-cropped faces -> {crops (N, 200, 200, 3)} or {error, status}; resized as UTKFace chips."""
-        import cv2
-
         crops = []
         for i, data in enumerate(images):
             try:
@@ -136,7 +135,7 @@ class AgeGenderModel:
             "test_metrics": self.meta.get("metrics", {}).get("test", {}),
             "gender_classes": self.classes,
             "device": self.runtime.device,
-            "runtime": type(self.runtime).__name__.removesuffix("Runtime").lower(),
+            "runtime": self.runtime.name,
         }
 
 

@@ -17,50 +17,40 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+
+from models.artifact import architecture
+from models.faces import FaceDetector, align_crop
+from models.network import AgeGenderNet
+from tests.photos import astronaut, encode, group_photo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_model(backbone: str, image_size: int) -> tuple[str, str, dict]:
-    from models.network import AGE_RANGE, GENDER_CLASSES, AgeGenderNet
-    from models.presets import IMAGENET_MEAN, IMAGENET_STD
+    import bentoml  # here, not at the top: main() points BENTOML_HOME at a temporary store first
+
     from training.export import save_model
 
     torch.manual_seed(0)
     net = AgeGenderNet(backbone, head_width=256, dropout=0.2).eval()
     meta = {
-        "backbone": backbone,
-        "head_width": 256,
-        "dropout": 0.2,
-        "image_size": image_size,
-        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "gender_classes": list(GENDER_CLASSES),
-        "age_range": list(AGE_RANGE),
+        **architecture(backbone, 256, 0.2, image_size),
         "demo": True,
         "dataset": {"name": "benchmark (random weights)"},
     }
     tag = save_model(net, meta)
-    import bentoml
-
     return str(tag), bentoml.models.get(tag).path, meta
 
 
 def photos() -> dict[str, bytes]:
-    from tests.photos import astronaut, encode, group_photo
-
     return {"one_face": encode(astronaut()), "three_faces": encode(group_photo()[0])}
 
 
 def crop() -> bytes:
-    import numpy as np
-
-    from models.faces import FaceDetector, align_crop
-    from tests.photos import astronaut, encode
-
     rgb = np.asarray(astronaut())
-    from PIL import Image
-
     return encode(Image.fromarray(align_crop(rgb, FaceDetector().detect(rgb)[0])))
 
 

@@ -13,12 +13,26 @@ from typing import Any
 
 import torch
 
-from models.network import AgeGenderNet
-from models.presets import eval_preset
+from models.network import AGE_RANGE, GENDER_CLASSES, AgeGenderNet
+from models.presets import IMAGENET_MEAN, IMAGENET_STD, eval_preset
 
 MODEL_NAME = "age_gender"
 WEIGHTS_FILE = "weights.pt"
 ONNX_FILE = "model.onnx"
+
+
+def architecture(backbone: str, head_width: int, dropout: float, image_size: int) -> dict[str, Any]:
+    """The metadata that rebuilds and preprocesses a network; the rest of a model's metadata says where
+    it came from (data set, config, metrics)."""
+    return {
+        "backbone": backbone,
+        "head_width": head_width,
+        "dropout": dropout,
+        "image_size": image_size,
+        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "gender_classes": list(GENDER_CLASSES),
+        "age_range": list(AGE_RANGE),
+    }
 
 
 def load_network(model_dir: str | Path, meta: dict[str, Any], device: str | torch.device = "cpu") -> AgeGenderNet:

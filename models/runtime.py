@@ -21,6 +21,8 @@ RUNTIMES = ("onnx", "torch")
 
 
 class TorchRuntime:
+    name = "torch"
+
     def __init__(self, model_dir: str | Path, meta: dict[str, Any], device: str, channels_last: bool = False):
         torch.set_num_threads(os.cpu_count() or 1)  # explicit: the service limits OpenMP for the detector
         self.device = device
@@ -36,6 +38,8 @@ class TorchRuntime:
 
 
 class OnnxRuntime:
+    name = "onnx"
+
     def __init__(self, model_dir: str | Path, providers: list[str]):
         import onnxruntime as ort
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.artifact import MODEL_NAME, load_network, preprocess_for
-from models.presets import load_rgb
+from models.presets import eval_preset, load_rgb
 from training.export import load_module
 from training.synth import MARKER
 from training.utkface import parse_name, read_metadata
@@ -37,12 +37,7 @@ def test_synth_is_reproducible_and_refuses_to_overwrite(tmp_path: Path) -> None:
 def _predict(module, metadata: Path, split: str = "test"):
     frame = read_metadata(metadata)
     frame = frame[frame.split == split]
-    preprocess = preprocess_for(
-        {
-            "image_size": module.hparams.image_size,
-            "normalisation": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
-        }
-    )
+    preprocess = eval_preset(module.hparams.image_size)
     x = torch.stack([preprocess(load_rgb(p)) for p in frame.path])
     with torch.inference_mode():
         age, logits = module.eval()(x)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from .conftest import ROOT
 from .photos import ASTRONAUT_FACE_CENTRE, astronaut, encode
 
-ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [  # what Chromium needs on a machine with no network but the package registries

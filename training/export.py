@@ -15,10 +15,8 @@ import torch
 import torchvision
 import yaml
 
-from models.artifact import MODEL_NAME, ONNX_FILE, WEIGHTS_FILE, export_onnx
+from models.artifact import MODEL_NAME, ONNX_FILE, WEIGHTS_FILE, architecture, export_onnx
 from models.errors import UserError
-from models.network import AGE_RANGE, GENDER_CLASSES
-from models.presets import IMAGENET_MEAN, IMAGENET_STD
 from training.data import UTKFaceDataModule
 from training.module import AgeGenderModule
 
@@ -62,13 +60,7 @@ def describe(module: AgeGenderModule, datamodule: UTKFaceDataModule, checkpoint:
     dataset = "sample" if sources == ["sample"] else "utkface"
     counts = datamodule.frame.split.value_counts()
     return {
-        "backbone": hp.backbone,
-        "head_width": hp.head_width,
-        "dropout": hp.dropout,
-        "image_size": hp.image_size,
-        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "gender_classes": list(GENDER_CLASSES),
-        "age_range": list(AGE_RANGE),
+        **architecture(hp.backbone, hp.head_width, hp.dropout, hp.image_size),
         "demo": dataset == "sample",
         "dataset": {
             "name": dataset,
