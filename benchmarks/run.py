@@ -24,7 +24,7 @@ from PIL import Image
 from models.artifact import architecture
 from models.faces import FaceDetector, align_crop
 from models.network import AgeGenderNet
-from tests.photos import astronaut, encode, group_photo
+from devtools.photos import astronaut, encode, group_photo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,7 +77,7 @@ def sweep(url: str, cases: dict, levels: list[int], seconds: float) -> dict:
 def sweep_fresh(env: dict, cases: dict, levels: list[int], seconds: float, label: str) -> dict:
     """One freshly started service per endpoint: BentoML's dispatcher remembers earlier load (its wait
     estimate includes queueing), which would otherwise carry one endpoint's c=64 into the next one's c=1."""
-    from serving.launch import running_service
+    from devtools.launch import running_service
 
     out = {}
     for name, case in cases.items():

@@ -114,7 +114,7 @@ SERVER_LIMITS = {"AGE_GENDER_MAX_BYTES": 3_000_000, "AGE_GENDER_MAX_PIXELS": 4_0
 @pytest.fixture(scope="session")
 def server(model_tag: str, tmp_path_factory) -> Iterator[str]:
     """A real `bentoml serve` of service:AgeGender on a free localhost port, serving the trained model."""
-    from serving.launch import running_service
+    from devtools.launch import running_service
 
     env = {"AGE_GENDER_MODEL": model_tag, **{k: str(v) for k, v in SERVER_LIMITS.items()}}
     try:

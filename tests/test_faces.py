@@ -11,7 +11,7 @@ from PIL import Image
 from models.errors import TooLarge, UserError
 from models.faces import CROP_SIZE, TEMPLATE, FaceDetector, align_crop, decode_image
 
-from .photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode, group_photo, no_face
+from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode, group_photo, no_face
 
 
 def _centre(face) -> np.ndarray:

@@ -18,7 +18,7 @@ from models.presets import load_rgb
 from training.utkface import read_metadata
 
 from .conftest import SERVER_LIMITS
-from .photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode, group_photo, no_face
+from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode, group_photo, no_face
 
 JPEG = "image/jpeg"
 

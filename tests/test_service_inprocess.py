@@ -15,7 +15,7 @@ from PIL import Image
 from models.artifact import load_network, preprocess_for
 
 from .conftest import SERVER_LIMITS
-from .photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode
+from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode
 
 
 @pytest.fixture(scope="module")

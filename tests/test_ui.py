@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from .conftest import ROOT
-from .photos import ASTRONAUT_FACE_CENTRE, astronaut, encode
+from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, encode
 
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
