@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: setup test browser lint serve demo build bench clean
+.PHONY: setup test browser lint serve demo build build-gpu bench clean
 
 setup: $(VENV)/.installed
 
@@ -34,8 +34,23 @@ demo: setup
 serve: demo
 	$(VENV)/bin/bentoml serve service:AgeGender --port 3000
 
+# the CPU Bento (ONNX Runtime, no torch) and the GPU Bento (torch on CUDA), from the same service code
 build: demo
-	$(VENV)/bin/bentoml build
+	$(VENV)/bin/bentoml build -f bentofile.yaml
+
+build-gpu: demo
+	$(VENV)/bin/bentoml build -f bentofile.gpu.yaml
+
+# container images from the newest Bentos (Docker if it answers, else podman + buildah: deploy/image.sh)
+.PHONY: image image-gpu test-image
+image:
+	deploy/image.sh build cpu
+
+image-gpu:
+	deploy/image.sh build gpu
+
+test-image:
+	deploy/image.sh test cpu
 
 clean:
 	rm -rf .cache runs lightning_logs test-artifacts .pytest_cache

@@ -19,43 +19,35 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import asyncio
 from pathlib import Path
 
-import aiohttp
 import bentoml
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from models.artifact import preprocess_for
+from models.artifact import AGE_RANGE, array_preprocess_for
 from models.errors import TooLarge, UserError
 from models.faces import CROP_SIZE, FaceDetector, align_crop, decode_image
-from models.runtime import open_runtime
+from models.runtime import open_runtime, visible_gpus
 from serving.annotate import annotate
+from serving.dependencies import bound_dependency_readiness, call_dependency
 from serving.guard import FileField, RequestGuard, error
+from serving.openapi import StandardOpenAPI
 from serving.schemas import BatchResult, DetectedFace, FaceAttributes, FacesResult, ModelInfo, PhotoResult
-from serving.settings import SETTINGS
+from serving.settings import DETECTOR_WORKERS, SETTINGS
 
 # inter-service HTTP sessions are otherwise recycled under in-flight requests (BentoML #5540, #5544)
 _CONNECTION = {"runner_connection": {"max_requests": 2**31 - 1, "max_age": 1e9}}
-
-
-async def _call(method, *args):
-    """A dependency call, retried once if the local connection was reset: BentoML's pooled inter-service
-    connections were seen reset under load (about 1 request in 1,300 at 64 concurrent photos). Every
-    dependency API here is idempotent, so a retry is safe."""
-    try:
-        return await method(*args)
-    except aiohttp.ClientConnectionError:
-        return await method(*args)
+bound_dependency_readiness()
 
 
 def _error(exc: UserError, prefix: str = "") -> dict:
     return {"error": prefix + str(exc), "status": 413 if isinstance(exc, TooLarge) else 400}
 
 
-@bentoml.service(workers=1, traffic={"timeout": 60}, **_CONNECTION)
+# one detector process per CPU core by default: detection is the CPU-bound step of /predict
+@bentoml.service(workers=DETECTOR_WORKERS, traffic={"timeout": 60}, **_CONNECTION)
 class FaceDetection:
     def __init__(self) -> None:
         self.detector = FaceDetector(SETTINGS.detector, SETTINGS.score_threshold, SETTINGS.min_face_size)
@@ -101,14 +93,16 @@ class FaceDetection:
         return {"crops": np.stack(crops)}
 
 
-@bentoml.service(workers=1, traffic={"timeout": 60}, **_CONNECTION)
+# BentoML assigns the GPU (CUDA_VISIBLE_DEVICES) when one exists; without one the model runs on the CPU
+@bentoml.service(workers=1, resources={"gpu": 1} if visible_gpus() else {}, traffic={"timeout": 60}, **_CONNECTION)
 class AgeGenderModel:
     model_ref = bentoml.models.BentoModel(SETTINGS.model)
 
     def __init__(self) -> None:
         self.meta = self.model_ref.info.metadata
         self.runtime = open_runtime(SETTINGS.runtime, self.model_ref.path, self.meta)
-        self.preprocess = preprocess_for(self.meta)
+        self.preprocess = array_preprocess_for(self.meta)  # numpy: this process needs no torch for ONNX
+        self.age_range = self.meta.get("age_range", AGE_RANGE)
         self.classes = self.meta["gender_classes"]
 
     @bentoml.api(
@@ -119,10 +113,10 @@ class AgeGenderModel:
     )
     def predict(self, crops: np.ndarray) -> np.ndarray:
         """(B, 200, 200, 3) uint8 aligned crops -> (B, 3) float32: age in years, p(male), p(female)."""
-        x = self.preprocess(torch.from_numpy(crops).permute(0, 3, 1, 2))  # (B, 3, S, S) normalised float
-        age, logits = self.runtime(x)
-        probs = torch.from_numpy(logits).softmax(1).numpy()
-        return np.concatenate([age[:, None], probs], 1).astype(np.float32)
+        age, logits = self.runtime(self.preprocess(crops))  # (B,), (B, 2) from (B, 3, S, S) normalised float
+        age = np.clip(age, *self.age_range)  # a regression head can answer below 0 or past the oldest label
+        odds = np.exp(logits - logits.max(1, keepdims=True))
+        return np.concatenate([age[:, None], odds / odds.sum(1, keepdims=True)], 1).astype(np.float32)
 
     @bentoml.api
     def info(self) -> dict:
@@ -148,7 +142,7 @@ ROUTES = {
 UI = Path(__file__).resolve().parent / "serving" / "ui"
 
 
-@bentoml.service(traffic={"timeout": 120, "max_concurrency": 128})
+@bentoml.service(workers=SETTINGS.api_workers, traffic={"timeout": 120, "max_concurrency": 128})
 class AgeGender:
     detector = bentoml.depends(FaceDetection)
     model = bentoml.depends(AgeGenderModel)
@@ -161,7 +155,7 @@ class AgeGender:
         async with self._info_lock:
             if self._info is None:
                 info, detector = await asyncio.gather(
-                    _call(self.model.to_async.info), _call(self.detector.to_async.name)
+                    call_dependency(self.model.to_async.info), call_dependency(self.detector.to_async.name)
                 )
                 self._info = {**info, "detector": detector}
         return self._info
@@ -173,7 +167,7 @@ class AgeGender:
         classes = (await self._model_info())["gender_classes"]
         step = SETTINGS.max_batch_size
         chunks = await asyncio.gather(
-            *(_call(self.model.to_async.predict, crops[i : i + step]) for i in range(0, len(crops), step))
+            *(call_dependency(self.model.to_async.predict, crops[i : i + step]) for i in range(0, len(crops), step))
         )
         out = []
         for age, *probs in np.concatenate(chunks):
@@ -184,7 +178,15 @@ class AgeGender:
         return out
 
     async def _photos(self, paths: list[Path]) -> list[PhotoResult] | JSONResponse:
-        detections = await asyncio.gather(*(_call(self.detector.to_async.detect, p.read_bytes()) for p in paths))
+        # at most one image per detector process in flight for this request: a request with many large
+        # photos then queues behind nobody and nobody queues behind all of its photos
+        slots = asyncio.Semaphore(DETECTOR_WORKERS)
+
+        async def detect(path: Path) -> dict:
+            async with slots:
+                return await call_dependency(self.detector.to_async.detect, await asyncio.to_thread(path.read_bytes))
+
+        detections = await asyncio.gather(*(detect(p) for p in paths))
         for i, d in enumerate(detections):
             if "error" in d:
                 return error(d["status"], d["error"] if len(paths) == 1 else f"image #{i}: {d['error']}")
@@ -214,7 +216,7 @@ class AgeGender:
     @bentoml.api
     async def predict_faces(self, images: list[Path]) -> FacesResult:
         """Already-cropped faces (e.g. UTKFace crops), no detection; multipart field `images`."""
-        loaded = await _call(self.detector.to_async.load_crops, [p.read_bytes() for p in images])
+        loaded = await call_dependency(self.detector.to_async.load_crops, [p.read_bytes() for p in images])
         if "error" in loaded:
             return error(loaded["status"], loaded["error"])
         return FacesResult(predictions=[FaceAttributes(**a) for a in await self._attributes(loaded["crops"])])
@@ -236,4 +238,15 @@ class AgeGender:
 
 
 AgeGender.mount_asgi_app(StaticFiles(directory=UI, html=True), path="/ui", name="ui")
-AgeGender.add_asgi_middleware(RequestGuard, routes=ROUTES, max_bytes=SETTINGS.max_bytes, max_images=SETTINGS.max_images)
+AgeGender.add_asgi_middleware(
+    RequestGuard,
+    routes=ROUTES,
+    max_bytes=SETTINGS.max_bytes,
+    max_images=SETTINGS.max_images,
+    max_pixels=SETTINGS.max_pixels,
+    max_request_pixels=SETTINGS.max_request_pixels,
+    idle_timeout=SETTINGS.idle_timeout,
+    upload_timeout=SETTINGS.upload_timeout,
+    no_input_routes=("/model_info",),
+)
+AgeGender.add_asgi_middleware(StandardOpenAPI)

@@ -6,9 +6,8 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
-from models.artifact import preprocess_for
+from models.artifact import array_preprocess_for
 from models.faces import FaceDetector, align_crop, decode_image
 from models.runtime import OnnxRuntime, TorchRuntime
 
@@ -38,16 +37,17 @@ def network_rates(model_dir: str, meta: dict, batch_sizes: list[int]) -> dict[st
     """img/s of each runtime per batch size, on preprocessed tensors (the network alone)."""
     size = meta["image_size"]
     out = {}
+    x = {b: np.random.default_rng(0).standard_normal((b, 3, size, size), dtype=np.float32) for b in batch_sizes}
     for name, run in runtimes(model_dir, meta).items():
-        out[name] = {b: rate(lambda r=run, b=b: r(torch.randn(b, 3, size, size)), b) for b in batch_sizes}
+        out[name] = {b: rate(lambda r=run, b=b: r(x[b]), b) for b in batch_sizes}
     return out
 
 
 def crops_rate(model_dir: str, meta: dict, runtime: str, batch: int) -> float:
     """img/s from uint8 200x200 crops through preprocessing and the network: what /predict_faces does."""
     run = runtimes(model_dir, meta)[runtime]
-    preprocess = preprocess_for(meta)
-    crops = torch.randint(0, 256, (batch, 3, 200, 200), dtype=torch.uint8)
+    preprocess = array_preprocess_for(meta)
+    crops = np.random.default_rng(0).integers(0, 256, (batch, 200, 200, 3), dtype=np.uint8)
     return rate(lambda: run(preprocess(crops)), batch)
 
 
@@ -64,13 +64,13 @@ def detector_rate(photo: bytes, max_pixels: int = 50_000_000) -> float:
 
 def pipeline_rate(photo: bytes, model_dir: str, meta: dict, runtime: str, batch: int) -> float:
     """photos/s of detector + network in one process, model calls batched `batch` photos at a time."""
-    detector, run, preprocess = FaceDetector(), runtimes(model_dir, meta)[runtime], preprocess_for(meta)
+    detector, run, preprocess = FaceDetector(), runtimes(model_dir, meta)[runtime], array_preprocess_for(meta)
 
     def once():
         crops = []
         for _ in range(batch):
             rgb = decode_image(photo, 50_000_000)
             crops += [align_crop(rgb, f) for f in detector.detect(rgb)]
-        run(preprocess(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)))
+        run(preprocess(np.stack(crops)))
 
     return rate(once, batch)

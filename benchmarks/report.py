@@ -45,6 +45,19 @@ def summary(r: dict) -> str:
                 f"| {name} | {on['requests_per_s']:.1f} | {off['requests_per_s']:.1f} | "
                 f"{on['requests_per_s'] / off['requests_per_s']:.2f}x | {on['p99_ms'] / on['p50_ms']:.2f} |"
             )
+    if "seed_one_face" in r:
+        ceiling = r["ceiling_one_face"]
+        service = _at(r["batching_on"]["predict_one_face"], 16)["requests_per_s"]
+        seed = r["seed_one_face"]["requests_per_s"]
+        lines += [
+            "",
+            "| /predict, one face, c=16 | photos/s | vs ceiling |",
+            "|---|---|---|",
+            f"| ceiling (in-process limits) | {ceiling:.1f} | 100 % |",
+            f"| the service | {service:.1f} | {service / ceiling:.0%} |",
+            f"| seed-style server | {seed:.1f} | {seed / ceiling:.0%} |",
+            f"| service / seed | {service / seed:.2f}x | |",
+        ]
     return "\n".join(lines)
 
 

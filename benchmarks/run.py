@@ -4,7 +4,10 @@
    the detector alone; detector + network.
 2. The service (`bentoml serve`, adaptive batching on) under a concurrency sweep, for /predict_faces
    (one 200x200 face per request) and /predict (a photo with one face, and one with three).
-3. The baseline: the service with batching off (AGE_GENDER_MAX_BATCH_SIZE=1) at concurrency 16.
+3. The baselines at concurrency 16: the service with batching off (AGE_GENDER_MAX_BATCH_SIZE=1), and a
+   seed-style server (benchmarks/seed.py: one process, detection then torch per request).
+The ceiling for /predict with one face: cores / (detector core-seconds per photo + network core-seconds
+per face at its best batch size); the detector runs on one core, the network on all of them.
 The model is ResNet-34 at 224 px (configs/utkface_resnet34.yaml) with random weights: speed does not
 depend on the weights. Results: benchmarks/results/serving.json and a Markdown summary on stdout.
 """
@@ -15,16 +18,17 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from devtools.photos import astronaut, encode, group_photo
 from models.artifact import architecture
 from models.faces import FaceDetector, align_crop
 from models.network import AgeGenderNet
-from devtools.photos import astronaut, encode, group_photo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,6 +90,32 @@ def sweep_fresh(env: dict, cases: dict, levels: list[int], seconds: float, label
     return out
 
 
+def seed_rate(tag: str, files: list, seconds: float) -> dict:
+    """/predict of the seed-style server at concurrency 16."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from benchmarks.load import drive
+    from devtools.launch import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "benchmarks.seed", tag, str(port)])
+    try:
+        for _ in range(240):  # ready when it answers at all (405 for a GET); its model loads in seconds
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/predict", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        drive(f"http://127.0.0.1:{port}/predict", files, 4, 3)  # warm-up, as for the service
+        return drive(f"http://127.0.0.1:{port}/predict", files, 16, seconds)
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="resnet34")
@@ -121,8 +151,11 @@ def main() -> None:
     results["pipeline_limit"] = {
         k: inprocess.pipeline_rate(v, model_dir, meta, args.runtime, 8) for k, v in pics.items()
     }
+    cores = os.cpu_count() or 1
+    results["ceiling_one_face"] = cores / (1 / results["detector_limit"]["one_face"] + cores / results["crops_limit"])
     print(
-        f"  crops->network b{best}: {results['crops_limit']:.1f} img/s; detector {results['detector_limit']}; "
+        f"  ceiling /predict one face: {results['ceiling_one_face']:.1f} photos/s; "
+        f"crops->network b{best}: {results['crops_limit']:.1f} img/s; detector {results['detector_limit']}; "
         f"pipeline {results['pipeline_limit']} photos/s",
         flush=True,
     )
@@ -139,6 +172,9 @@ def main() -> None:
         print("service, batching off (AGE_GENDER_MAX_BATCH_SIZE=1)", flush=True)
         off = {**env, "AGE_GENDER_MAX_BATCH_SIZE": "1"}
         results["batching_off"] = sweep_fresh(off, cases, [16], args.seconds, "batching_off")
+        if "predict_one_face" in cases:
+            print("seed-style server (one process, detection then torch per request), c=16", flush=True)
+            results["seed_one_face"] = seed_rate(tag, cases["predict_one_face"][1], args.seconds)
     (RESULTS / "serving.json").write_text(json.dumps(results, indent=2))
     from benchmarks.report import summary
 

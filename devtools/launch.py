@@ -1,4 +1,5 @@
-"""Run `bentoml serve service:AgeGender` as a subprocess and wait until it is ready (tests, benchmarks)."""
+"""Run `bentoml serve` (the working tree's service, or a built Bento by tag) as a subprocess and wait until
+it is ready (tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -24,15 +25,20 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_service(env: dict[str, str], log: Path, timeout: float = 180) -> Iterator[str]:
-    """Yield the base URL of a ready service started with os.environ + env; stop it (all workers) after."""
+def running_service(
+    env: dict[str, str], log: Path, target: str = "service:AgeGender", cwd: Path = ROOT, timeout: float = 180
+) -> Iterator[str]:
+    """Yield the base URL of a ready `bentoml serve target` started in `cwd` with os.environ + env; stop it
+    (all workers) after. Meanwhile `running_service.pid` is the arbiter's pid (tests read the memory of
+    its `descendants`)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service:AgeGender", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     with log.open("w") as out:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     url = f"http://127.0.0.1:{port}"
+    running_service.pid = proc.pid
     try:
         deadline = time.monotonic() + timeout
         while not _ready(url):
@@ -56,3 +62,19 @@ def _ready(url: str) -> bool:
         return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process under it (BentoML starts each worker in a session of its own, so the
+    process group does not hold them; the parent links do)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:  # the process ended meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found = [pid]
+    for p in found:  # grows while it is read: breadth first down the tree
+        found += [child for child, parent in parents.items() if parent == p]
+    return sorted(found)

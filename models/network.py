@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from models.artifact import GENDER_CLASSES, WEIGHTS_FILE
 from models.errors import UserError
 
 # name -> (constructor, ImageNet weights enum); resnet34 was the original project's best.
@@ -21,8 +22,6 @@ BACKBONES = {
     "resnet34": (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1),
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
 }
-GENDER_CLASSES = ("male", "female")  # index = UTKFace gender field
-AGE_RANGE = (0, 116)  # UTKFace labels
 
 
 def check_backbone(name: str) -> str:
@@ -89,3 +88,25 @@ class AgeGenderNet(nn.Module):
     def from_metadata(cls, meta: dict[str, Any]) -> AgeGenderNet:
         """Rebuild the architecture that a stored model describes (weights are loaded separately)."""
         return cls(backbone=meta["backbone"], head_width=meta["head_width"], dropout=meta["dropout"])
+
+
+def load_network(model_dir: str | Path, meta: dict[str, Any], device: str | torch.device = "cpu") -> AgeGenderNet:
+    """A stored model folder -> the network in eval mode on `device`."""
+    net = AgeGenderNet.from_metadata(meta)
+    net.load_state_dict(torch.load(Path(model_dir) / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    return net.eval().to(device)
+
+
+def export_onnx(net: AgeGenderNet, image_size: int, path: str | Path) -> None:
+    """(B, 3, S, S) normalised float -> age (B,), logits (B, 2); B is dynamic."""
+    example = torch.zeros(1, 3, image_size, image_size)
+    batch = {0: "batch"}
+    torch.onnx.export(
+        net.eval(),
+        (example,),
+        str(path),
+        input_names=["image"],
+        output_names=["age", "logits"],
+        dynamic_axes={"image": batch, "age": batch, "logits": batch},
+        dynamo=False,
+    )

@@ -1,8 +1,9 @@
-"""Inference runtimes for a stored model: torch eager or ONNX Runtime, same inputs and outputs.
+"""Inference runtimes for a stored model: ONNX Runtime or torch eager, same inputs and outputs.
 
-Both take a preprocessed float batch (B, 3, S, S) and return (age (B,), gender logits (B, 2)) as numpy.
+Both take a preprocessed float32 batch (B, 3, S, S) as numpy and return (age (B,), gender logits (B, 2)).
 ONNX Runtime was measured faster on CPU (BENCHMARKS.md), so it is the serving default there; on a GPU,
-torch runs unless onnxruntime has the CUDA provider.
+torch runs unless onnxruntime has the CUDA provider. Nothing here imports torch unless the torch runtime
+is chosen: the CPU image has no torch.
 """
 
 from __future__ import annotations
@@ -12,28 +13,49 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from models.artifact import ONNX_FILE, load_network
+from models.artifact import ONNX_FILE
 from models.errors import UserError
 
 RUNTIMES = ("onnx", "torch")
+
+
+def visible_gpus() -> int:
+    """NVIDIA GPUs this process can see, asked of NVML (a BentoML dependency) so that nothing imports
+    torch to find out; 0 without a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no library, no driver, no device: all mean no GPU
+        return 0
 
 
 class TorchRuntime:
     name = "torch"
 
     def __init__(self, model_dir: str | Path, meta: dict[str, Any], device: str, channels_last: bool = False):
+        try:
+            import torch
+        except ImportError:
+            raise UserError("runtime 'torch' needs PyTorch, which this image does not have; use 'onnx'") from None
+        from models.network import load_network
+
         torch.set_num_threads(os.cpu_count() or 1)  # explicit: the service limits OpenMP for the detector
-        self.device = device
+        self.torch, self.device = torch, device
         self.net = load_network(model_dir, meta, device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
 
-    def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        with torch.inference_mode():
-            age, logits = self.net(x.to(self.device, memory_format=self.memory_format))
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self.torch.inference_mode():
+            batch = self.torch.from_numpy(x).to(self.device, memory_format=self.memory_format)
+            age, logits = self.net(batch)
         return age.float().cpu().numpy(), logits.float().cpu().numpy()
 
 
@@ -52,8 +74,8 @@ class OnnxRuntime:
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
 
-    def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        age, logits = self.session.run(None, {"image": x.numpy()})
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        age, logits = self.session.run(None, {"image": x})
         return age, logits
 
 
@@ -61,12 +83,12 @@ def open_runtime(name: str, model_dir: str | Path, meta: dict[str, Any]):
     """The runtime to serve with: `name` on CPU; on a GPU, whichever of the two can use it."""
     if name not in RUNTIMES:
         raise UserError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
-    cuda = torch.cuda.is_available()
+    gpu = visible_gpus() > 0
     if name == "onnx":
         import onnxruntime as ort
 
-        gpu = cuda and "CUDAExecutionProvider" in ort.get_available_providers()
-        if gpu or not cuda:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+        onnx_gpu = gpu and "CUDAExecutionProvider" in ort.get_available_providers()
+        if onnx_gpu or not gpu:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if onnx_gpu else ["CPUExecutionProvider"]
             return OnnxRuntime(model_dir, providers)
-    return TorchRuntime(model_dir, meta, "cuda" if cuda else "cpu")
+    return TorchRuntime(model_dir, meta, "cuda" if gpu else "cpu")

@@ -1,27 +1,43 @@
 """RequestGuard: an ASGI middleware in front of the public APIs.
 
-BentoML 1.4 answers several kinds of bad upload with a 500, fetches URLs given in file fields, has no
-body size limit and returns 4xx bodies as JSON arrays (see docs/bentoml notes). This guard buffers the
-request (up to the byte limit), checks the multipart form against what each route takes, and answers
-problems itself with `{"error": "..."}` objects; errors that still come from further in are rewritten
-into the same object shape. It also makes the published OpenAPI document standard (for generators).
+BentoML 1.4 answers several kinds of bad upload with a 500 or a hang, fetches URLs given in file fields,
+has no body size limit or read timeout, and returns 4xx bodies as JSON arrays (see docs/bentoml notes).
+This guard reads the request body itself (bounded in bytes and in time), parses the multipart form
+strictly with its own parser, checks it against what each route takes, recognises each image from its
+bytes and reads its size from its header, and answers every problem itself with a 4xx `{"error": "..."}`
+object. What it passes on is a canonical form it wrote itself (one well-formed part per image, short
+safe file names, the detected content types), so BentoML's own parser never sees a client's framing.
+Errors that still come from further in are rewritten into the same object shape.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Awaitable, Callable
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
-from starlette.requests import Request
+from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
+
+from models.errors import TooLarge, UserError
+from models.faces import FORMAT_NAMES, NotAnImage, image_format, open_image
+from serving.settings import SETTINGS
 
 Scope = dict
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
-ACCEPTED_TYPES = "image/jpeg, image/png, image/webp, image/bmp, image/gif, image/tiff"
+log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 8192  # one part's header block
+MAX_TEXT_FIELDS = 4  # no route takes text fields; a few are parsed so that the answer can name them
+MAX_TEXT_BYTES = 8192  # one text field (a URL fits; an image sent as text does not)
+MAX_BOUNDARY = 70  # RFC 2046
+_LINE_END = re.compile(rb"[ \t]*\r\n")  # after a boundary: optional transport padding, then CRLF
+_SUFFIX = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
 
 
 @dataclass(frozen=True)
@@ -30,33 +46,137 @@ class FileField:
     many: bool
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, close: bool = False) -> JSONResponse:
+    """The error object every 4xx answer has; close=True when the request body was not read to its end."""
+    return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
 
 
-def check_form(form, field: FileField, max_images: int) -> JSONResponse | None:
-    """None when the form holds exactly what the route takes, else the 4xx response that says why."""
-    hint = f"send {'one or more image files' if field.many else 'one image file'} as multipart field {field.name!r}"
-    unknown = sorted(set(form.keys()) - {field.name})
-    if unknown:
-        return error(400, f"unknown field {unknown[0]!r}; {hint}")
-    values = form.getlist(field.name)
-    if not values:
-        return error(400, f"missing field {field.name!r}; {hint}")
-    if not all(isinstance(v, UploadFile) for v in values):
-        return error(400, f"field {field.name!r} must be a file upload, not text (URLs are not fetched); {hint}")
-    if not field.many and len(values) > 1:
-        return error(400, f"got {len(values)} files in {field.name!r}; this endpoint takes one (use /predict_batch)")
-    if len(values) > max_images:
-        return error(413, f"got {len(values)} images; at most {max_images} per request")
-    for i, v in enumerate(values):
-        name = v.filename or f"#{i}"
-        ctype = (v.content_type or "").split(";")[0].strip().lower()
-        if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
-            return error(415, f"file {name!r} has content type {ctype}; send an image ({ACCEPTED_TYPES})")
-        if v.size == 0:
-            return error(400, f"file {name!r} is empty")
-    return None
+class Rejected(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class _TooManyFiles(Exception):
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    filename: str | None  # None: a text field
+    content_type: str
+    data: memoryview
+
+
+def parse_form(body: bytes, boundary: bytes, max_files: int) -> list[Part]:
+    """multipart/form-data (RFC 7578) -> its parts, strictly and in time linear in the bytes read: each
+    part needs a Content-Disposition with a name, headers must not be folded, the body must end with the
+    closing boundary. Rejected(400) says what is wrong; _TooManyFiles once a part past max_files is seen
+    (with the number of parts the body holds, counted without parsing them)."""
+    delimiter = b"--" + boundary
+    if body.startswith(delimiter):
+        pos = len(delimiter)
+    else:  # a preamble before the first boundary is allowed (RFC 2046)
+        found = body.find(b"\r\n" + delimiter)
+        if found < 0:
+            raise Rejected(400, "the body does not contain the boundary given in Content-Type (wrong boundary?)")
+        pos = found + 2 + len(delimiter)
+    view = memoryview(body)
+    parts: list[Part] = []
+    files = fields = 0
+    while True:
+        if body.startswith(b"--", pos):  # the closing boundary; an epilogue after it is ignored
+            return parts
+        line_end = _LINE_END.match(body, pos)
+        if line_end is None:
+            if pos >= len(body):
+                raise Rejected(400, "the body ends without the closing boundary (truncated?)")
+            raise Rejected(400, "a boundary is followed by other text on its line (lines must end with CRLF)")
+        pos = line_end.end()
+        headers_end = body.find(b"\r\n\r\n", pos - 2, pos + MAX_HEADER_BYTES)
+        if headers_end < 0:
+            if len(body) - pos < MAX_HEADER_BYTES:
+                raise Rejected(400, "the body ends inside a part's headers, before the closing boundary (truncated?)")
+            raise Rejected(400, f"a part's headers do not end with an empty line within {MAX_HEADER_BYTES} bytes")
+        name, filename, content_type = _part_headers(body[pos:headers_end] if headers_end > pos else b"")
+        start = headers_end + 4
+        end = body.find(b"\r\n" + delimiter, start)
+        if end < 0:
+            raise Rejected(400, f"the body ends inside part {name!r}, before the closing boundary (truncated?)")
+        if filename is None:
+            fields += 1
+            if fields > MAX_TEXT_FIELDS:
+                raise Rejected(400, f"more than {MAX_TEXT_FIELDS} text fields")
+            if end - start > MAX_TEXT_BYTES:
+                raise Rejected(
+                    400,
+                    f"text field {name!r} has {end - start} bytes (at most {MAX_TEXT_BYTES}): images must be sent "
+                    "as file parts, with a filename",
+                )
+        else:
+            files += 1
+            if files > max_files:  # each part after this one ends with a boundary, the last with the closing one
+                raise _TooManyFiles(files + body.count(b"\r\n" + delimiter, end + 2))
+        parts.append(Part(name, filename, content_type, view[start:end]))
+        pos = end + 2 + len(delimiter)
+
+
+def _part_headers(block: bytes) -> tuple[str, str | None, str]:
+    """A part's header block -> (field name, filename or None for a text field, declared content type)."""
+    headers: dict[str, str] = {}
+    for line in block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            raise Rejected(400, "a part header is folded over several lines (RFC 7578 forbids folding)")
+        key, colon, value = line.partition(b":")
+        if not colon or not key.strip() or b" " in key.strip():
+            raise Rejected(400, f"malformed part header {line[:60].decode('latin-1')!r}")
+        headers[key.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    if "content-disposition" not in headers:
+        raise Rejected(400, "a part has no Content-Disposition header")
+    disposition, options = parse_options_header(headers["content-disposition"])
+    if disposition != b"form-data" or b"name" not in options:
+        raise Rejected(400, 'a part\'s Content-Disposition is not form-data; name="..."')
+    name = _text(options[b"name"])
+    filename = _text(options[b"filename"]) if b"filename" in options else None
+    return name, filename, headers.get("content-type", "")
+
+
+def _text(value: bytes) -> str:
+    """Header parameters arrive as latin-1 (WSGI style); browsers send UTF-8 names."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def _label(filename: str | None, index: int) -> str:
+    if not filename:
+        return f"#{index}"
+    return repr(filename if len(filename) <= 60 else f"{filename[:40]}...{filename[-12:]}")
+
+
+def build_form(name: str, files: list[tuple[memoryview, str]], avoid: bytes) -> tuple[bytes, bytes]:
+    """(data, format) files -> (canonical multipart body, its boundary): short safe file names, detected
+    content types. The boundary is one that does not occur in `avoid` (the original body holds every file)."""
+    while True:
+        boundary = secrets.token_hex(16).encode()
+        if boundary not in avoid:
+            break
+    chunks: list[bytes | memoryview] = []
+    for i, (data, fmt) in enumerate(files):
+        disposition = f'form-data; name="{name}"; filename="image-{i}.{_SUFFIX[fmt]}"'
+        head = (
+            f"--{boundary.decode()}\r\nContent-Disposition: {disposition}\r\nContent-Type: image/{fmt.lower()}\r\n\r\n"
+        )
+        chunks += [head.encode(), data, b"\r\n"]
+    chunks.append(b"--" + boundary + b"--\r\n")
+    return b"".join(chunks), boundary
 
 
 def as_error_object(status: int, body: bytes) -> bytes:
@@ -71,145 +191,198 @@ def as_error_object(status: int, body: bytes) -> bytes:
         message = data["error"]
     else:
         message = data if isinstance(data, str) and data else f"request failed with HTTP {status}"
+    if status == 503 and message.startswith("An unexpected error"):  # BentoML hides every 5xx message
+        message = "a backend service is busy or restarting; retry shortly"
     return json.dumps({"error": message}).encode()
 
 
-def standard_openapi(spec: dict) -> dict:
-    """Make BentoML's spec standard and generator-friendly: OpenAPI 3.0 types instead of "file" and
-    "tensor", operation ids named after the APIs (`predict`, not `AgeGender__predict`), schema names
-    without BentoML's `IODescriptor` suffix or unused `__Input` copies, and the 413 / 415 answers."""
-
-    def fix(node):
-        if isinstance(node, dict):
-            if node.get("type") == "file":
-                node = {**node, "type": "string", "format": "binary"}
-            elif node.get("type") == "tensor":
-                node = {k: v for k, v in node.items() if k not in ("type", "format")} | {"type": "array", "items": {}}
-            return {k: fix(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [fix(v) for v in node]
-        return node
-
-    # "PhotoResultIODescriptor" and "PhotoResult" describe the same model: merging them is safe
-    spec = fix(json.loads(json.dumps(spec).replace("IODescriptor", "")))
-    # unreferenced copies of the inline request bodies; generators name both alike and then clash
-    schemas = spec.get("components", {}).get("schemas", {})
-    for name in [n for n in schemas if n.endswith("__Input")]:
-        del schemas[name]
-    error_schema = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
-    for operations in spec.get("paths", {}).values():
-        for op in operations.values():
-            if "x-bentoml-name" in op:
-                op["operationId"] = op["x-bentoml-name"]
-            if "multipart/form-data" in op.get("requestBody", {}).get("content", {}):
-                for status, text in (("413", "Request Too Large"), ("415", "Unsupported Media Type")):
-                    op["responses"][status] = {
-                        "description": text,
-                        "content": {"application/json": {"schema": error_schema}},
-                    }
-    return spec
-
-
 class RequestGuard:
-    def __init__(self, app, routes: dict[str, FileField], max_bytes: int, max_images: int) -> None:
+    """Upload routes (POST): body read within max_bytes, idle_timeout and upload_timeout; the form parsed
+    and checked; the request passed on as a canonical form. Routes in no_input_routes (POST): an empty body,
+    `null` or `{}` only. Everything else passes through. Every error answer, the guard's or from further in,
+    is an `{"error": "..."}` object."""
+
+    def __init__(
+        self,
+        app,
+        routes: dict[str, FileField],
+        max_bytes: int = SETTINGS.max_bytes,
+        max_images: int = SETTINGS.max_images,
+        *,
+        max_pixels: int = SETTINGS.max_pixels,
+        max_request_pixels: int = SETTINGS.max_request_pixels,
+        idle_timeout: float = SETTINGS.idle_timeout,
+        upload_timeout: float = SETTINGS.upload_timeout,
+        no_input_routes: Iterable[str] = ("/model_info",),
+    ) -> None:
         self.app, self.routes, self.max_bytes, self.max_images = app, routes, max_bytes, max_images
+        self.max_pixels, self.max_request_pixels = max_pixels, max_request_pixels
+        self.idle_timeout, self.upload_timeout = idle_timeout, upload_timeout
+        self.no_input_routes = frozenset(no_input_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] != "HEAD":  # a HEAD answer has no body to rewrite
+            send = rewrite_response(send, as_error_object, lambda status: status >= 400)
         path = scope["path"]
-        if path == "/docs.json":
-            return await self.app(scope, receive, _rewrite_body(send, _openapi_body))
         field = self.routes.get(path)
-        if field is None or scope["method"] != "POST":
+        if scope["method"] != "POST" or (field is None and path not in self.no_input_routes):
             return await self.app(scope, receive, send)
-
-        body, too_big = await self._read_body(scope, receive)
-        if too_big:
-            return await error(413, f"request body over the {self.max_bytes} byte limit")(scope, receive, send)
-        replay = _replay(body)
-        request = Request(scope, replay)
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            msg = f"send multipart/form-data with field {field.name!r}"
-            return await error(415, f"content type {request.headers.get('content-type') or 'missing'}; {msg}")(
-                scope, receive, send
-            )
         try:
-            # any file count parses (the byte limit bounds the body): check_form answers 413 past max_images
-            form = await request.form(max_files=2**31 - 1, max_fields=16)
-        except MultiPartException as exc:
-            return await error(400, f"malformed multipart form ({exc.message}); send field {field.name!r}")(
-                scope, receive, send
-            )
+            body = await self._read_body(scope, receive)
+        except _ClientGone:
+            return None
+        except Rejected as exc:
+            return await error(exc.status, exc.message, close=True)(scope, receive, send)
         try:
-            problem = check_form(form, field, self.max_images)
-        finally:
-            await form.close()
-        if problem is not None:
-            return await problem(scope, receive, send)
-        await self.app(scope, _replay(body), _rewrite_body(send, _error_body))
+            if field is None:
+                content, content_type = _no_input(path, body), b"application/json"
+            else:
+                headers = dict(scope["headers"])
+                declared = headers.get(b"content-type", b"").decode("latin-1")
+                content, boundary = await asyncio.to_thread(self._check_upload, field, declared, body)
+                content_type = b"multipart/form-data; boundary=" + boundary
+        except Rejected as exc:
+            return await error(exc.status, exc.message)(scope, receive, send)
+        except Exception as exc:  # a request this guard did not foresee is still the client's: never a 500
+            log.warning("request guard: unexpected %s on %s", type(exc).__name__, path, exc_info=True)
+            return await error(400, f"malformed request ({type(exc).__name__})")(scope, receive, send)
+        del body
+        await self.app(_with_body(scope, content_type, len(content)), _replay(content, receive), send)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, bool]:
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return b"", True
-        chunks, size = [], 0
+            raise Rejected(413, f"request body over the {self.max_bytes} byte limit")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.upload_timeout
+        body = bytearray()
         while True:
-            message = await receive()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                return b"", True
-            chunks.append(chunk)
+            left = deadline - loop.time()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, min(self.idle_timeout, left)))
+            except TimeoutError:
+                if left <= self.idle_timeout:
+                    raise Rejected(408, f"the request body took longer than {self.upload_timeout:g} s") from None
+                raise Rejected(408, f"no request body bytes for {self.idle_timeout:g} s") from None
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                raise Rejected(413, f"request body over the {self.max_bytes} byte limit")
             if not message.get("more_body"):
-                return b"".join(chunks), False
+                return bytes(body)
+
+    def _check_upload(self, field: FileField, content_type: str, body: bytes) -> tuple[bytes, bytes]:
+        """-> (canonical multipart body, boundary), or Rejected with the 4xx answer that says why."""
+        hint = f"send {'one or more image files' if field.many else 'one image file'} as multipart field {field.name!r}"
+        media, params = parse_options_header(content_type)
+        if media != b"multipart/form-data":
+            raise Rejected(
+                415, f"content type {content_type or 'missing'}; send multipart/form-data with field {field.name!r}"
+            )
+        boundary = params.get(b"boundary", b"")
+        if not boundary or len(boundary) > MAX_BOUNDARY:
+            got = "no boundary parameter" if not boundary else f"a boundary over {MAX_BOUNDARY} characters"
+            raise Rejected(400, f"Content-Type multipart/form-data has {got}; {hint}")
+        try:
+            parts = parse_form(body, boundary, max_files=self.max_images if field.many else 1)
+        except _TooManyFiles as exc:
+            if field.many:
+                raise Rejected(413, f"got {exc.count} images; at most {self.max_images} per request") from None
+            raise Rejected(
+                400, f"got {exc.count} files in {field.name!r}; this endpoint takes one (use /predict_batch)"
+            ) from None
+        except Rejected as exc:
+            raise Rejected(exc.status, f"malformed multipart form: {exc.message}; {hint}") from None
+        unknown = sorted({p.name for p in parts} - {field.name})
+        if unknown:
+            raise Rejected(400, f"unknown field {unknown[0]!r}; {hint}")
+        if not parts:
+            raise Rejected(400, f"missing field {field.name!r}; {hint}")
+        if any(p.filename is None for p in parts):
+            raise Rejected(400, f"field {field.name!r} must be a file upload, not text (URLs are not fetched); {hint}")
+        files, pixels = [], 0
+        for i, part in enumerate(parts):
+            name = _label(part.filename, i)
+            try:
+                with open_image(bytes(part.data), self.max_pixels) as image:  # the header only
+                    pixels += image.width * image.height
+                # the format from the magic number: Pillow names a JPEG with extra pictures (phones) MPO
+                files.append((part.data, image_format(bytes(part.data[:16]))))
+            except NotAnImage:
+                declared = part.content_type or "none"
+                raise Rejected(
+                    415, f"file {name} is not an image (declared content type {declared}); send {FORMAT_NAMES}"
+                ) from None
+            except TooLarge as exc:
+                raise Rejected(413, f"file {name}: {exc}") from None
+            except UserError as exc:
+                raise Rejected(400, f"file {name}: {exc}") from None
+            if pixels > self.max_request_pixels:
+                raise Rejected(
+                    413,
+                    f"the images hold more than {self.max_request_pixels} pixels together, the limit per request",
+                )
+        return build_form(field.name, files, avoid=body)
 
 
-def _replay(body: bytes) -> Receive:
+def _no_input(path: str, body: bytes) -> bytes:
+    """A route that takes no input accepts an empty body, `null` or `{}`; it is passed on as `{}`."""
+    text = body.strip()
+    if text:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = ...
+        if value is not None and value != {}:
+            raise Rejected(400, f"{path} takes no input; send an empty body or {{}}")
+    return b"{}"
+
+
+def _with_body(scope: Scope, content_type: bytes, length: int) -> Scope:
+    skip = (b"content-type", b"content-length", b"transfer-encoding")
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() not in skip]
+    return {**scope, "headers": [*headers, (b"content-type", content_type), (b"content-length", str(length).encode())]}
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The buffered body as one message; after it, the client's own receive (to see a disconnect)."""
     sent = False
 
-    async def receive() -> dict:
+    async def replay() -> dict:
         nonlocal sent
         if sent:
-            return {"type": "http.disconnect"}
+            return await receive()
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    return receive
+    return replay
 
 
-def _error_body(status: int, body: bytes) -> bytes | None:
-    return as_error_object(status, body) if status >= 400 else None
-
-
-def _openapi_body(status: int, body: bytes) -> bytes | None:
-    return json.dumps(standard_openapi(json.loads(body))).encode() if status == 200 else None
-
-
-def _rewrite_body(send: Send, rewrite: Callable[[int, bytes], bytes | None]) -> Send:
-    """Buffer the response; if rewrite() returns new bytes, send those with a JSON content type."""
+def rewrite_response(send: Send, rewrite: Callable[[int, bytes], bytes], when: Callable[[int], bool]) -> Send:
+    """Responses whose status passes when(): buffered and their body replaced by rewrite(status, body), sent
+    as JSON. Others pass through unbuffered."""
     start: dict = {}
     chunks: list[bytes] = []
 
     async def wrapped(message: dict) -> None:
         if message["type"] == "http.response.start":
+            if not when(message["status"]):
+                return await send(message)
             start.update(message)
-            return
+            return None
         if message["type"] != "http.response.body" or not start:
             return await send(message)
         chunks.append(message.get("body", b""))
         if message.get("more_body"):
-            return
-        body = b"".join(chunks)
-        new = rewrite(start["status"], body)
+            return None
+        body = rewrite(start["status"], b"".join(chunks))
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
-        if new is not None:
-            body = new
-            headers.append((b"content-type", b"application/json"))
-        else:
-            headers += [(k, v) for k, v in start.get("headers", []) if k.lower() == b"content-type"]
-        headers.append((b"content-length", str(len(body)).encode()))
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({**start, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+        return None
 
     return wrapped

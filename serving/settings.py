@@ -19,9 +19,16 @@ class Settings:
     max_bytes: int = 20 * 1024 * 1024  # per request -> 413
     max_pixels: int = 50_000_000  # per image, checked before decoding -> 413
     max_images: int = 32  # files per request -> 413
+    # decoded pixels per request, summed over its images and read from their headers before decoding -> 413;
+    # 100 Mpx is about 300 MB of decoded RGB, e.g. eight 12 Mpx photos in one /predict_batch
+    max_request_pixels: int = 100_000_000
+    idle_timeout: float = 10.0  # seconds without a byte of the request body -> 408 (slow or stalled clients)
+    upload_timeout: float = 60.0  # seconds to receive a whole request body -> 408
     runtime: str = "onnx"  # onnx | torch (ONNX Runtime measured faster on CPU: BENCHMARKS.md)
     max_batch_size: int = 32  # adaptive batching upper bound; 1 turns batching off
     max_latency_ms: int = 20000  # adaptive batching: a request that would queue longer gets 503
+    detector_workers: int = 0  # face-detection processes; 0 = one per CPU core (cgroup limits respected)
+    api_workers: int = 1  # processes of the public API (async: one serves many requests)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -38,3 +45,14 @@ class Settings:
 
 
 SETTINGS = Settings.from_env()
+
+
+def cpu_cores() -> int:
+    """Cores this process may use: what BentoML's `workers="cpu_count"` counts (a container's CPU quota,
+    else the machine's cores)."""
+    from bentoml._internal.resource import CpuResource
+
+    return max(1, int(CpuResource.from_system()))
+
+
+DETECTOR_WORKERS = SETTINGS.detector_workers or cpu_cores()

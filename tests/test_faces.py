@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import io
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode, group_photo, no_face
 from models.errors import TooLarge, UserError
 from models.faces import CROP_SIZE, TEMPLATE, FaceDetector, align_crop, decode_image
-
-from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode, group_photo, no_face
 
 
 def _centre(face) -> np.ndarray:
@@ -41,7 +42,48 @@ def test_yunet_finds_every_face_and_no_false_ones() -> None:
 def test_min_face_size_and_threshold_are_applied() -> None:
     photo = np.asarray(group_photo()[0])
     assert len(FaceDetector(min_face_size=60).detect(photo)) == 1  # only the largest face is >= 60 px
-    assert FaceDetector(score_threshold=0.99).detect(photo) == []
+    # MTCNN's scores for clear faces are all close to 1: put the threshold between the two lowest
+    scores = sorted(face.score for face in FaceDetector().detect(photo))
+    assert len(scores) == 3 and 0.5 <= scores[0] < scores[1] <= 1
+    above = [f.score for f in FaceDetector(score_threshold=(scores[0] + scores[1]) / 2).detect(photo)]
+    assert sorted(above) == scores[1:]
+    assert FaceDetector(score_threshold=1.01).detect(photo) == []
+
+
+@pytest.mark.parametrize("name", ["yunet", "haar"])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 640), (640, 1), (2, 5000), (5000, 2), (11, 400), (0, 300), (12, 12)])
+def test_thin_and_tiny_images_give_no_faces(name: str, shape: tuple[int, int]) -> None:
+    rgb = np.full((*shape, 3), 128, np.uint8)
+    assert FaceDetector(name).detect(rgb) == []
+    # the same with a real photo squeezed into the shape: still no face, no crash
+    squeezed = np.asarray(astronaut().resize((max(shape[1], 1), max(shape[0], 1))))[: shape[0], : shape[1]]
+    assert FaceDetector(name).detect(squeezed) == []
+
+
+def _pss() -> int:
+    """This process's anonymous PSS in bytes (Linux: /proc/self/smaps_rollup): the heap, where a leak grows.
+    The file part of PSS moves by megabytes as other processes map or unmap the same libraries."""
+    with open("/proc/self/smaps_rollup") as f:
+        sizes = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(sizes.get("Pss_Anon", sizes["Pss"]).split()[0]) * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux's /proc/self/smaps_rollup")
+def test_detector_does_not_leak() -> None:
+    """yuface, the previous detector, kept ~35 kB per call (its arrays had an extra reference): 50 MB here."""
+    cx, cy = ASTRONAUT_FACE_CENTRE
+    head = np.asarray(astronaut().crop((cx - 80, cy - 80, cx + 80, cy + 80)).resize((120, 120)))
+    detector = FaceDetector(min_face_size=50)  # a small photo and few pyramid levels: fast calls
+    assert len(detector.detect(head)) == 1
+    for _ in range(100):
+        detector.detect(head)
+    gc.collect()
+    before = _pss()
+    for _ in range(1500):
+        detector.detect(head)
+    gc.collect()
+    growth = _pss() - before
+    assert growth < 5 * 2**20, f"the process grew by {growth / 2**20:.1f} MB in 1,500 detections"
 
 
 def test_unknown_detector_names_choices() -> None:

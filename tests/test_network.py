@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models.errors import UserError
 from models.network import BACKBONES, AgeGenderNet
-from models.presets import eval_preset, train_preset
+from models.presets import IMAGENET_STD, ArrayPreset, eval_preset, train_preset
 from training.module import AgeGenderModule
 
 
@@ -78,3 +79,16 @@ def test_presets_output_normalised_tensors_of_the_input_size() -> None:
         assert out.shape == (3, 96, 96) and out.dtype == torch.float32
     # eval is deterministic; train augments
     assert torch.equal(eval_preset(96)(image), eval_preset(96)(image))
+
+
+@pytest.mark.parametrize("size", [64, 200, 224])  # shrinking, same size, enlarging a 200x200 crop
+def test_serving_preset_equals_the_training_eval_preset(size: int) -> None:
+    """The service preprocesses in numpy (no torch in the CPU image); it must feed the network what
+    evaluation fed it, up to one uint8 level of rounding in the resize."""
+    crops = np.random.default_rng(size).integers(0, 256, (3, 200, 200, 3), dtype=np.uint8)
+    served = ArrayPreset(size)(crops)
+    trained = eval_preset(size)(torch.from_numpy(crops).permute(0, 3, 1, 2)).numpy()
+    assert served.shape == trained.shape == (3, 3, size, size) and served.dtype == np.float32
+    one_level = 1 / 255 / min(IMAGENET_STD) + 1e-5
+    assert np.abs(served - trained).max() <= one_level
+    assert np.abs(served - trained).mean() < 0.3 * one_level  # most values agree exactly

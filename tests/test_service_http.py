@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from models.artifact import load_network, preprocess_for
-from models.presets import load_rgb
+from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode, group_photo, no_face
+from models.artifact import array_preprocess_for
+from models.network import load_network
 from training.utkface import read_metadata
 
 from .conftest import SERVER_LIMITS
-from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode, group_photo, no_face
 
 JPEG = "image/jpeg"
 
@@ -78,7 +78,8 @@ def test_predict_faces_matches_in_process_model(server: str, model_tag: str, met
     meta = stored.info.metadata
     net = load_network(stored.path, meta)
     with torch.inference_mode():
-        age, logits = net(torch.stack([preprocess_for(meta)(load_rgb(p)) for p in paths]))
+        crops = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+        age, logits = net(torch.from_numpy(array_preprocess_for(meta)(crops)))
     probs = logits.softmax(1)
     for s, a, p in zip(served, age.tolist(), probs, strict=True):
         k = int(p.argmax())
@@ -90,7 +91,7 @@ def test_predict_faces_matches_in_process_model(server: str, model_tag: str, met
 def _bad_requests():
     good = encode(astronaut())
     return {
-        "non-image file": ({"image": ("notes.jpg", b"just some text", JPEG)}, 400, "not an image"),
+        "non-image file": ({"image": ("notes.jpg", b"just some text", JPEG)}, 415, "not an image"),
         "truncated jpeg": ({"image": ("cut.jpg", good[:3000], JPEG)}, 400, "corrupt or truncated"),
         "empty file": ({"image": ("empty.jpg", b"", JPEG)}, 400, "empty"),
         "unsupported type": ({"image": ("notes.txt", b"text", "text/plain")}, 415, "content type text/plain"),
@@ -136,6 +137,64 @@ def test_limits_answer_413(server: str) -> None:
         r = post(server, "/predict_batch", [("images", (f"{i}.jpg", small, JPEG)) for i in range(n)])
         assert r.status_code == 413 and f"got {n} images; at most {limit}" in r.json()["error"]
     assert len(predict(server, astronaut())["faces"]) == 1
+
+
+def _unusual_requests() -> dict:
+    """(method, path, httpx keyword arguments, status) for the request classes the guard answers itself."""
+    jpeg, png = encode(astronaut()), encode(astronaut(), "PNG")
+    grey16 = encode(Image.fromarray(np.asarray(astronaut().convert("L")).astype(np.uint16) * 257), "PNG")
+
+    def raw(body: bytes, ctype: str = "multipart/form-data; boundary=xYz0") -> dict:
+        return {"content": body, "headers": {"content-type": ctype}}
+
+    def part(disposition: str, data: bytes) -> bytes:
+        return f"--xYz0\r\nContent-Disposition: form-data; {disposition}\r\n\r\n".encode() + data + b"\r\n"
+
+    end = b"--xYz0--\r\n"
+    one = part('name="image"; filename="a.jpg"', jpeg) + end
+    many = raw(part("name=images; filename=a", b"x") * 40_000 + end)  # under the test server's byte limit
+    return {
+        "no boundary": ("POST", "/predict", raw(one, "multipart/form-data"), 400),
+        "wrong boundary": ("POST", "/predict", raw(one, "multipart/form-data; boundary=other"), 400),
+        "nameless part": ("POST", "/predict", raw(part('filename="a.jpg"', jpeg) + end), 400),
+        "folded header": ("POST", "/predict", raw(part('name="image";\r\n filename="a.jpg"', jpeg) + end), 400),
+        "image as a text field": ("POST", "/predict", raw(part('name="image"', jpeg) + end), 400),
+        "40,000 one-byte parts": ("POST", "/predict_batch", many, 413),
+        "mixed-case media type": ("POST", "/predict", raw(one, "Multipart/Form-Data; boundary=xYz0"), 200),
+        "400-character file name": ("POST", "/predict", {"files": {"image": ("x" * 400 + ".jpg", jpeg, JPEG)}}, 200),
+        "png declared image/jpg": ("POST", "/predict", {"files": {"image": ("a.jpg", png, "image/jpg")}}, 200),
+        "16-bit greyscale png": ("POST", "/predict", {"files": {"image": ("a.png", grey16, "image/png")}}, 200),
+        "model_info given a list": ("POST", "/model_info", {"json": [None, None]}, 400),
+        "GET an upload route": ("GET", "/predict", {}, 405),
+    }
+
+
+@pytest.mark.parametrize("case", list(_unusual_requests()))
+def test_unusual_requests_answer_at_once(server: str, case: str) -> None:
+    method, path, kw, status = _unusual_requests()[case]
+    r = httpx.request(method, server + path, timeout=30, **kw)
+    assert r.status_code == status and r.elapsed.total_seconds() < 5, r.text
+    if status == 200:  # the astronaut's face, largest first
+        assert np.linalg.norm(box_centre(r.json()["faces"][0]["box"]) - ASTRONAUT_FACE_CENTRE) < 20
+    else:
+        assert set(r.json()) == {"error"}
+
+
+def test_stalled_upload_answers_408_after_the_idle_timeout(server: str) -> None:
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    url = urlparse(server)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as s:
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 1000\r\n\r\n--b\r\n"
+        )
+        start = time.monotonic()
+        reply = s.recv(4096)  # the client sends nothing more
+    assert reply.startswith(b"HTTP/1.1 408") and b'"error"' in reply, reply
+    assert 9 < time.monotonic() - start < 20  # AGE_GENDER_IDLE_TIMEOUT, 10 s by default
 
 
 def _batch_histogram(metrics: str) -> tuple[float, float]:
@@ -219,7 +278,7 @@ def test_openapi_generates_a_working_client(server: str, tmp_path: Path) -> None
         with spec.open("rb") as f:
             body = PredictInput(image=File(payload=f, file_name="spec.jpg", mime_type="image/jpeg"))
             bad = predict_api.sync_detailed(client=client, body=body)
-        assert bad.status_code == 400 and "not an image" in bad.parsed.error
+        assert bad.status_code == 415 and "not an image" in bad.parsed.error
         photo = tmp_path / "a.jpg"
         astronaut().save(photo)
         with photo.open("rb") as f:

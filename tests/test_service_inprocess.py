@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from models.artifact import load_network, preprocess_for
+from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode
+from models.artifact import array_preprocess_for
+from models.network import load_network
 
 from .conftest import SERVER_LIMITS
-from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +66,13 @@ def test_model_service_matches_the_network(service, model_tag: str) -> None:
     out = model.predict(crops)
     assert out.shape == (5, 3) and np.allclose(out[:, 1:].sum(1), 1, atol=1e-5)
     stored = bentoml.models.get(model_tag)
-    net = load_network(stored.path, stored.info.metadata)
+    meta = stored.info.metadata
+    net = load_network(stored.path, meta)
     with torch.inference_mode():
-        age, logits = net(preprocess_for(stored.info.metadata)(torch.from_numpy(crops).permute(0, 3, 1, 2)))
-    assert np.allclose(out[:, 0], age.numpy(), atol=1e-4)
+        age, logits = net(torch.from_numpy(array_preprocess_for(meta)(crops)))
+    low, high = meta["age_range"]
+    assert np.allclose(out[:, 0], age.clamp(low, high).numpy(), atol=1e-4)
+    assert np.allclose(out[:, 1:], logits.softmax(1).numpy(), atol=1e-5)
     assert model.info()["tag"] == model_tag
 
 

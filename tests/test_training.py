@@ -8,7 +8,8 @@ import bentoml
 import pytest
 import torch
 
-from models.artifact import MODEL_NAME, load_network, preprocess_for
+from models.artifact import MODEL_NAME, preprocess_for
+from models.network import load_network
 from models.presets import eval_preset, load_rgb
 from training.export import load_module
 from training.synth import MARKER

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import ROOT
 from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, encode
+
+from .conftest import ROOT
 
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -18,8 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.artifact import load_network, preprocess_for
+from models.artifact import preprocess_for
 from models.errors import UserError
+from models.network import load_network
+from training import fingerprint
 from training.atomic import atomic_path
 from training.data import FaceDataset
 from training.utkface import read_metadata
@@ -27,18 +29,25 @@ from training.utkface import read_metadata
 RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others", -1: "unknown"}
 
 
-def load_model(model: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A store tag (`age_gender:TAG`) or a checkpoint file -> (network in eval mode, stored-model metadata)."""
+def load_model(model: str) -> tuple[torch.nn.Module, dict[str, Any], set[str] | None]:
+    """A store tag (`age_gender:TAG`) or a checkpoint file -> (network in eval mode, stored-model metadata,
+    hashes of the images it trained on, or None where it was made before they were recorded)."""
     if model.endswith(".ckpt") or Path(model).is_file():
-        from training.export import datamodule_for, describe, load_module
+        from training.export import datamodule_for, describe, load_module, train_split_of
 
         module = load_module(model)
-        return module.net.eval(), describe(module, datamodule_for(module), Path(model))
+        datamodule = datamodule_for(module)
+        train_split = train_split_of(module, datamodule)
+        trained = set(train_split[0]) if train_split[1] == "fit" else None
+        return module.net.eval(), describe(module, datamodule, Path(model), train_split), trained
     try:
         stored = bentoml.models.get(model)
     except (bentoml.exceptions.NotFound, ValueError):
         raise UserError(f"model {model!r} is not in the BentoML store; `bentoml models list` shows what is") from None
-    return load_network(stored.path, stored.info.metadata), stored.info.metadata
+    meta = stored.info.metadata
+    recorded = (meta.get("dataset") or {}).get("train_split")
+    trained = fingerprint.read(Path(stored.path) / fingerprint.FILE, recorded) if recorded else None
+    return load_network(stored.path, meta), meta, trained
 
 
 def predict(net: torch.nn.Module, meta: dict, frame: pd.DataFrame, batch_size: int, tta: bool):
@@ -94,7 +103,14 @@ def evaluate(
     frame = frame[frame.split == split].reset_index(drop=True)
     if frame.empty:
         raise UserError(f"{metadata} has no rows in split {split!r}; evaluate needs held-out images")
-    net, meta = load_model(model)
+    net, meta, trained = load_model(model)
+    what = f"split {split!r} of {metadata}"
+    if trained is None:
+        fingerprint.warn(f"{model} does not record the images it was trained on; cannot check that {what} is held out")
+    else:
+        trained_on = meta["dataset"]["metadata"]
+        fix = f"evaluate with the metadata file it was trained with ({trained_on}) or on images it never saw"
+        fingerprint.check_held_out(trained, frame.path.tolist(), what, model, fix)
     frame["pred_age"], frame["p_female"] = predict(net, meta, frame, batch_size, tta)
     frame["pred_gender"] = (frame.p_female > 0.5).astype(int)
     report = {"model": model, "metadata": str(metadata), "split": split, "tta": tta, **build_report(frame)}

@@ -6,6 +6,10 @@ the store always belong to the model next to them.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +19,11 @@ import torch
 import torchvision
 import yaml
 
-from models.artifact import MODEL_NAME, ONNX_FILE, WEIGHTS_FILE, architecture, export_onnx
+from models.artifact import MODEL_NAME, ONNX_FILE, WEIGHTS_FILE, architecture
 from models.errors import UserError
+from models.network import export_onnx
+from training import fingerprint
+from training.atomic import atomic_path, ordinary_permissions
 from training.data import UTKFaceDataModule
 from training.module import AgeGenderModule
 
@@ -54,7 +61,17 @@ def measure(module: AgeGenderModule, datamodule: UTKFaceDataModule) -> dict[str,
     return out
 
 
-def describe(module: AgeGenderModule, datamodule: UTKFaceDataModule, checkpoint: Path) -> dict[str, Any]:
+def train_split_of(module: AgeGenderModule, datamodule: UTKFaceDataModule) -> tuple[list[str], str]:
+    """The hashes of the images the checkpoint trained on, and who recorded them: `fit`, or (for checkpoints
+    written before `fit` recorded them) `export`, from the metadata file as it is now."""
+    if module.train_split is not None:
+        return list(module.train_split), "fit"
+    return fingerprint.image_hashes(datamodule.split(*datamodule.train_splits).path), "export"
+
+
+def describe(
+    module: AgeGenderModule, datamodule: UTKFaceDataModule, checkpoint: Path, train_split: tuple[list[str], str]
+) -> dict[str, Any]:
     hp = module.hparams
     sources = sorted(datamodule.frame.source.unique())
     dataset = "sample" if sources == ["sample"] else "utkface"
@@ -67,6 +84,8 @@ def describe(module: AgeGenderModule, datamodule: UTKFaceDataModule, checkpoint:
             "metadata": str(Path(datamodule.hparams.metadata).resolve()),
             "train_splits": list(datamodule.train_splits),
             **{f"n_{s}": int(counts.get(s, 0)) for s in ("train", "val", "test")},
+            # the training images' fingerprint; their hashes are in the model folder (training.fingerprint)
+            "train_split": {**fingerprint.summary(train_split[0]), "recorded_by": train_split[1]},
         },
         "checkpoint": str(checkpoint.resolve()),
         "config": yaml.safe_dump(module.training_config, sort_keys=False),  # store metadata allows no None
@@ -74,18 +93,65 @@ def describe(module: AgeGenderModule, datamodule: UTKFaceDataModule, checkpoint:
     }
 
 
-def save_model(net: torch.nn.Module, meta: dict[str, Any], name: str = MODEL_NAME) -> bentoml.Tag:
-    """Weights and their ONNX graph into the store; committed only if everything was written."""
+def save_model(
+    net: torch.nn.Module, meta: dict[str, Any], name: str = MODEL_NAME, train_split: Sequence[str] | None = None
+) -> bentoml.Tag:
+    """Weights, their ONNX graph and the training images' hashes into the store: all of it or nothing.
+
+    `bentoml.models.create` writes into a private temporary folder, then copies it into the store; that copy
+    is not atomic, and an interrupt during it (KeyboardInterrupt is no Exception, which is all it cleans up
+    after) leaves a half-copied version that breaks `bentoml models list`. So the model is saved into a
+    staging store under $BENTOML_HOME/tmp (where BentoML keeps its own temporary folders), given ordinary
+    permissions, and renamed into the store in one step. Whatever happens, both temporary folders go.
+    """
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models.model import ModelStore
+
     labels = {"dataset": meta["dataset"]["name"], "demo": str(meta["demo"]).lower(), "backbone": meta["backbone"]}
-    with bentoml.models.create(name, labels=labels, metadata=meta) as ref:
-        torch.save(net.state_dict(), ref.path_of(WEIGHTS_FILE))
-        export_onnx(net, meta["image_size"], ref.path_of(ONNX_FILE))
+    store_dir = Path(BentoMLContainer.model_store_dir.get())
+    staging_root = Path(BentoMLContainer.tmp_bento_store_dir.get())
+    staging_root.mkdir(parents=True, exist_ok=True)
+    staging, ref = Path(tempfile.mkdtemp(prefix=f"export-{name}-", dir=staging_root)), None
+    try:
+        with bentoml.models.create(name, labels=labels, metadata=meta, _model_store=ModelStore(staging)) as ref:
+            torch.save(net.state_dict(), ref.path_of(WEIGHTS_FILE))
+            export_onnx(net, meta["image_size"], ref.path_of(ONNX_FILE))
+            if train_split is not None:
+                fingerprint.write(ref.path_of(fingerprint.FILE), train_split)
+        staged, target = staging / ref.tag.path(), store_dir / ref.tag.path()
+        ordinary_permissions(staged)  # not the 0700 of the temporary folder it was copied from
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # rename would silently replace an empty folder
+            raise FileExistsError(f"model {ref.tag} is already in the store")
+        os.rename(staged, target)
+        with atomic_path(target.parent / "latest") as tmp:
+            tmp.write_text(ref.tag.version)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if ref is not None:
+            shutil.rmtree(ref.path, ignore_errors=True)
     return ref.tag
 
 
 def export(checkpoint: str | Path, name: str = MODEL_NAME) -> bentoml.Tag:
     module = load_module(checkpoint)
     datamodule = datamodule_for(module)
-    meta = describe(module, datamodule, Path(checkpoint))
+    metadata = datamodule.hparams.metadata
+    train_split = train_split_of(module, datamodule)
+    if train_split[1] == "export":
+        fingerprint.warn(
+            f"{checkpoint} does not record which images it was trained on (written before `fit` recorded "
+            f"them); storing split {'+'.join(datamodule.train_splits)} of {metadata} as it is now"
+        )
+    else:  # metrics on held-out splits of a metadata file re-run since training would include training images
+        held_out = datamodule.frame[~datamodule.frame.split.isin(datamodule.train_splits)]
+        fingerprint.check_held_out(
+            set(train_split[0]),
+            held_out.path.tolist(),
+            what=f"the held-out splits of {metadata}",
+            model=str(checkpoint),
+            fix="restore the metadata file the checkpoint was trained with, or train again on this one",
+        )
+    meta = describe(module, datamodule, Path(checkpoint), train_split)
     meta["metrics"] = measure(module, datamodule)
-    return save_model(module.net, meta, name)
+    return save_model(module.net, meta, name, train_split[0])

@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from training import fingerprint
 from training.data import UTKFaceDataModule
 from training.module import AgeGenderModule
 
@@ -20,6 +21,8 @@ def build(cfg: dict) -> tuple[AgeGenderModule, UTKFaceDataModule]:
         model_args["age_mean"], model_args["age_std"] = datamodule.age_stats()
     module = AgeGenderModule(**model_args)
     module.training_config = cfg
+    # which images it trains on, recorded in its checkpoints: `export` stores it, `evaluate` checks against it
+    module.train_split = fingerprint.image_hashes(datamodule.split(*datamodule.train_splits).path)
     return module, datamodule
 
 

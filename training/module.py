@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
+from models.artifact import GENDER_CLASSES
 from models.errors import UserError
-from models.network import GENDER_CLASSES, AgeGenderNet
+from models.network import AgeGenderNet
 
 AGE_LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss}
 STAGES = ("train", "val", "test")
@@ -66,6 +67,7 @@ class AgeGenderModule(L.LightningModule):
             }
         )
         self.training_config: dict[str, Any] | None = None  # set by `fit`, stored in checkpoints
+        self.train_split: list[str] | None = None  # hashes of the training images (training.fingerprint), likewise
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(x)
@@ -119,6 +121,8 @@ class AgeGenderModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["training_config"] = self.training_config
+        checkpoint["train_split"] = self.train_split
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.training_config = checkpoint.get("training_config")
+        self.train_split = checkpoint.get("train_split")  # None in checkpoints written before it was recorded

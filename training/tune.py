@@ -10,8 +10,11 @@ the epoch where its score was best, which `production` then trains for.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import multiprocessing as mp
 import os
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +32,19 @@ from training.utkface import read_metadata
 
 SCORE = "val/score"
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+IDENTITY = "tune_identity"  # study user attr: what its trials are comparable under (set when it is created)
+# where and how verbosely a trial runs, not what it computes: may differ between the workers of one study
+PLACEMENT = {
+    "name",
+    "logdir",
+    "data.num_workers",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+}
 
 
 class Score(L.Callback):
@@ -91,6 +107,65 @@ def objective(base: dict, space: dict, study_name: str, baseline_mae: float):
     return run
 
 
+def _flat(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def identity(base: dict, space: dict) -> dict:
+    """The base config (less PLACEMENT; the metadata file by content, not path) and the search space,
+    with a SHA-256 of each: trials of one study are only comparable if these are the same."""
+    config = {k: v for k, v in _flat(base).items() if k not in PLACEMENT}
+    config["data.metadata"] = "sha256:" + hashlib.sha256(Path(base["data"]["metadata"]).read_bytes()).hexdigest()
+    config = json.loads(json.dumps(config, default=str))  # as the storage gives it back
+    space = json.loads(json.dumps(space, default=str))
+    return {
+        "base_config_sha256": _sha256(config),
+        "search_space_sha256": _sha256(space),
+        "base_config": config,
+        "search_space": space,
+    }
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+
+
+def check_identity(study: optuna.Study, base: dict, space: dict) -> None:
+    """Record what a new study runs under; refuse to resume one whose base config or search space changed."""
+    current = identity(base, space)
+    if IDENTITY not in study.user_attrs:
+        if study.get_trials(deepcopy=False):
+            print(
+                f"warning: study {study.study_name!r} predates recording its config; cannot check it", file=sys.stderr
+            )
+        study.set_user_attr(IDENTITY, current)
+    stored = study.user_attrs[IDENTITY]  # read back: of two workers creating it at once with different configs,
+    # the one whose attr was overwritten refuses
+    problems = []
+    for what, key, data in (
+        ("base config", "base_config_sha256", "base_config"),
+        ("search space", "search_space_sha256", "search_space"),
+    ):
+        if stored.get(key) != current[key]:
+            problems.append(f"{what} (changed: {', '.join(_changed(stored.get(data, {}), current[data]))[:200]})")
+    if problems:
+        raise UserError(
+            f"study {study.study_name!r} was run with another {' and '.join(problems)}: its trials would not "
+            f"compare with new ones; start a new study with a new --study name (e.g. --study "
+            f"{study.study_name}_2), or undo the change to resume it"
+        )
+
+
 def open_study(name: str, storage: str) -> optuna.Study:
     try:
         return optuna.create_study(
@@ -135,7 +210,8 @@ def tune(base: dict, space: dict, name: str, storage: str, n_trials: int, worker
     if val.empty:
         raise UserError("the metadata has no validation split; tuning needs one")
     baseline_mae = float((val.age - train_mean).abs().mean())
-    open_study(name, storage)  # fail early, in this process, on a bad storage URL
+    # fail early, in this process, on a bad storage URL or a changed config
+    check_identity(open_study(name, storage), base, space)
     args = (base, space, name, storage, n_trials, baseline_mae)
     if workers == 1:
         _worker(*args)

@@ -1,0 +1,363 @@
+"""The request guard (serving/guard.py), the OpenAPI rewriting (serving/openapi.py) and decode_image, in-process.
+
+The guard is wrapped around a tiny stand-in BentoML service with the same API signatures as the real one
+(no model): BentoML parses what the guard passes on exactly as in production, in about a second. Slow and
+stalled clients are played by hand-written ASGI receive() functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+
+import bentoml
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from devtools.photos import astronaut, encode
+from models.faces import FaceDetector, decode_image, image_format
+from serving.guard import FileField, RequestGuard
+from serving.openapi import StandardOpenAPI
+
+MAX_IMAGES = 4
+LIMITS = {
+    "max_bytes": 20_000_000,
+    "max_images": MAX_IMAGES,
+    "max_pixels": 2_000_000,
+    "max_request_pixels": 3_000_000,
+    "idle_timeout": 0.3,
+    "upload_timeout": 1.0,
+}
+ROUTES = {"/predict": FileField("image", many=False), "/predict_batch": FileField("images", many=True)}
+B = b"b0undary"
+PNG = encode(Image.new("RGB", (8, 8), (200, 30, 30)), "PNG")
+
+
+@bentoml.service
+class StandIn:
+    """The public API's signatures; answers what BentoML handed it."""
+
+    @bentoml.api
+    def predict(self, image: Path) -> dict:
+        return {"name": image.name, "format": image_format(image.read_bytes()), "size": image.stat().st_size}
+
+    @bentoml.api
+    def predict_batch(self, images: list[Path]) -> dict:
+        return {"names": [p.name for p in images], "sizes": [p.stat().st_size for p in images]}
+
+    @bentoml.api
+    def model_info(self) -> dict:
+        return {"demo": True}
+
+
+StandIn.add_asgi_middleware(RequestGuard, routes=ROUTES, **LIMITS)
+StandIn.add_asgi_middleware(StandardOpenAPI)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(StandIn.to_asgi(), raise_server_exceptions=False) as c:
+        yield c
+
+
+def part(name: bytes | None, data: bytes, filename: bytes | None = b"a.png", ctype: bytes = b"image/png") -> bytes:
+    disposition = b"Content-Disposition: form-data"
+    if name is not None:
+        disposition += b'; name="' + name + b'"'
+    if filename is not None:
+        disposition += b'; filename="' + filename + b'"'
+    return b"--" + B + b"\r\n" + disposition + b"\r\nContent-Type: " + ctype + b"\r\n\r\n" + data + b"\r\n"
+
+
+def form(*parts: bytes) -> bytes:
+    return b"".join(parts) + b"--" + B + b"--\r\n"
+
+
+def post(client, path: str, body: bytes, ctype: bytes | str = b"multipart/form-data; boundary=" + B):
+    start = time.perf_counter()
+    r = client.post(path, content=body, headers={"content-type": ctype if isinstance(ctype, str) else ctype.decode()})
+    return r, time.perf_counter() - start
+
+
+def error_of(r, status: int) -> str:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert isinstance(body, dict) and set(body) == {"error"} and isinstance(body["error"], str), body
+    return body["error"]
+
+
+MULTIPART = "multipart/form-data; boundary=" + B.decode()
+MALFORMED = {
+    "no boundary": (form(part(b"image", PNG)), "multipart/form-data", "no boundary"),
+    "wrong boundary": (form(part(b"image", PNG)), "multipart/form-data; boundary=other", "wrong boundary"),
+    "nameless part": (form(part(None, PNG)), MULTIPART, 'name="..."'),
+    "folded header": (
+        b"--" + B + b'\r\nContent-Disposition: form-data;\r\n name="image"; filename="a.png"\r\n\r\n' + PNG + b"\r\n"
+        b"--" + B + b"--\r\n",
+        MULTIPART,
+        "folded",
+    ),
+    "no content-disposition": (
+        b"--" + B + b"\r\nContent-Type: image/png\r\n\r\n" + PNG + b"\r\n--" + B + b"--\r\n",
+        MULTIPART,
+        "Content-Disposition",
+    ),
+    "many text fields": (form(*(part(b"f%d" % i, b"x", filename=None) for i in range(200))), MULTIPART, "text fields"),
+    "image as a big text field": (form(part(b"image", encode(astronaut()), filename=None)), MULTIPART, "file parts"),
+    "no closing boundary": (part(b"image", PNG) + b"--" + B + b"\r\n", MULTIPART, "closing boundary"),
+    "truncated part": (part(b"image", PNG)[:-10], MULTIPART, "truncated"),
+    "endless headers": (b"--" + B + b"\r\n" + b"X-Pad: y\r\n" * 2000, MULTIPART, "empty line"),
+    "no CRLF after boundary": (b"--" + B + b"junk\r\n" + part(b"image", PNG)[len(B) + 4 :], MULTIPART, "CRLF"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_multipart_answers_400_at_once(client, case: str) -> None:
+    body, ctype, message = MALFORMED[case]
+    r, seconds = post(client, "/predict", body, ctype)
+    assert message in error_of(r, 400) and seconds < 2
+
+
+def test_media_type_is_case_insensitive(client) -> None:
+    r, _ = post(client, "/predict", form(part(b"image", PNG)), "Multipart/Form-Data; Boundary=" + B.decode())
+    assert r.status_code == 200, r.text
+
+
+def test_any_file_name_works_and_is_replaced(client) -> None:
+    for name in (b"x" * 400 + b".jpg", "ünïcødé ".encode() * 40 + b".png", b"../../etc/passwd", b"a\\b\\c.png", b""):
+        r, _ = post(client, "/predict", form(part(b"image", PNG, filename=name)))
+        assert r.status_code == 200, (name[:20], r.text)
+        assert r.json()["name"].endswith("image-0.png") and r.json()["size"] == len(PNG)
+
+
+def test_images_are_recognised_from_their_bytes(client) -> None:
+    photo = astronaut().resize((64, 64))
+    for fmt in ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"):
+        for declared in (b"image/jpg", b"application/octet-stream", b"text/plain"):
+            r, _ = post(
+                client, "/predict", form(part(b"image", encode(photo, fmt), filename=b"photo.jpg", ctype=declared))
+            )
+            assert r.status_code == 200 and r.json()["format"] == fmt, (fmt, declared, r.text)
+            suffix = {"JPEG": "jpg", "TIFF": "tif"}.get(fmt, fmt.lower())
+            assert r.json()["name"].endswith(f"image-0.{suffix}")
+    mpo = _saved(photo, "MPO", save_all=True, append_images=[photo])  # a JPEG with a second picture (phones)
+    r, _ = post(client, "/predict", form(part(b"image", mpo)))
+    assert r.status_code == 200 and r.json()["format"] == "JPEG" and r.json()["name"].endswith("image-0.jpg")
+    for data in (b"just some text", encode(photo, "ICO"), encode(photo, "PPM"), b"GIF89a but not really", b"\x00" * 64):
+        r, _ = post(client, "/predict", form(part(b"image", data, ctype=b"image/jpeg")))
+        message = error_of(r, 415)
+        assert "not an image" in message and "JPEG, PNG, WebP, BMP, GIF or TIFF" in message, message
+
+
+def test_many_parts_are_rejected_without_parsing_them(client) -> None:
+    one_byte = part(b"images", b"x", filename=b"a")
+    r, seconds = post(client, "/predict_batch", form(*[one_byte] * 150_000))
+    assert f"got 150000 images; at most {MAX_IMAGES}" in error_of(r, 413) and seconds < 1.5
+    r, seconds = post(client, "/predict", form(*[part(b"image", b"x", filename=b"a")] * 150_000))
+    assert "takes one" in error_of(r, 400) and seconds < 1.5
+    r, seconds = post(client, "/predict", form(*[part(b"f", b"x", filename=None)] * 150_000))
+    assert "text fields" in error_of(r, 400) and seconds < 1.5
+
+
+def test_pixel_budget_per_image_and_per_request(client) -> None:
+    big = encode(Image.new("RGB", (1000, 1000)), "PNG")  # 1 Mpx in a few kB: checked from the header
+    r, _ = post(client, "/predict_batch", form(*[part(b"images", big)] * 3))
+    assert r.status_code == 200, r.text
+    r, _ = post(client, "/predict_batch", form(*[part(b"images", big)] * 4))
+    assert "3000000 pixels" in error_of(r, 413)
+    r, _ = post(client, "/predict", form(part(b"image", encode(Image.new("RGB", (1500, 1500)), "PNG"))))
+    assert "1500x1500 pixels" in error_of(r, 413)
+
+
+def test_no_input_route_takes_empty_bodies_only(client) -> None:
+    for body, ctype in ((b"", "application/json"), (b"{}", "application/json"), (b"null", "application/json")):
+        r, _ = post(client, "/model_info", body, ctype)
+        assert r.status_code == 200 and r.json() == {"demo": True}, (body, r.text)
+    for body, ctype in (
+        (b"[null, null]", "application/json"),
+        (b"abc", "text/plain"),
+        (form(part(b"x", PNG)), MULTIPART),
+    ):
+        r, _ = post(client, "/model_info", body, ctype)
+        assert "takes no input" in error_of(r, 400)
+
+
+def test_wrong_methods_and_paths_answer_error_objects(client) -> None:
+    for method, path, status in (("GET", "/predict", 405), ("PUT", "/predict_batch", 405), ("GET", "/model_info", 405)):
+        error_of(client.request(method, path), status)
+    error_of(client.post("/nowhere", content=b"x"), 404)
+    r, _ = post(client, "/predict", b'{"image": "x"}', "application/json")
+    assert "multipart/form-data" in error_of(r, 415)
+
+
+def test_openapi_requires_bodies_and_documents_error_objects(client) -> None:
+    spec = client.get("/docs.json").json()
+    for path in ("/predict", "/predict_batch"):
+        op = spec["paths"][path]["post"]
+        assert op["requestBody"]["required"] is True
+        for status in ("400", "408", "413", "415"):
+            assert op["responses"][status]["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/Error"
+            }
+    images = spec["paths"]["/predict_batch"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert images["properties"]["images"]["minItems"] == 1 and images["properties"]["images"]["type"] == "array"
+    assert spec["components"]["schemas"]["Error"]["required"] == ["error"]
+    assert "'type': 'file'" not in str(spec)
+
+
+# slow and stalled clients: the guard called directly, its receive() played by hand
+
+
+async def _call_guard(receive, headers: list | None = None) -> tuple[list[dict], bool]:
+    reached = False
+
+    async def app(scope, receive, send):
+        nonlocal reached
+        reached = True
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    guard = RequestGuard(app, ROUTES, **LIMITS)
+    headers = headers or [(b"content-type", b"multipart/form-data; boundary=" + B)]
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers}
+    await asyncio.wait_for(guard(scope, receive, send), timeout=5)
+    return sent, reached
+
+
+def _answer(sent: list[dict]) -> tuple[int, dict, str]:
+    import json
+
+    start, body = sent[0], sent[-1]
+    return start["status"], dict(start["headers"]), json.loads(body["body"])["error"]
+
+
+def test_stalled_body_answers_408_after_the_idle_timeout() -> None:
+    async def receive() -> dict:
+        if not receive.calls:
+            receive.calls += 1
+            return {"type": "http.request", "body": b"--" + B + b"\r\n", "more_body": True}
+        await asyncio.Event().wait()  # the client sent the headers and a little, then went quiet
+
+    receive.calls = 0
+    start = time.perf_counter()
+    sent, reached = asyncio.run(_call_guard(receive))
+    status, headers, message = _answer(sent)
+    assert status == 408 and "no request body bytes for 0.3 s" in message and not reached
+    assert headers[b"connection"] == b"close" and time.perf_counter() - start < 1
+
+
+def test_trickling_body_answers_408_at_the_upload_deadline() -> None:
+    async def receive() -> dict:
+        await asyncio.sleep(0.05)  # never idle long enough for the idle timeout
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    start = time.perf_counter()
+    sent, reached = asyncio.run(_call_guard(receive))
+    status, _, message = _answer(sent)
+    assert status == 408 and "longer than 1 s" in message and not reached
+    assert time.perf_counter() - start < 2
+
+
+def test_client_gone_mid_body_is_not_served() -> None:
+    messages = iter([{"type": "http.request", "body": b"--" + B, "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive() -> dict:
+        return next(messages)
+
+    sent, reached = asyncio.run(_call_guard(receive))
+    assert sent == [] and not reached
+
+
+# decode_image: every Pillow mode to 8-bit RGB
+
+
+def _saved(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha.astype(np.uint32)[:, :, None]
+    return ((rgb.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _mode_cases() -> dict[str, tuple[bytes, np.ndarray, int]]:
+    """name -> (file bytes, expected RGB, tolerance)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    rgb[0, 0], rgb[0, 1] = 0, 255  # the full range: stretched values map back exactly
+    grey = rgb[:, :, 0]
+    alpha = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+    grey3 = np.repeat(grey[:, :, None], 3, axis=2)
+    bits = grey > 127
+    palette = Image.fromarray(rgb).quantize(8)
+    index = np.asarray(palette)
+    lookup = np.asarray(palette.convert("RGB"))
+    blocks = np.zeros((24, 32, 3), np.uint8)
+    blocks[:, :16] = (255, 0, 0)
+    blocks[:, 16:] = (0, 0, 255)
+    frames = [Image.fromarray(blocks), Image.new("RGB", (32, 24), (0, 255, 0))]
+    return {
+        "RGB png": (_saved(Image.fromarray(rgb), "PNG"), rgb, 0),
+        "L png": (_saved(Image.fromarray(grey), "PNG"), grey3, 0),
+        "1 bmp": (_saved(Image.fromarray(bits), "BMP"), np.repeat(bits[:, :, None] * 255, 3, 2).astype(np.uint8), 0),
+        "P png": (_saved(palette, "PNG"), lookup, 0),
+        "P png, transparent entry": (
+            _saved(palette, "PNG", transparency=int(index[0, 0])),
+            np.where((index == index[0, 0])[:, :, None], 255, lookup).astype(np.uint8),
+            0,
+        ),
+        "RGBA png": (_saved(Image.fromarray(np.dstack([rgb, alpha])), "PNG"), _over_white(rgb, alpha), 1),
+        "RGBA webp": (
+            _saved(Image.fromarray(np.dstack([rgb, alpha])), "WEBP", lossless=True),
+            _over_white(rgb, alpha),
+            1,
+        ),
+        "LA png": (_saved(Image.fromarray(np.dstack([grey, alpha]), "LA"), "PNG"), _over_white(grey3, alpha), 1),
+        "CMYK tiff": (_saved(Image.fromarray(rgb).convert("CMYK"), "TIFF"), rgb, 0),
+        "I;16 png": (_saved(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"), grey3, 0),
+        "I;16B tiff": (_saved(Image.fromarray((grey.astype(np.uint16) * 257).astype(">u2")), "TIFF"), grey3, 0),
+        "I tiff": (_saved(Image.fromarray(grey.astype(np.int32) * 257), "TIFF"), grey3, 0),
+        "I tiff, negative": (_saved(Image.fromarray(grey.astype(np.int32) * 1000 - 100_000), "TIFF"), grey3, 1),
+        "F tiff, 0..1": (_saved(Image.fromarray(grey.astype(np.float32) / 255), "TIFF"), grey3, 0),
+        "animated gif": (_saved(frames[0], "GIF", save_all=True, append_images=frames[1:]), blocks, 0),
+        "MPO, first picture": (
+            _saved(
+                Image.new("RGB", (32, 24), (40, 160, 90)),
+                "MPO",
+                save_all=True,
+                append_images=[Image.new("RGB", (32, 24))],
+            ),
+            np.full((24, 32, 3), (40, 160, 90), np.uint8),
+            3,
+        ),
+        "multi-page tiff": (_saved(Image.fromarray(rgb), "TIFF", save_all=True, append_images=frames), rgb, 0),
+    }
+
+
+def test_decode_image_converts_every_mode() -> None:
+    wrong = {}
+    for name, (data, expected, tolerance) in _mode_cases().items():
+        out = decode_image(data, 10**6)
+        assert out.shape == expected.shape and out.dtype == np.uint8, name
+        error = int(np.abs(out.astype(int) - expected.astype(int)).max())
+        if error > tolerance:
+            wrong[name] = error
+    assert not wrong, f"max pixel error per mode: {wrong}"
+
+
+def test_16_bit_greyscale_photo_finds_the_face_like_8_bit() -> None:
+    grey = np.asarray(astronaut().convert("L"))
+    eight = decode_image(_saved(Image.fromarray(grey), "PNG"), 10**6)
+    sixteen = decode_image(_saved(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"), 10**6)
+    assert np.array_equal(eight, sixteen)
+    detector = FaceDetector()
+    assert len(detector.detect(eight)) == 1 and len(detector.detect(sixteen)) == 1
