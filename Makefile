@@ -58,3 +58,4 @@ clean:
 bench: setup
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.train_speed
+	$(PY) -m benchmarks.memory

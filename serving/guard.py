@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
-import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -25,19 +23,13 @@ from starlette.responses import JSONResponse
 
 from models.errors import TooLarge, UserError
 from models.faces import FORMAT_NAMES, NotAnImage, image_format, open_image
+from serving.multipart import MAX_BOUNDARY, ClientGone, Rejected, TooManyFiles, build_form, label, parse_form
 from serving.settings import SETTINGS
 
 Scope = dict
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 log = logging.getLogger(__name__)
-
-MAX_HEADER_BYTES = 8192  # one part's header block
-MAX_TEXT_FIELDS = 4  # no route takes text fields; a few are parsed so that the answer can name them
-MAX_TEXT_BYTES = 8192  # one text field (a URL fits; an image sent as text does not)
-MAX_BOUNDARY = 70  # RFC 2046
-_LINE_END = re.compile(rb"[ \t]*\r\n")  # after a boundary: optional transport padding, then CRLF
-_SUFFIX = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
 
 
 @dataclass(frozen=True)
@@ -49,134 +41,6 @@ class FileField:
 def error(status: int, message: str, close: bool = False) -> JSONResponse:
     """The error object every 4xx answer has; close=True when the request body was not read to its end."""
     return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
-
-
-class Rejected(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-class _TooManyFiles(Exception):
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-
-class _ClientGone(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class Part:
-    name: str
-    filename: str | None  # None: a text field
-    content_type: str
-    data: memoryview
-
-
-def parse_form(body: bytes, boundary: bytes, max_files: int) -> list[Part]:
-    """multipart/form-data (RFC 7578) -> its parts, strictly and in time linear in the bytes read: each
-    part needs a Content-Disposition with a name, headers must not be folded, the body must end with the
-    closing boundary. Rejected(400) says what is wrong; _TooManyFiles once a part past max_files is seen
-    (with the number of parts the body holds, counted without parsing them)."""
-    delimiter = b"--" + boundary
-    if body.startswith(delimiter):
-        pos = len(delimiter)
-    else:  # a preamble before the first boundary is allowed (RFC 2046)
-        found = body.find(b"\r\n" + delimiter)
-        if found < 0:
-            raise Rejected(400, "the body does not contain the boundary given in Content-Type (wrong boundary?)")
-        pos = found + 2 + len(delimiter)
-    view = memoryview(body)
-    parts: list[Part] = []
-    files = fields = 0
-    while True:
-        if body.startswith(b"--", pos):  # the closing boundary; an epilogue after it is ignored
-            return parts
-        line_end = _LINE_END.match(body, pos)
-        if line_end is None:
-            if pos >= len(body):
-                raise Rejected(400, "the body ends without the closing boundary (truncated?)")
-            raise Rejected(400, "a boundary is followed by other text on its line (lines must end with CRLF)")
-        pos = line_end.end()
-        headers_end = body.find(b"\r\n\r\n", pos - 2, pos + MAX_HEADER_BYTES)
-        if headers_end < 0:
-            if len(body) - pos < MAX_HEADER_BYTES:
-                raise Rejected(400, "the body ends inside a part's headers, before the closing boundary (truncated?)")
-            raise Rejected(400, f"a part's headers do not end with an empty line within {MAX_HEADER_BYTES} bytes")
-        name, filename, content_type = _part_headers(body[pos:headers_end] if headers_end > pos else b"")
-        start = headers_end + 4
-        end = body.find(b"\r\n" + delimiter, start)
-        if end < 0:
-            raise Rejected(400, f"the body ends inside part {name!r}, before the closing boundary (truncated?)")
-        if filename is None:
-            fields += 1
-            if fields > MAX_TEXT_FIELDS:
-                raise Rejected(400, f"more than {MAX_TEXT_FIELDS} text fields")
-            if end - start > MAX_TEXT_BYTES:
-                raise Rejected(
-                    400,
-                    f"text field {name!r} has {end - start} bytes (at most {MAX_TEXT_BYTES}): images must be sent "
-                    "as file parts, with a filename",
-                )
-        else:
-            files += 1
-            if files > max_files:  # each part after this one ends with a boundary, the last with the closing one
-                raise _TooManyFiles(files + body.count(b"\r\n" + delimiter, end + 2))
-        parts.append(Part(name, filename, content_type, view[start:end]))
-        pos = end + 2 + len(delimiter)
-
-
-def _part_headers(block: bytes) -> tuple[str, str | None, str]:
-    """A part's header block -> (field name, filename or None for a text field, declared content type)."""
-    headers: dict[str, str] = {}
-    for line in block.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            raise Rejected(400, "a part header is folded over several lines (RFC 7578 forbids folding)")
-        key, colon, value = line.partition(b":")
-        if not colon or not key.strip() or b" " in key.strip():
-            raise Rejected(400, f"malformed part header {line[:60].decode('latin-1')!r}")
-        headers[key.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-    if "content-disposition" not in headers:
-        raise Rejected(400, "a part has no Content-Disposition header")
-    disposition, options = parse_options_header(headers["content-disposition"])
-    if disposition != b"form-data" or b"name" not in options:
-        raise Rejected(400, 'a part\'s Content-Disposition is not form-data; name="..."')
-    name = _text(options[b"name"])
-    filename = _text(options[b"filename"]) if b"filename" in options else None
-    return name, filename, headers.get("content-type", "")
-
-
-def _text(value: bytes) -> str:
-    """Header parameters arrive as latin-1 (WSGI style); browsers send UTF-8 names."""
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
-
-
-def _label(filename: str | None, index: int) -> str:
-    if not filename:
-        return f"#{index}"
-    return repr(filename if len(filename) <= 60 else f"{filename[:40]}...{filename[-12:]}")
-
-
-def build_form(name: str, files: list[tuple[memoryview, str]], avoid: bytes) -> tuple[bytes, bytes]:
-    """(data, format) files -> (canonical multipart body, its boundary): short safe file names, detected
-    content types. The boundary is one that does not occur in `avoid` (the original body holds every file)."""
-    while True:
-        boundary = secrets.token_hex(16).encode()
-        if boundary not in avoid:
-            break
-    chunks: list[bytes | memoryview] = []
-    for i, (data, fmt) in enumerate(files):
-        disposition = f'form-data; name="{name}"; filename="image-{i}.{_SUFFIX[fmt]}"'
-        head = (
-            f"--{boundary.decode()}\r\nContent-Disposition: {disposition}\r\nContent-Type: image/{fmt.lower()}\r\n\r\n"
-        )
-        chunks += [head.encode(), data, b"\r\n"]
-    chunks.append(b"--" + boundary + b"--\r\n")
-    return b"".join(chunks), boundary
 
 
 def as_error_object(status: int, body: bytes) -> bytes:
@@ -231,7 +95,7 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         try:
             body = await self._read_body(scope, receive)
-        except _ClientGone:
+        except ClientGone:
             return None
         except Rejected as exc:
             return await error(exc.status, exc.message, close=True)(scope, receive, send)
@@ -267,7 +131,7 @@ class RequestGuard:
                     raise Rejected(408, f"the request body took longer than {self.upload_timeout:g} s") from None
                 raise Rejected(408, f"no request body bytes for {self.idle_timeout:g} s") from None
             if message["type"] == "http.disconnect":
-                raise _ClientGone
+                raise ClientGone
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
                 raise Rejected(413, f"request body over the {self.max_bytes} byte limit")
@@ -288,7 +152,7 @@ class RequestGuard:
             raise Rejected(400, f"Content-Type multipart/form-data has {got}; {hint}")
         try:
             parts = parse_form(body, boundary, max_files=self.max_images if field.many else 1)
-        except _TooManyFiles as exc:
+        except TooManyFiles as exc:
             if field.many:
                 raise Rejected(413, f"got {exc.count} images; at most {self.max_images} per request") from None
             raise Rejected(
@@ -305,7 +169,7 @@ class RequestGuard:
             raise Rejected(400, f"field {field.name!r} must be a file upload, not text (URLs are not fetched); {hint}")
         files, pixels = [], 0
         for i, part in enumerate(parts):
-            name = _label(part.filename, i)
+            name = label(part.filename, i)
             try:
                 with open_image(bytes(part.data), self.max_pixels) as image:  # the header only
                     pixels += image.width * image.height

@@ -13,8 +13,8 @@ PREFIX = "AGE_GENDER_"
 @dataclass(frozen=True)
 class Settings:
     model: str = "age_gender:latest"  # store tag the bento pins at build time
-    detector: str = "yunet"  # yunet | haar
-    score_threshold: float = 0.5  # minimum detector confidence
+    detector: str = "mtcnn"  # mtcnn | haar (models/faces.py)
+    score_threshold: float = 0.95  # minimum detector confidence (MTCNN: faces score 0.99-1.0)
     min_face_size: int = 20  # pixels, shorter box side
     max_bytes: int = 20 * 1024 * 1024  # per request -> 413
     max_pixels: int = 50_000_000  # per image, checked before decoding -> 413

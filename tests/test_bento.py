@@ -91,7 +91,7 @@ def test_the_built_bento_serves_from_an_empty_folder(bento: tuple[str, Path], tm
         assert r.status_code == 200, r.text
         assert [len(p["faces"]) for p in r.json()["results"]] == [1, 0]
         info = httpx.post(url + "/model_info", timeout=30).json()
-        assert info["runtime"] == "onnx" and info["detector"] in ("yunet", "haar")
+        assert info["runtime"] == "onnx" and info["detector"] == "mtcnn"
 
         page = httpx.get(url + "/ui/", timeout=30)
         assert page.status_code == 200 and "<title>" in page.text
