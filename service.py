@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 
-# Before torch, cv2 and yuface load OpenMP (read once per process): no OpenMP thread teams. YuNet's
-# spinning OpenMP threads starved the model service on 2 cores, and sleeping ones made each detection
-# slow (BENCHMARKS.md). ONNX Runtime has its own pool; the torch runtime sets its own thread count.
+# Before cv2 (or torch) loads OpenMP (read once per process): no OpenMP thread teams. The earlier
+# detector's spinning OpenMP threads starved the model service on 2 cores (BENCHMARKS.md); each
+# detector process is one core's worth of work anyway. ONNX Runtime has its own pool; the torch
+# runtime sets its own thread count.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import asyncio
@@ -28,10 +29,12 @@ from starlette.staticfiles import StaticFiles
 
 from models.artifact import AGE_RANGE, array_preprocess_for
 from models.errors import TooLarge, UserError
-from models.faces import CROP_SIZE, FaceDetector, align_crop, decode_image
+from models.faces import CROP_SIZE, FaceDetector, align_crop
+from models.images import decode_image
 from models.runtime import open_runtime, visible_gpus
+from serving import patches
 from serving.annotate import annotate
-from serving.dependencies import bound_dependency_readiness, call_dependency
+from serving.dependencies import call_dependency
 from serving.guard import FileField, RequestGuard, error
 from serving.openapi import StandardOpenAPI
 from serving.schemas import BatchResult, DetectedFace, FaceAttributes, FacesResult, ModelInfo, PhotoResult
@@ -39,7 +42,7 @@ from serving.settings import DETECTOR_WORKERS, SETTINGS
 
 # inter-service HTTP sessions are otherwise recycled under in-flight requests (BentoML #5540, #5544)
 _CONNECTION = {"runner_connection": {"max_requests": 2**31 - 1, "max_age": 1e9}}
-bound_dependency_readiness()
+patches.apply()  # BentoML 1.4.40: /readyz during worker restarts, per-request timers (serving/patches.py)
 
 
 def _error(exc: UserError, prefix: str = "") -> dict:
@@ -73,7 +76,7 @@ class FaceDetection:
 
     @bentoml.api
     def name(self) -> str:
-        """The detector in use: the configured one, or `haar` where yuface is not installed."""
+        """The detector in use: the configured one, or `haar` where MTCNN's nets cannot load."""
         return self.detector.name
 
     @bentoml.api

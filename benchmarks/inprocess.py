@@ -8,7 +8,8 @@ from collections.abc import Callable
 import numpy as np
 
 from models.artifact import array_preprocess_for
-from models.faces import FaceDetector, align_crop, decode_image
+from models.faces import FaceDetector, align_crop
+from models.images import decode_image
 from models.runtime import OnnxRuntime, TorchRuntime
 
 

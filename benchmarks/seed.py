@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from models.artifact import preprocess_for
-from models.faces import FaceDetector, align_crop, decode_image
+from models.faces import FaceDetector, align_crop
+from models.images import decode_image
 from models.network import load_network
 
 

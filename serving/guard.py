@@ -22,7 +22,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
 
 from models.errors import TooLarge, UserError
-from models.faces import FORMAT_NAMES, NotAnImage, image_format, open_image
+from models.images import FORMAT_NAMES, NotAnImage, image_format, open_image
 from serving.multipart import MAX_BOUNDARY, ClientGone, Rejected, TooManyFiles, build_form, label, parse_form
 from serving.settings import SETTINGS
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode, group_photo, no_face
 from models.errors import TooLarge, UserError
-from models.faces import CROP_SIZE, TEMPLATE, FaceDetector, align_crop, decode_image
+from models.faces import CROP_SIZE, TEMPLATE, FaceDetector, align_crop
+from models.images import decode_image
 
 
 def _centre(face) -> np.ndarray:

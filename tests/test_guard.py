@@ -19,7 +19,8 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from devtools.photos import astronaut, encode
-from models.faces import FaceDetector, decode_image, image_format
+from models.faces import FaceDetector
+from models.images import decode_image, image_format
 from serving.guard import FileField, RequestGuard
 from serving.openapi import StandardOpenAPI
 

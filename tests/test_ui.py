@@ -48,7 +48,7 @@ def test_annotate_draws_inside_the_box_only(server: str) -> None:
 
 def test_annotate_rejects_non_images(server: str) -> None:
     r = httpx.post(server + "/annotate", files={"image": ("a.jpg", b"no image", "image/jpeg")}, timeout=30)
-    assert r.status_code == 400 and "not an image" in r.json()["error"]
+    assert r.status_code == 415 and "not an image" in r.json()["error"]
 
 
 def test_ui_assets_are_served_locally(server: str) -> None:

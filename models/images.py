@@ -1,0 +1,113 @@
+"""Decoding uploads: bytes -> an upright 8-bit RGB array, whatever the image's mode, or a UserError.
+
+The accepted formats are recognised from the bytes (magic number, then Pillow's reader for that format
+only), never from the client's declared content type; the pixel limit is checked from the header,
+before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from models.errors import TooLarge, UserError
+
+# The upload formats the service takes, recognised from the file's bytes (magic number, then Pillow's
+# reader for that format only), never from the client's declared content type
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),  # BigTIFF
+    (b"MM\x00+", "TIFF"),
+)
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+class NotAnImage(UserError):
+    """Bytes that are not an image in one of IMAGE_FORMATS (the HTTP API answers 415)."""
+
+
+def image_format(data: bytes) -> str | None:
+    """The IMAGE_FORMATS entry the file's magic number names, or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for magic, fmt in _MAGIC if data.startswith(magic)), None)
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Upload bytes -> the image with only its header read (nothing decoded yet), after the checks that
+    need no decoding: not empty, an accepted format (from the bytes), at most max_pixels pixels."""
+    if not data:
+        raise UserError("the file is empty")
+    fmt = image_format(data)
+    if fmt is None:
+        raise NotAnImage(f"the file is not an image in an accepted format (send {FORMAT_NAMES})")
+    try:
+        image = Image.open(io.BytesIO(data), formats=[fmt])
+    except Image.DecompressionBombError:
+        raise TooLarge(f"the image has far more pixels than the limit of {max_pixels}") from None
+    except Exception:
+        raise NotAnImage(f"the file starts like {fmt} but is not an image PIL can read (send {FORMAT_NAMES})") from None
+    if image.width * image.height > max_pixels:  # checked before decoding: decompression bombs stop here
+        raise TooLarge(f"the image is {image.width}x{image.height} pixels; the limit is {max_pixels} pixels")
+    return image
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Upload bytes -> (H, W, 3) uint8 RGB, upright per EXIF. UserError for anything that is not one.
+
+    Animated GIF / WebP and multi-page TIFF: the first frame. Every Pillow mode is mapped to 8-bit RGB:
+    16-bit and 32-bit integer pixels are scaled (not clamped) to 8 bits, float pixels too (see _to_uint8),
+    transparent pixels (alpha channel or a transparent palette entry / colour key) are composited on white,
+    CMYK, 1-bit, greyscale and palette images are converted by Pillow."""
+    image = open_image(data, max_pixels)
+    try:
+        image.load()  # the first frame
+        with contextlib.suppress(Exception):  # an unreadable EXIF block: keep the pixels as stored
+            ImageOps.exif_transpose(image, in_place=True)
+        return _to_rgb(image)
+    except Exception as exc:
+        raise UserError(f"the image is corrupt or truncated ({type(exc).__name__})") from None
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):  # one channel of 16/32-bit integers or floats
+        return np.repeat(_to_uint8(np.asarray(image))[:, :, None], 3, axis=2)
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint32)
+        alpha = rgba[:, :, 3:]
+        return ((rgba[:, :, :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)  # over white
+    return np.asarray(image.convert("RGB"))
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """One channel of wide pixels -> uint8 by scaling, where Pillow's convert() clamps at 255.
+
+    Integers in 0..65535 (16-bit files, whichever mode Pillow reads them as) map 65535 -> 255. Floats in
+    0..1 map 1.0 -> 255; floats in 0..255 are kept. Anything else (negative or wider values) is stretched
+    linearly from its own minimum and maximum to 0..255."""
+    if values.dtype.kind in "ui":
+        low, high = int(values.min()), int(values.max())
+        if low >= 0 and high <= 65535:
+            return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        values = values.astype(np.float64)
+    else:
+        values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(values.min()), float(values.max())
+        if low >= 0 and high <= 1:
+            return np.rint(values * 255).astype(np.uint8)
+        if low >= 0 and high <= 255:
+            return np.rint(values).astype(np.uint8)
+    span = high - low or 1
+    return np.rint((values - low) * (255 / span)).clip(0, 255).astype(np.uint8)

@@ -1,0 +1,82 @@
+"""Two fixes to BentoML 1.4.40's HTTP server, applied by service.py in every service process.
+
+- /readyz of the entry service hung for 5 s, then answered 500, while a dependency's worker restarted.
+- Every request left a timer alive for the whole traffic timeout (120 s), holding that request's
+  context (tracing span, futures): about 4-7 kB per request per process under load, which read as a
+  leak in every worker until the timers fired (tests/test_memory.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+# s: the longest the entry service's /readyz waits for one dependency's /readyz (they are asked at once)
+DEPENDENCY_READY_TIMEOUT = 1.0
+
+
+def apply() -> None:
+    bound_dependency_readiness()
+    cancel_request_timers()
+
+
+def bound_dependency_readiness() -> None:
+    """BentoML's /readyz of the entry service asks each dependency's /readyz with a 5 s timeout and catches
+    only aiohttp.ServerTimeoutError. While a dependency's worker restarts, the listening socket (held by the
+    arbiter) still accepts connections but nobody answers: /readyz hung for 5 s, then answered 500 with the
+    TimeoutError. Here a dependency that does not answer /readyz 200 within DEPENDENCY_READY_TIMEOUT, or
+    cannot be reached, is simply not ready: /readyz answers 503 in about a second."""
+    from _bentoml_impl.client import RemoteProxy
+
+    original = RemoteProxy.is_ready
+    if getattr(original, "bounded", False):
+        return
+
+    async def is_ready(self, timeout: int | None = None) -> bool:
+        try:
+            return await asyncio.wait_for(original(self, timeout), DEPENDENCY_READY_TIMEOUT)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+    is_ready.bounded = True
+    RemoteProxy.is_ready = is_ready
+
+
+def cancel_request_timers() -> None:
+    """BentoML's TimeoutMiddleware arms `loop.call_later(timeout, ...)` per request and never cancels it:
+    the timer handle keeps the request's context (its tracing span, futures) referenced until the timeout
+    passes. Here the same middleware (bentoml/_internal/server/http/traffic.py, 1.4.40) cancels it when
+    the request is over."""
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+    from starlette.responses import JSONResponse
+
+    if getattr(TimeoutMiddleware.__call__, "cancels_timer", False):
+        return
+
+    async def call(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+
+        async def started(message) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, started))
+        try:
+            await waiter
+        except TimeoutError:
+            if task.cancel():
+                message = f"Not able to process the request in {self.timeout} seconds"
+                await JSONResponse({"error": message}, status_code=504)(scope, receive, send)
+        else:
+            await task
+        finally:
+            timer.cancel()
+
+    call.cancels_timer = True
+    TimeoutMiddleware.__call__ = call
