@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from devtools.launch import smaps_kb
 from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, group_photo, no_face
 
 MAX_SIDE = 640
@@ -294,13 +295,8 @@ def match(found: list[Detection], expected: list[tuple[float, float, float]]) ->
 
 def memory() -> dict[str, int]:
     """Rss, Pss and Pss_Anon in bytes, from /proc/self/smaps_rollup."""
-    out = {}
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("Rss", "Pss", "Pss_Anon"):
-                out[key] = int(rest.split()[0]) * 1024
-    return out
+    sizes = smaps_kb()
+    return {key: sizes[key] * 1024 for key in ("Rss", "Pss", "Pss_Anon") if key in sizes}
 
 
 def measure(name: str, args) -> dict:

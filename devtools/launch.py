@@ -93,12 +93,20 @@ def arbiter_pid(url: str) -> int:
     raise LookupError(f"no bentoml serve process on port {port}")
 
 
+def smaps_kb(pid: int | str = "self") -> dict[str, int]:
+    """A process's memory totals from /proc/<pid>/smaps_rollup, kB: Rss, Pss (its share of shared pages),
+    Pss_Anon (the heap, where a leak grows), ..."""
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if rest.strip().endswith("kB"):
+            out[key] = int(rest.split()[0])
+    return out
+
+
 def pss_kb(pid: int) -> int:
     """Proportional set size of a process (its share of shared pages included), kB."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    raise LookupError(f"no Pss line for process {pid}")
+    return smaps_kb(pid)["Pss"]
 
 
 def service_name(pid: int) -> str | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.presets import IMAGENET_MEAN, IMAGENET_STD, ArrayPreset
+from models.presets import IMAGENET_MEAN, IMAGENET_STD, ArrayPreset, eval_preset
 
 MODEL_NAME = "age_gender"
 WEIGHTS_FILE = "weights.pt"
@@ -36,8 +36,6 @@ def architecture(backbone: str, head_width: int, dropout: float, image_size: int
 
 def preprocess_for(meta: dict[str, Any]):
     """The torch eval preset (training, evaluation) with this model's input size and normalisation."""
-    from models.presets import eval_preset
-
     norm = meta["normalisation"]
     return eval_preset(meta["image_size"], norm["mean"], norm["std"])
 

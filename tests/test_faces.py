@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devtools.launch import smaps_kb
 from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode, group_photo, no_face
 from models.errors import TooLarge, UserError
 from models.faces import CROP_SIZE, TEMPLATE, FaceDetector, align_crop
@@ -72,11 +73,10 @@ def test_thin_and_tiny_images_give_no_faces(name: str, shape: tuple[int, int]) -
 
 
 def _pss() -> int:
-    """This process's anonymous PSS in bytes (Linux: /proc/self/smaps_rollup): the heap, where a leak grows.
-    The file part of PSS moves by megabytes as other processes map or unmap the same libraries."""
-    with open("/proc/self/smaps_rollup") as f:
-        sizes = dict(line.split(":", 1) for line in f if ":" in line)
-    return int(sizes.get("Pss_Anon", sizes["Pss"]).split()[0]) * 1024
+    """This process's anonymous PSS in bytes: the heap, where a leak grows. The file part of PSS moves by
+    megabytes as other processes map or unmap the same libraries."""
+    sizes = smaps_kb()
+    return sizes.get("Pss_Anon", sizes["Pss"]) * 1024
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux's /proc/self/smaps_rollup")

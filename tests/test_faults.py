@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from devtools.launch import descendants, running_service
+from devtools.launch import descendants, running_service, service_name
 from devtools.photos import astronaut, encode
 
 CONCURRENCY = 16
@@ -31,11 +31,10 @@ def workers(arbiter: int, service: str) -> set[int]:
     found = set()
     for pid in descendants(arbiter):
         try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
+            if service_name(pid) == service:
+                found.add(pid)
+        except OSError:  # the process ended meanwhile
             continue
-        if any(a == b"--service-name" and b == service.encode() for a, b in zip(argv, argv[1:], strict=False)):
-            found.add(pid)
     return found
 
 
