@@ -71,6 +71,10 @@ class OnnxRuntime:
         options = ort.SessionOptions()
         # idle pool threads sleep instead of spinning: the detector process shares these cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # no CPU memory arena: the arena grows to the largest batch seen and never gives memory back (the
+        # soak saw the model process step up by 17 MB); without it memory returns after a large batch, at
+        # the same speed within 2 % (ResNet-34, 224 px, batches of 1-12 on this machine)
+        options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
 

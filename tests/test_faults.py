@@ -150,3 +150,33 @@ def test_worker_kill_under_load(model_tag: str, tmp_path: Path) -> None:
         flush=True,
     )
     check(log, recoveries)
+
+
+def test_stalled_model_worker_answers_503(model_tag: str, tmp_path: Path) -> None:
+    """A model worker that stops answering (SIGSTOP: alive, connections accepted, nothing answered) costs
+    the client one dependency timeout, then a 503 `{"error": ...}`, not the API's 120 s; it serves again
+    once the worker continues. The dependency timeout is shortened through BentoML's own config."""
+    stall_timeout = 3  # s, services.AgeGenderModel.traffic.timeout for this run
+    env = {
+        "AGE_GENDER_MODEL": model_tag,
+        "BENTOML_CONFIG_OPTIONS": f"services.AgeGenderModel.traffic.timeout={stall_timeout}",
+    }
+    face = encode(astronaut().resize((200, 200)))
+    with running_service(env, tmp_path / "serve.log") as url, httpx.Client(timeout=CLIENT_TIMEOUT) as client:
+
+        def predict_faces() -> tuple[httpx.Response, float]:
+            start = time.monotonic()
+            r = client.post(f"{url}/predict_faces", files={"images": ("face.jpg", face, "image/jpeg")})
+            return r, time.monotonic() - start
+
+        assert predict_faces()[0].status_code == 200
+        (victim,) = workers(running_service.pid, "AgeGenderModel")
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            stalled, seconds = predict_faces()
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        assert stalled.status_code == 503, stalled.text
+        assert "retry" in stalled.json()["error"]  # BentoML hides 5xx texts; the guard words this one
+        assert seconds < 3 * stall_timeout, f"503 after {seconds:.1f} s"
+        assert predict_faces()[0].status_code == 200
