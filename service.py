@@ -24,13 +24,16 @@ import bentoml
 import cv2
 import numpy as np
 from PIL import Image
+from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
-from models.artifact import AGE_RANGE, array_preprocess_for
+from models.artifact import CARD_FILE, array_preprocess_for
 from models.errors import TooLarge, UserError
 from models.faces import CROP_SIZE, FaceDetector, align_crop
 from models.images import decode_image
+from models.outputs import answers, calibration, decode
 from models.runtime import open_runtime, visible_gpus
 from serving import patches
 from serving.annotate import annotate
@@ -105,8 +108,6 @@ class AgeGenderModel:
         self.meta = self.model_ref.info.metadata
         self.runtime = open_runtime(SETTINGS.runtime, self.model_ref.path, self.meta)
         self.preprocess = array_preprocess_for(self.meta)  # numpy: this process needs no torch for ONNX
-        self.age_range = self.meta.get("age_range", AGE_RANGE)
-        self.classes = self.meta["gender_classes"]
 
     @bentoml.api(
         batchable=SETTINGS.max_batch_size > 1,  # AGE_GENDER_MAX_BATCH_SIZE=1: one request per model call
@@ -115,11 +116,9 @@ class AgeGenderModel:
         max_latency_ms=SETTINGS.max_latency_ms,
     )
     def predict(self, crops: np.ndarray) -> np.ndarray:
-        """(B, 200, 200, 3) uint8 aligned crops -> (B, 3) float32: age in years, p(male), p(female)."""
-        age, logits = self.runtime(self.preprocess(crops))  # (B,), (B, 2) from (B, 3, S, S) normalised float
-        age = np.clip(age, *self.age_range)  # a regression head can answer below 0 or past the oldest label
-        odds = np.exp(logits - logits.max(1, keepdims=True))
-        return np.concatenate([age[:, None], odds / odds.sum(1, keepdims=True)], 1).astype(np.float32)
+        """(B, 200, 200, 3) uint8 aligned crops -> (B, 6) float32: models.outputs.COLUMNS, P(each gender)."""
+        age_out, logits = self.runtime(self.preprocess(crops))  # from (B, 3, S, S) normalised float
+        return decode(age_out, logits, self.meta, SETTINGS.interval_level)
 
     @bentoml.api
     def info(self) -> dict:
@@ -130,9 +129,13 @@ class AgeGenderModel:
             "dataset": self.meta["dataset"]["name"],
             "demo": self.meta["demo"],
             "test_metrics": self.meta.get("metrics", {}).get("test", {}),
-            "gender_classes": self.classes,
+            "gender_classes": self.meta["gender_classes"],
             "device": self.runtime.device,
             "runtime": self.runtime.name,
+            "age_head": self.meta.get("age_head", "regression"),
+            "interval_level": SETTINGS.interval_level,
+            "gender_temperature": float(calibration(self.meta).get("gender_temperature", 1.0)),
+            "model_card": "/model_card",
         }
 
 
@@ -172,13 +175,7 @@ class AgeGender:
         chunks = await asyncio.gather(
             *(call_dependency(self.model.to_async.predict, crops[i : i + step]) for i in range(0, len(crops), step))
         )
-        out = []
-        for age, *probs in np.concatenate(chunks):
-            k = int(np.argmax(probs))
-            out.append(
-                {"age": round(float(age), 2), "gender": classes[k], "gender_probability": round(float(probs[k]), 4)}
-            )
-        return out
+        return answers(np.concatenate(chunks), classes, SETTINGS.interval_level)
 
     async def _photos(self, paths: list[Path]) -> list[PhotoResult] | JSONResponse:
         # at most one image per detector process in flight for this request: a request with many large
@@ -240,7 +237,17 @@ class AgeGender:
         return ModelInfo(**{k: v for k, v in info.items() if k != "gender_classes"})
 
 
+async def model_card(request) -> Response:
+    """GET /model_card: the served model's card (Markdown), written by `training export`."""
+    path = Path(AgeGenderModel.model_ref.path) / CARD_FILE
+    if not path.is_file():
+        message = f"model {AgeGenderModel.model_ref.tag} has no model card: it was exported before cards were written"
+        return JSONResponse({"error": message}, status_code=404)
+    return Response(path.read_text(), media_type="text/markdown; charset=utf-8")
+
+
 AgeGender.mount_asgi_app(StaticFiles(directory=UI, html=True), path="/ui", name="ui")
+AgeGender.mount_asgi_app(Starlette(routes=[Route("/", model_card)]), path="/model_card", name="model_card")
 AgeGender.add_asgi_middleware(
     RequestGuard,
     routes=ROUTES,

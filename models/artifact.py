@@ -3,7 +3,8 @@
 The folder holds `weights.pt` (the AgeGenderNet state dict, buffers included) and `model.onnx` (the
 same network as an ONNX graph with a dynamic batch dimension); the model's metadata holds everything
 needed to rebuild and preprocess it: backbone, head width, input size, normalisation, class names, age
-range, plus the data set, config and metrics it came from. This module imports no torch: the serving
+range, age head, calibration (gender temperature, regression residual quantiles), plus the data set, config
+and metrics it came from; MODEL_CARD.md says the same for people. This module imports no torch: the serving
 processes read it, and the CPU image has no torch at all.
 """
 
@@ -16,16 +17,23 @@ from models.presets import IMAGENET_MEAN, IMAGENET_STD, ArrayPreset, eval_preset
 MODEL_NAME = "age_gender"
 WEIGHTS_FILE = "weights.pt"
 ONNX_FILE = "model.onnx"
+CARD_FILE = "MODEL_CARD.md"
 GENDER_CLASSES = ("male", "female")  # index = UTKFace gender field
 AGE_RANGE = (0, 116)  # UTKFace labels; answers are clamped to the stored model's range
+AGE_HEADS = ("regression", "distribution")  # one number in years | a softmax over whole years 0..AGE_RANGE[1]
+MINOR_AGE = 18  # minor_probability = P(age < MINOR_AGE)
+INTERVAL_LEVEL = 0.8  # default level of the central age interval in every answer
 
 
-def architecture(backbone: str, head_width: int, dropout: float, image_size: int) -> dict[str, Any]:
+def architecture(
+    backbone: str, head_width: int, dropout: float, image_size: int, age_head: str = "regression"
+) -> dict[str, Any]:
     """The metadata that rebuilds and preprocesses a network; the rest of a model's metadata says where
     it came from (data set, config, metrics)."""
     return {
         "backbone": backbone,
         "head_width": head_width,
+        "age_head": age_head,  # models stored before the distribution head have no key: regression
         "dropout": dropout,
         "image_size": image_size,
         "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},

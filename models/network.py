@@ -1,7 +1,10 @@
-"""AgeGenderNet: a torchvision ResNet trunk shared by an age-regression head and a gender head.
+"""AgeGenderNet: a torchvision ResNet trunk shared by an age head and a gender head.
 
-Plain PyTorch, imported by training and by the service alike. The network always answers in years:
-age-target normalisation (if used in training) lives in two buffers, so nothing outside needs to know.
+Plain PyTorch, imported by training and by the service alike. Two age heads:
+- regression:   one number, in years; age-target normalisation (if used in training) lives in two
+                buffers, so nothing outside needs to know.
+- distribution: logits over whole years 0..AGE_RANGE[1] (DLDL / soft labels); the answer is the expected
+                age, and the distribution also gives intervals and P(minor) (models/outputs.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from models.artifact import GENDER_CLASSES, WEIGHTS_FILE
+from models.artifact import AGE_HEADS, AGE_RANGE, GENDER_CLASSES, WEIGHTS_FILE
 from models.errors import UserError
 
 # name -> (constructor, ImageNet weights enum); resnet34 was the original project's best.
@@ -27,6 +30,12 @@ BACKBONES = {
 def check_backbone(name: str) -> str:
     if name not in BACKBONES:
         raise UserError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+    return name
+
+
+def check_age_head(name: str) -> str:
+    if name not in AGE_HEADS:
+        raise UserError(f"unknown age head {name!r}; choose from {', '.join(AGE_HEADS)}")
     return name
 
 
@@ -68,26 +77,43 @@ class AgeGenderNet(nn.Module):
         age_std: float = 1.0,
         pretrained: bool = False,
         weights_path: str | None = None,
+        age_head: str = "regression",
     ) -> None:
         super().__init__()
         self.trunk = _load_trunk(check_backbone(backbone), pretrained, weights_path)
         features = self.trunk.fc.in_features  # 512 for resnet18/34, 2048 for resnet50
         self.trunk.fc = nn.Identity()
-        self.age_head = _head(features, head_width, dropout, 1)
+        self.distribution = check_age_head(age_head) == "distribution"
+        self.age_head = _head(features, head_width, dropout, AGE_RANGE[1] + 1 if self.distribution else 1)
         self.gender_head = _head(features, head_width, dropout, len(GENDER_CLASSES))
         # the age head learns (age - mean) / std; the buffers travel with the weights
         self.register_buffer("age_mean", torch.tensor(float(age_mean)))
         self.register_buffer("age_std", torch.tensor(float(age_std)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.trunk(x)  # (B, 3, H, W) -> (B, F)
-        age = self.age_head(z).squeeze(1) * self.age_std + self.age_mean  # (B,) years
-        return age, self.gender_head(z)  # (B,), (B, 2) logits
+        """(B, 3, H, W) -> age output, gender logits (B, 2). The age output is (B,) years for regression,
+        (B, 117) logits over years 0..116 for the distribution head."""
+        z = self.trunk(x)  # (B, F)
+        if self.distribution:
+            return self.age_head(z), self.gender_head(z)
+        return self.age_head(z).squeeze(1) * self.age_std + self.age_mean, self.gender_head(z)
+
+    def years(self, age_out: torch.Tensor) -> torch.Tensor:
+        """forward's age output -> (B,) age in years: itself, or the distribution's expected age."""
+        if not self.distribution:
+            return age_out
+        ages = torch.arange(age_out.shape[1], dtype=age_out.dtype, device=age_out.device)
+        return age_out.softmax(1) @ ages
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> AgeGenderNet:
         """Rebuild the architecture that a stored model describes (weights are loaded separately)."""
-        return cls(backbone=meta["backbone"], head_width=meta["head_width"], dropout=meta["dropout"])
+        return cls(
+            backbone=meta["backbone"],
+            head_width=meta["head_width"],
+            dropout=meta["dropout"],
+            age_head=meta.get("age_head", "regression"),
+        )
 
 
 def load_network(model_dir: str | Path, meta: dict[str, Any], device: str | torch.device = "cpu") -> AgeGenderNet:
@@ -98,15 +124,16 @@ def load_network(model_dir: str | Path, meta: dict[str, Any], device: str | torc
 
 
 def export_onnx(net: AgeGenderNet, image_size: int, path: str | Path) -> None:
-    """(B, 3, S, S) normalised float -> age (B,), logits (B, 2); B is dynamic."""
+    """(B, 3, S, S) normalised float -> age output (as forward), gender logits (B, 2); B is dynamic."""
     example = torch.zeros(1, 3, image_size, image_size)
     batch = {0: "batch"}
+    age = "age_logits" if net.distribution else "age"
     torch.onnx.export(
         net.eval(),
         (example,),
         str(path),
         input_names=["image"],
-        output_names=["age", "logits"],
-        dynamic_axes={"image": batch, "age": batch, "logits": batch},
+        output_names=[age, "logits"],
+        dynamic_axes={"image": batch, age: batch, "logits": batch},
         dynamo=False,
     )

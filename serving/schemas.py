@@ -14,10 +14,24 @@ class Box(BaseModel):
     height: int
 
 
+class AgeInterval(BaseModel):
+    low: float = Field(description="years")
+    high: float = Field(description="years")
+    level: float = Field(description="the share of faces whose true age the model's intervals held on held-out data")
+
+
 class FaceAttributes(BaseModel):
-    age: float = Field(description="estimated age in years")
+    age: float = Field(description="estimated age in years, within the model's age range")
+    age_interval: AgeInterval | None = Field(
+        description="central interval of the estimate at `level` (AGE_GENDER_INTERVAL_LEVEL, default 0.8); "
+        "null for regression models exported before intervals were measured"
+    )
+    minor_probability: float | None = Field(
+        description="estimated P(age < 18); an estimate with known error on children, not an age check on its own; "
+        "null where age_interval is null"
+    )
     gender: Literal["male", "female"]
-    gender_probability: float = Field(description="probability of the reported gender, 0.5-1")
+    gender_probability: float = Field(description="calibrated probability of the reported gender, 0.5-1")
 
 
 class DetectedFace(FaceAttributes):
@@ -44,6 +58,10 @@ class Metrics(BaseModel):
     age_rmse: float | None = None
     age_mse: float | None = None
     gender_acc: float | None = None
+    gender_ece: float | None = Field(None, description="expected calibration error of gender_probability")
+    gender_ece_uncalibrated: float | None = Field(None, description="the same before temperature scaling")
+    interval_coverage: float | None = Field(None, description="share of true ages inside their age_interval")
+    minor_auc: float | None = Field(None, description="ROC AUC of minor_probability for age < 18")
 
 
 class ModelInfo(BaseModel):
@@ -56,3 +74,7 @@ class ModelInfo(BaseModel):
     detector: str
     device: str
     runtime: str = Field(description="'onnx' (ONNX Runtime) or 'torch'")
+    age_head: Literal["regression", "distribution"]
+    interval_level: float = Field(description="level of every answer's age_interval")
+    gender_temperature: float = Field(description="temperature scaling of the gender logits (1.0: none)")
+    model_card: str = Field(description="route of the model card (Markdown)")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from models.artifact import INTERVAL_LEVEL
 from models.errors import UserError
+from models.outputs import check_level
 
 PREFIX = "AGE_GENDER_"
 
@@ -29,6 +31,13 @@ class Settings:
     max_latency_ms: int = 20000  # adaptive batching: a request that would queue longer gets 503
     detector_workers: int = 0  # face-detection processes; 0 = one per CPU core (cgroup limits respected)
     api_workers: int = 1  # processes of the public API (async: one serves many requests)
+    interval_level: float = INTERVAL_LEVEL  # level of the central age interval in every answer, 0.5-0.98
+
+    def __post_init__(self) -> None:
+        try:
+            check_level(self.interval_level)
+        except ValueError as exc:
+            raise UserError(f"{PREFIX}INTERVAL_LEVEL: {exc}") from None
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -19,7 +19,7 @@ _HOME = Path(tempfile.mkdtemp(prefix="bentoml-home-"))
 os.environ["BENTOML_HOME"] = str(_HOME)
 os.environ["BENTOML_DO_NOT_TRACK"] = "True"
 
-# a small but real configuration: trains in well under a minute on two cores
+# a small but real configuration: trains in under a minute on two cores
 TINY = {
     "seed": 0,
     "name": "tiny",
@@ -32,12 +32,15 @@ TINY = {
         "image_size": 64,
         "lr": 0.002,
         "normalize_age": True,
+        "age_head": "distribution",  # the served model; `regression_tag` is the same recipe with regression
+        "age_sigma": 3.0,
+        "age_l1_weight": 1.0,
         "age_loss": "l1",
         "age_weight": 1.0,
         "gender_weight": 1.0,
     },
     "trainer": {
-        "max_epochs": 5,
+        "max_epochs": 8,
         "accelerator": "cpu",
         "devices": 1,
         "enable_progress_bar": False,
@@ -105,6 +108,17 @@ def model_tag(checkpoint: Path, bentoml_home: Path) -> str:
     from training.export import export
 
     return str(export(checkpoint))
+
+
+@pytest.fixture(scope="session")
+def regression_tag(tiny_config: dict, bentoml_home: Path, tmp_path_factory) -> str:
+    """The same data, recipe and budget as `model_tag`, with the regression age head."""
+    from training.export import export
+    from training.fit import fit
+
+    cfg = {**tiny_config, "model": {**tiny_config["model"], "age_head": "regression"}}
+    cfg["logdir"] = str(tmp_path_factory.mktemp("runs-regression"))
+    return str(export(fit(cfg)))
 
 
 # small limits so that the limit tests stay small; the defaults are documented in serving/settings.py

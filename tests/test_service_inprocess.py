@@ -63,16 +63,19 @@ def test_model_service_matches_the_network(service, model_tag: str) -> None:
 
     model = service.AgeGenderModel()
     crops = np.random.default_rng(0).integers(0, 256, (5, 200, 200, 3), dtype=np.uint8)
-    out = model.predict(crops)
-    assert out.shape == (5, 3) and np.allclose(out[:, 1:].sum(1), 1, atol=1e-5)
+    out = model.predict(crops)  # age, interval low, high, P(minor), P(male), P(female)
+    assert out.shape == (5, 6) and np.allclose(out[:, 4:].sum(1), 1, atol=1e-5)
     stored = bentoml.models.get(model_tag)
     meta = stored.info.metadata
     net = load_network(stored.path, meta)
     with torch.inference_mode():
-        age, logits = net(torch.from_numpy(array_preprocess_for(meta)(crops)))
-    low, high = meta["age_range"]
-    assert np.allclose(out[:, 0], age.clamp(low, high).numpy(), atol=1e-4)
-    assert np.allclose(out[:, 1:], logits.softmax(1).numpy(), atol=1e-5)
+        age_logits, logits = net(torch.from_numpy(array_preprocess_for(meta)(crops)))
+    p_age = age_logits.softmax(1)  # (5, 117) over years 0..116
+    assert np.allclose(out[:, 0], net.years(age_logits).numpy(), atol=1e-3)
+    assert np.all((out[:, 1] <= out[:, 0]) & (out[:, 0] <= out[:, 2]))
+    assert np.allclose(out[:, 3], p_age[:, :18].sum(1).numpy(), atol=1e-4)
+    temperature = meta["calibration"]["gender_temperature"]
+    assert np.allclose(out[:, 4:], (logits / temperature).softmax(1).numpy(), atol=1e-5)
     assert model.info()["tag"] == model_tag
 
 

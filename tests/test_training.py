@@ -15,7 +15,7 @@ from training.export import load_module
 from training.synth import MARKER
 from training.utkface import parse_name, read_metadata
 
-from .conftest import assert_one_line_error, run_cli
+from .conftest import ROOT, assert_one_line_error, run_cli
 
 
 def test_synth_writes_utkface_names(sample_dir: Path) -> None:
@@ -145,3 +145,14 @@ def test_demo_trains_and_exports_into_an_empty_store(tmp_path: Path) -> None:
     assert "demo: 'true'" in model.read_text()
     again = run_cli("demo", "--if-missing", "--workdir", str(work), BENTOML_HOME=str(home))
     assert again.returncode == 0 and "is in the store; not training" in again.stdout
+
+
+@pytest.mark.parametrize(
+    "config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name != "tune_space.yaml")
+)
+def test_every_shipped_config_builds_its_model(config: str, metadata_file: Path) -> None:
+    from training.config import load_config
+    from training.module import AgeGenderModule
+
+    cfg = load_config(ROOT / "configs" / config, [f"data.metadata={metadata_file}", "model.pretrained=false"])
+    assert AgeGenderModule(**cfg["model"]).net.distribution == (cfg["model"].get("age_head") == "distribution")

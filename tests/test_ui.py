@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -90,6 +91,11 @@ def test_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
         )
         assert np.linalg.norm(np.subtract(centre, ASTRONAUT_FACE_CENTRE)) < 25
         assert page.locator("table tr").count() == 2  # header + one face
+        cells = page.locator("table tr").nth(1).locator("td").all_inner_texts()
+        assert re.fullmatch(r"\d+–\d+ \(80 %\)", cells[2]), cells  # the age interval at its level
+        assert re.fullmatch(r"\d+\.\d %", cells[3]), cells  # P(under 18)
+        page.click("#model-card summary")  # the model card, fetched from GET /model_card
+        assert "Model card" in page.inner_text("#model-card pre")
 
         page.set_input_files("#files", str(not_image))
         error = page.wait_for_selector(".message.error", timeout=30_000).inner_text()

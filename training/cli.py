@@ -9,7 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from models.artifact import INTERVAL_LEVEL
 from models.errors import UserError
+from models.outputs import check_level
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -17,6 +19,13 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line instead of usage + message
         self.exit(2, f"error: {message} (see `python -m training {self.prog.split()[-1]} --help`)\n")
+
+
+def _level(raw: str) -> float:
+    try:
+        return check_level(float(raw))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -43,6 +52,8 @@ def _fit(config: Path, overrides: list[str], export: bool) -> None:
     from training.fit import fit
 
     checkpoint = fit(load_config(config, overrides))
+    if checkpoint is None:  # another process than rank 0 of a multi-process run: rank 0 reports and exports
+        return
     print(f"best checkpoint: {checkpoint}")
     if export:
         _export(checkpoint)
@@ -81,18 +92,28 @@ def cmd_tune(args: argparse.Namespace) -> None:
 def cmd_production(args: argparse.Namespace) -> None:
     from training.production import production
 
-    print(f"saved model {production(args.config, args.overrides)} to the BentoML store")
+    tag = production(args.config, args.overrides)
+    if tag is not None:  # None: not rank 0 of a multi-process run
+        print(f"saved model {tag} to the BentoML store")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate
 
-    report = evaluate(args.model, args.metadata, args.out, args.split, args.tta, args.batch_size)
+    report = evaluate(args.model, args.metadata, args.out, args.split, args.tta, args.batch_size, args.level)
     o = report["overall"]
     print(
         f"{o['n']} images: age MAE {o['age_mae']:.2f}, RMSE {o['age_rmse']:.2f}, MSE {o['age_mse']:.1f}, "
-        f"CS@5 {o['cs5']:.3f}; gender accuracy {o['gender_acc']:.3f}"
+        f"CS@5 {o['cs5']:.3f}; gender accuracy {o['gender_acc']:.3f}, "
+        f"ECE {o['gender_ece_uncalibrated']:.3f} -> {o['gender_ece']:.3f} calibrated"
     )
+    if "interval_coverage" in o:
+        print(
+            f"{o['interval_level']:.0%} age interval coverage {o['interval_coverage']:.3f}; "
+            f"P(under 18) ROC AUC {o.get('minor_auc', float('nan')):.3f}"
+        )
+    else:
+        print("no age intervals: a regression model exported before residuals were measured (export it again)")
     print(f"wrote {args.out}/report.json, predictions.csv and plots")
 
 
@@ -172,6 +193,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test")
     s.add_argument("--tta", action="store_true", help="average with the mirrored image")
     s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--level", type=_level, default=INTERVAL_LEVEL, help="age interval level (default 0.8)")
     s.add_argument("--out", type=Path, default=Path("reports/latest"))
     s.set_defaults(func=cmd_evaluate)
 

@@ -76,9 +76,6 @@ class UTKFaceDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(["test"], train=False)
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(["test"], train=False)
-
     def age_stats(self) -> tuple[float, float]:
         ages = self.split(*self.train_splits).age
         return float(ages.mean()), float(max(ages.std(ddof=0), 1.0))

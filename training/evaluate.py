@@ -1,8 +1,10 @@
 """`evaluate`: where does a model err? Metrics overall and by age decade, gender and race, with plots.
 
-Writes into --out: report.json, predictions.csv (one row per image: the raw numbers the report is
-computed from) and PNG plots (loss curves of the training run, predicted vs true age, MAE by age
-group, gender confusion matrix).
+The answers are the served ones (models/outputs.py: expected age, interval, P(minor), calibrated gender).
+Writes into --out: report.json, predictions.csv (one row per image: the numbers the report is computed
+from) and PNG plots (loss curves of the training run, predicted vs true age, MAE by age group, MAE by age
+group per gender and per race, the gender reliability diagram, gender confusion matrix). `export` scores
+the held-out splits it stores in the model's metadata with the same functions.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.artifact import preprocess_for
+from models.artifact import INTERVAL_LEVEL, MINOR_AGE, preprocess_for
 from models.errors import UserError
 from models.network import load_network
-from training import fingerprint
+from models.outputs import COLUMNS, decode, softmax
+from training import calibration, fingerprint
 from training.atomic import atomic_path
 from training.data import FaceDataset
 from training.utkface import read_metadata
@@ -50,52 +53,90 @@ def load_model(model: str) -> tuple[torch.nn.Module, dict[str, Any], set[str] | 
     return load_network(stored.path, meta), meta, trained
 
 
-def predict(net: torch.nn.Module, meta: dict, frame: pd.DataFrame, batch_size: int, tta: bool):
-    """-> ages (N,), p_female (N,). With tta, outputs are averaged with those of the mirrored image."""
+def predict(
+    net: torch.nn.Module, meta: dict, frame: pd.DataFrame, batch_size: int = 64, tta: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The network's raw outputs over the frame's images: age output (as its forward), gender logits (N, C).
+    With tta, they are averaged with those of the mirrored image (logits, for the distribution head)."""
     loader = DataLoader(FaceDataset(frame, preprocess_for(meta)), batch_size=batch_size, num_workers=2)
-    ages, probs = [], []
+    ages, logits = [], []
     with torch.inference_mode():
-        for x, _, _ in tqdm(loader, desc="evaluate", unit="batch"):
-            age, logits = net(x)
-            p = logits.softmax(1)
+        for x, _, _ in tqdm(loader, desc=f"predict {len(frame)} faces", unit="batch"):
+            age, logit = net(x)
             if tta:
-                age_f, logits_f = net(x.flip(-1))  # (B, 3, H, W) mirrored left-right
-                age, p = (age + age_f) / 2, (p + logits_f.softmax(1)) / 2
+                age_f, logit_f = net(x.flip(-1))  # (B, 3, H, W) mirrored left-right
+                age, logit = (age + age_f) / 2, (logit + logit_f) / 2
             ages.append(age)
-            probs.append(p[:, 1])
-    return torch.cat(ages).numpy(), torch.cat(probs).numpy()
+            logits.append(logit)
+    return torch.cat(ages).numpy(), torch.cat(logits).numpy()
+
+
+def with_answers(frame: pd.DataFrame, age_out: np.ndarray, logits: np.ndarray, meta: dict, level: float):
+    """The frame plus the served answers for its images (models/outputs.decode) and the uncalibrated
+    probability of the predicted gender."""
+    rows = decode(age_out, logits, meta, level)
+    out = frame.assign(**{("pred_age" if c == "age" else c): rows[:, i] for i, c in enumerate(COLUMNS)})
+    probs = rows[:, len(COLUMNS) :]  # (N, C) calibrated
+    out["pred_gender"] = probs.argmax(1)
+    out["gender_probability"] = probs.max(1)
+    out["gender_probability_uncalibrated"] = softmax(logits.astype(np.float64)).max(1)
+    out["interval_level"] = level
+    return out
 
 
 def metrics(frame: pd.DataFrame) -> dict[str, float]:
     err = frame.pred_age - frame.age
-    return {
+    correct = (frame.pred_gender == frame.gender).to_numpy()
+    out = {
         "n": int(len(frame)),
         "age_mae": float(err.abs().mean()),
         "age_rmse": float(np.sqrt((err**2).mean())),
         "age_mse": float((err**2).mean()),
         "cs5": float((err.abs() <= 5).mean()),  # cumulative score: share within 5 years
-        "gender_acc": float((frame.pred_gender == frame.gender).mean()),
+        "gender_acc": float(correct.mean()),
+        "gender_ece": calibration.ece(frame.gender_probability.to_numpy(), correct),
+        "gender_ece_uncalibrated": calibration.ece(frame.gender_probability_uncalibrated.to_numpy(), correct),
     }
+    if frame.age_low.notna().all():  # an old regression model has no interval and no P(minor)
+        out["interval_level"] = float(frame.interval_level.iloc[0])
+        out["interval_coverage"] = float(((frame.age >= frame.age_low) & (frame.age <= frame.age_high)).mean())
+        auc = calibration.roc_auc(frame.minor_probability.to_numpy(), (frame.age < MINOR_AGE).to_numpy())
+        if auc is not None:
+            out["minor_auc"] = auc
+    return out
 
 
 def age_group(age: int) -> str:
     return "80+" if age >= 80 else f"{age // 10 * 10}-{age // 10 * 10 + 9}"
 
 
-def build_report(frame: pd.DataFrame) -> dict[str, Any]:
+def build_report(frame: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
     groups = {
         "age_group": frame.age.map(age_group),
-        "gender": frame.gender.map({0: "male", 1: "female"}),
+        "gender": frame.gender.map(dict(enumerate(classes))),
         "race": frame.race.map(RACES),
     }
     report = {"overall": metrics(frame)}
     for name, keys in groups.items():
         report[f"by_{name}"] = {str(k): metrics(g) for k, g in frame.groupby(keys, sort=True)}
+    # the fairness figure's numbers: age error by age group within each gender and each race
+    for name in ("gender", "race"):
+        error = frame.pred_age.sub(frame.age).abs()
+        table = error.groupby([groups[name], groups["age_group"]]).mean()  # (group, age group) -> MAE
+        report[f"age_mae_by_age_group_and_{name}"] = {
+            str(k): {str(a): float(v) for a, v in table[k].items()} for k in table.index.get_level_values(0).unique()
+        }
     return report
 
 
 def evaluate(
-    model: str, metadata: Path, out: Path, split: str = "test", tta: bool = False, batch_size: int = 64
+    model: str,
+    metadata: Path,
+    out: Path,
+    split: str = "test",
+    tta: bool = False,
+    batch_size: int = 64,
+    level: float = INTERVAL_LEVEL,
 ) -> dict[str, Any]:
     from training import plots
 
@@ -111,15 +152,22 @@ def evaluate(
         trained_on = meta["dataset"]["metadata"]
         fix = f"evaluate with the metadata file it was trained with ({trained_on}) or on images it never saw"
         fingerprint.check_held_out(trained, frame.path.tolist(), what, model, fix)
-    frame["pred_age"], frame["p_female"] = predict(net, meta, frame, batch_size, tta)
-    frame["pred_gender"] = (frame.p_female > 0.5).astype(int)
-    report = {"model": model, "metadata": str(metadata), "split": split, "tta": tta, **build_report(frame)}
+    frame = with_answers(frame, *predict(net, meta, frame, batch_size, tta), meta, level)
+    report = {
+        "model": model,
+        "metadata": str(metadata),
+        "split": split,
+        "tta": tta,
+        "age_head": meta.get("age_head", "regression"),
+        "calibration": meta.get("calibration", {}),
+        **build_report(frame, meta["gender_classes"]),
+    }
 
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "predictions.csv") as tmp:
-        frame[["path", "age", "gender", "race", "pred_age", "p_female", "pred_gender"]].to_csv(tmp, index=False)
+        frame.drop(columns=["split", "interval_level"], errors="ignore").to_csv(tmp, index=False)
     with atomic_path(out / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     run_dir = Path(meta["checkpoint"]).parent.parent if meta.get("checkpoint") else None
-    plots.write_all(frame, report, run_dir, out)
+    plots.write_all(frame, report, meta["gender_classes"], run_dir, out)
     return report

@@ -1,7 +1,9 @@
 """`export`: a checkpoint -> model `age_gender` in the BentoML store, self-describing and with metrics.
 
-Validation and test metrics are measured here, on the exact weights being stored, so the numbers in
-the store always belong to the model next to them.
+Here, on the exact weights being stored: the gender temperature (and a regression head's residual
+quantiles) are fitted on the first held-out split (val; test where val was trained on), then validation
+and test metrics are measured with the served answers (models/outputs.py), so the numbers in the store
+always belong to the model next to them. MODEL_CARD.md (training/card.py) is written into the model.
 """
 
 from __future__ import annotations
@@ -14,17 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
-import lightning as L
 import torch
 import torchvision
 import yaml
 
-from models.artifact import MODEL_NAME, ONNX_FILE, WEIGHTS_FILE, architecture
+from models.artifact import CARD_FILE, INTERVAL_LEVEL, MODEL_NAME, ONNX_FILE, WEIGHTS_FILE, architecture
 from models.errors import UserError
 from models.network import export_onnx
-from training import fingerprint
+from training import calibration, card, fingerprint
 from training.atomic import atomic_path, ordinary_permissions
 from training.data import UTKFaceDataModule
+from training.evaluate import build_report, metrics, predict, with_answers
 from training.module import AgeGenderModule
 
 
@@ -48,17 +50,18 @@ def datamodule_for(module: AgeGenderModule) -> UTKFaceDataModule:
     return UTKFaceDataModule(**module.training_config["data"], image_size=module.hparams.image_size)
 
 
-def measure(module: AgeGenderModule, datamodule: UTKFaceDataModule) -> dict[str, dict[str, float]]:
-    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False)
-    out = {}
-    for stage, run in (("val", trainer.validate), ("test", trainer.test)):
-        if datamodule.split(stage).empty or stage in datamodule.train_splits:
-            continue  # no held-out data for this stage
-        raw = run(module, datamodule=datamodule, verbose=False)[0]
-        metrics = {k.split("/", 1)[1]: float(v) for k, v in raw.items()}
-        metrics["age_mse"] = metrics["age_rmse"] ** 2  # the original project's headline metric
-        out[stage] = metrics
-    return out
+def calibrate_and_measure(net: torch.nn.Module, meta: dict[str, Any], datamodule: UTKFaceDataModule) -> dict:
+    """Fit the calibration on the first held-out split, then score every held-out split with it. Sets
+    meta["calibration"] and meta["metrics"]; returns the test split's report (the model card's tables)."""
+    held_out = [s for s in ("val", "test") if s not in datamodule.train_splits and not datamodule.split(s).empty]
+    outputs = {s: predict(net, meta, datamodule.split(s)) for s in held_out}
+    if held_out:  # without held-out data: no temperature (1.0) and no regression intervals
+        first = datamodule.split(held_out[0])
+        fitted = calibration.fit(meta, *outputs[held_out[0]], first.age.to_numpy(), first.gender.to_numpy())
+        meta["calibration"] = {"split": held_out[0], **fitted}
+    frames = {s: with_answers(datamodule.split(s), *outputs[s], meta, INTERVAL_LEVEL) for s in held_out}
+    meta["metrics"] = {s: metrics(frame) for s, frame in frames.items()}
+    return build_report(frames["test"], meta["gender_classes"]) if "test" in frames else {}
 
 
 def train_split_of(module: AgeGenderModule, datamodule: UTKFaceDataModule) -> tuple[list[str], str]:
@@ -77,7 +80,7 @@ def describe(
     dataset = "sample" if sources == ["sample"] else "utkface"
     counts = datamodule.frame.split.value_counts()
     return {
-        **architecture(hp.backbone, hp.head_width, hp.dropout, hp.image_size),
+        **architecture(hp.backbone, hp.head_width, hp.dropout, hp.image_size, hp.age_head),
         "demo": dataset == "sample",
         "dataset": {
             "name": dataset,
@@ -94,9 +97,14 @@ def describe(
 
 
 def save_model(
-    net: torch.nn.Module, meta: dict[str, Any], name: str = MODEL_NAME, train_split: Sequence[str] | None = None
+    net: torch.nn.Module,
+    meta: dict[str, Any],
+    name: str = MODEL_NAME,
+    train_split: Sequence[str] | None = None,
+    model_card: str | None = None,
 ) -> bentoml.Tag:
-    """Weights, their ONNX graph and the training images' hashes into the store: all of it or nothing.
+    """Weights, their ONNX graph, the training images' hashes and the model card into the store: all of it
+    or nothing.
 
     `bentoml.models.create` writes into a private temporary folder, then copies it into the store; that copy
     is not atomic, and an interrupt during it (KeyboardInterrupt is no Exception, which is all it cleans up
@@ -118,6 +126,8 @@ def save_model(
             export_onnx(net, meta["image_size"], ref.path_of(ONNX_FILE))
             if train_split is not None:
                 fingerprint.write(ref.path_of(fingerprint.FILE), train_split)
+            if model_card is not None:
+                Path(ref.path_of(CARD_FILE)).write_text(model_card)
         staged, target = staging / ref.tag.path(), store_dir / ref.tag.path()
         ordinary_permissions(staged)  # not the 0700 of the temporary folder it was copied from
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -153,5 +163,5 @@ def export(checkpoint: str | Path, name: str = MODEL_NAME) -> bentoml.Tag:
             fix="restore the metadata file the checkpoint was trained with, or train again on this one",
         )
     meta = describe(module, datamodule, Path(checkpoint), train_split)
-    meta["metrics"] = measure(module, datamodule)
-    return save_model(module.net, meta, name, train_split[0])
+    test_report = calibrate_and_measure(module.net, meta, datamodule)
+    return save_model(module.net, meta, name, train_split[0], card.render(meta, test_report))

@@ -26,8 +26,10 @@ def build(cfg: dict) -> tuple[AgeGenderModule, UTKFaceDataModule]:
     return module, datamodule
 
 
-def fit(cfg: dict, callbacks: list[L.Callback] = ()) -> Path:
-    """Train; return the path of the checkpoint with the lowest validation loss (or the last one)."""
+def fit(cfg: dict, callbacks: list[L.Callback] = ()) -> Path | None:
+    """Train; return the path of the checkpoint with the lowest validation loss (or the last one). In a
+    multi-process run (trainer.strategy=ddp), only the process of global rank 0 returns it, the others None:
+    one process goes on to export."""
     L.seed_everything(cfg["seed"], workers=True)
     module, datamodule = build(cfg)
     monitor = module.hparams.monitor
@@ -41,4 +43,6 @@ def fit(cfg: dict, callbacks: list[L.Callback] = ()) -> Path:
         **cfg["trainer"],
     )
     trainer.fit(module, datamodule)
+    if not trainer.is_global_zero:
+        return None
     return Path(checkpoint.best_model_path or checkpoint.last_model_path)

@@ -1,4 +1,9 @@
-"""The LightningModule: owns the combined loss, the metrics and the optimiser around AgeGenderNet."""
+"""The LightningModule: owns the combined loss, the metrics and the optimiser around AgeGenderNet.
+
+Age losses: for the regression head one of AGE_LOSSES on the number; for the distribution head the
+cross-entropy against a Gaussian label distribution around the true age (DLDL / soft labels, width
+age_sigma years) plus, optionally, age_l1_weight x L1 of the expected age.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from models.artifact import GENDER_CLASSES
 from models.errors import UserError
-from models.network import AgeGenderNet
+from models.network import AgeGenderNet, check_age_head
 
 AGE_LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss}
 STAGES = ("train", "val", "test")
@@ -38,8 +43,14 @@ class AgeGenderModule(L.LightningModule):
         lr_factor: float = 0.5,
         lr_patience: int = 2,
         monitor: str = "val/loss",
+        age_head: str = "regression",
+        age_sigma: float = 2.0,
+        age_l1_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        check_age_head(age_head)
+        if age_sigma <= 0 or age_l1_weight < 0:
+            raise UserError(f"need model.age_sigma > 0 and model.age_l1_weight >= 0; got {age_sigma}, {age_l1_weight}")
         if age_loss not in AGE_LOSSES:
             raise UserError(f"unknown age_loss {age_loss!r}; choose from {', '.join(AGE_LOSSES)}")
         for name, value in (("age_weight", age_weight), ("gender_weight", gender_weight)):
@@ -52,7 +63,7 @@ class AgeGenderModule(L.LightningModule):
         self.save_hyperparameters()
         if not normalize_age:
             age_mean, age_std = 0.0, 1.0
-        self.net = AgeGenderNet(backbone, head_width, dropout, age_mean, age_std, pretrained, weights_path)
+        self.net = AgeGenderNet(backbone, head_width, dropout, age_mean, age_std, pretrained, weights_path, age_head)
         self.age_loss = AGE_LOSSES[age_loss]
         self.metrics = torch.nn.ModuleDict(
             {
@@ -72,20 +83,34 @@ class AgeGenderModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(x)
 
-    def losses(self, age: torch.Tensor, logits: torch.Tensor, true_age: torch.Tensor, true_gender: torch.Tensor):
-        # with normalize_age the age term is computed in standard deviations, so one weight fits every data set
-        scale = self.net.age_std
-        loss_age = self.age_loss(age / scale, true_age / scale)
+    def age_terms(self, age_out: torch.Tensor, true_age: torch.Tensor) -> torch.Tensor:
+        # with normalize_age the regression and L1 terms are in standard deviations: one weight fits any data
+        scale, age = self.net.age_std, self.net.years(age_out)
+        if not self.net.distribution:
+            return self.age_loss(age / scale, true_age / scale)
+        years = torch.arange(age_out.shape[1], dtype=age_out.dtype, device=age_out.device)  # (K,)
+        target = torch.exp(-0.5 * ((years[None] - true_age[:, None]) / self.hparams.age_sigma) ** 2)  # (B, K)
+        target = target / target.sum(1, keepdim=True)
+        loss = -(target * age_out.log_softmax(1)).sum(1).mean()
+        if self.hparams.age_l1_weight:
+            loss = loss + self.hparams.age_l1_weight * F.l1_loss(age / scale, true_age / scale)
+        return loss
+
+    def losses(self, age_out: torch.Tensor, logits: torch.Tensor, true_age: torch.Tensor, true_gender: torch.Tensor):
+        loss_age = self.age_terms(age_out, true_age)
         loss_gender = F.cross_entropy(logits, true_gender)
         loss = self.hparams.age_weight * loss_age + self.hparams.gender_weight * loss_gender
         return loss, loss_age, loss_gender
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, true_age, true_gender = batch
-        age, logits = self(x)
-        loss, loss_age, loss_gender = self.losses(age, logits, true_age, true_gender)
+        age_out, logits = self(x)
+        loss, loss_age, loss_gender = self.losses(age_out, logits, true_age, true_gender)
+        age = self.net.years(age_out)  # (B,) years
         on_step = stage == "train"
-        log = dict(on_step=on_step, on_epoch=True, batch_size=len(x), sync_dist=not on_step)
+        # synced across processes at every stage: under DDP the LR schedule (and `production`, which watches
+        # train/loss_epoch) must see the same number in every process
+        log = dict(on_step=on_step, on_epoch=True, batch_size=len(x), sync_dist=True)
         self.log(f"{stage}/loss_age", loss_age, **log)
         self.log(f"{stage}/loss_gender", loss_gender, **log)
         self.log(f"{stage}/loss", loss, prog_bar=True, **log)
@@ -107,10 +132,6 @@ class AgeGenderModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "test")
-
-    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        age, logits = self(batch[0])
-        return {"age": age, "gender_prob": logits.softmax(1), "true_age": batch[1], "true_gender": batch[2]}
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from training.atomic import atomic_path  # noqa: E402
+from training.calibration import reliability  # noqa: E402
 
 TERMS = ("loss_age", "loss_gender", "loss")
 
@@ -63,9 +64,13 @@ def age_scatter(frame: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
+def _age_order(names) -> list[str]:
+    return sorted(names, key=lambda g: int(g.split("-")[0].rstrip("+")))
+
+
 def mae_by_age(report: dict, path: Path) -> None:
     groups = report["by_age_group"]
-    names = sorted(groups, key=lambda g: int(g.split("-")[0].rstrip("+")))
+    names = _age_order(groups)
     fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar(names, [groups[g]["age_mae"] for g in names])
     ax.bar_label(bars, labels=[f"n={groups[g]['n']}" for g in names], fontsize=8)
@@ -73,28 +78,56 @@ def mae_by_age(report: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def gender_confusion(frame: pd.DataFrame, path: Path) -> None:
-    matrix = np.zeros((2, 2), dtype=int)
+def fairness(report: dict, path: Path) -> None:
+    """Age MAE by true age group, one line per gender (left) and per race (right): who the model fails."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    for ax, name in zip(axes, ("gender", "race"), strict=True):
+        for group, by_age in report[f"age_mae_by_age_group_and_{name}"].items():
+            names = _age_order(by_age)
+            ax.plot(names, [by_age[a] for a in names], marker="o", label=group)
+        ax.set(xlabel="true age group", title=f"age MAE by age group and {name}")
+        ax.tick_params(axis="x", rotation=45)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("MAE (years)")
+    _save(fig, path)
+
+
+def gender_reliability(frame: pd.DataFrame, report: dict, path: Path) -> None:
+    """Accuracy against confidence of the predicted gender, before and after temperature scaling."""
+    correct = (frame.pred_gender == frame.gender).to_numpy()
+    overall = report["overall"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0.5, 1], [0.5, 1], color="black", linewidth=1, label="perfectly calibrated")
+    for column, label, ece in (
+        ("gender_probability_uncalibrated", "uncalibrated", overall["gender_ece_uncalibrated"]),
+        ("gender_probability", "temperature-scaled", overall["gender_ece"]),
+    ):
+        points = reliability(frame[column].to_numpy(), correct)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{label} (ECE {ece:.3f})")
+    ax.set(xlabel="predicted probability of the predicted gender", ylabel="accuracy", title="gender reliability")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def gender_confusion(frame: pd.DataFrame, classes: list[str], path: Path) -> None:
+    matrix = np.zeros((len(classes), len(classes)), dtype=int)
     np.add.at(matrix, (frame.gender.to_numpy(), frame.pred_gender.to_numpy()), 1)
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.imshow(matrix, cmap="Blues")
     for (i, j), n in np.ndenumerate(matrix):
         ax.text(j, i, str(n), ha="center", va="center")
-    ax.set(
-        xticks=[0, 1],
-        yticks=[0, 1],
-        xticklabels=["male", "female"],
-        yticklabels=["male", "female"],
-        xlabel="predicted",
-        ylabel="true",
-        title="gender",
-    )
+    ticks = list(range(len(classes)))
+    ax.set(xticks=ticks, yticks=ticks, xticklabels=classes, yticklabels=classes, xlabel="predicted", ylabel="true")
+    ax.set_title("gender")
     _save(fig, path)
 
 
-def write_all(frame: pd.DataFrame, report: dict, run_dir: Path | None, out: Path) -> None:
+def write_all(frame: pd.DataFrame, report: dict, classes: list[str], run_dir: Path | None, out: Path) -> None:
     if run_dir is not None and run_dir.is_dir():
         loss_curves(read_curves(run_dir), out / "loss_curves.png")
     age_scatter(frame, out / "age_scatter.png")
     mae_by_age(report, out / "mae_by_age.png")
-    gender_confusion(frame, out / "gender_confusion.png")
+    fairness(report, out / "fairness.png")
+    gender_reliability(frame, report, out / "gender_reliability.png")
+    gender_confusion(frame, classes, out / "gender_confusion.png")

@@ -34,10 +34,17 @@ function showFaces(card, url, body) {
     return;
   }
   const table = el("table");
-  table.append(el("tr", { innerHTML: "<th>#</th><th>age</th><th>gender</th><th>probability</th><th>box (x, y, w, h)</th>" }));
+  table.append(el("tr", {
+    innerHTML: "<th>#</th><th>age</th><th>age interval</th><th>P(under 18)</th><th>gender</th>" +
+      "<th>probability</th><th>box (x, y, w, h)</th>",
+  }));
   body.faces.forEach((f, i) => {
     const row = el("tr");
-    [i + 1, f.age.toFixed(1), f.gender, `${(f.gender_probability * 100).toFixed(1)} %`,
+    const interval = f.age_interval
+      ? `${f.age_interval.low.toFixed(0)}–${f.age_interval.high.toFixed(0)} (${Math.round(f.age_interval.level * 100)} %)`
+      : "n/a";
+    const minor = f.minor_probability != null ? `${(f.minor_probability * 100).toFixed(1)} %` : "n/a";
+    [i + 1, f.age.toFixed(1), interval, minor, f.gender, `${(f.gender_probability * 100).toFixed(1)} %`,
       `${f.box.x}, ${f.box.y}, ${f.box.width}, ${f.box.height}`].forEach((v) => row.append(el("td", {}, String(v))));
     table.append(row);
   });
@@ -82,6 +89,12 @@ async function showModel() {
     document.getElementById("demo-warning").hidden = !info.demo;
   } catch (err) {
     node.textContent = `Model information unavailable: ${err.message}`;
+  }
+  const card = document.getElementById("model-card");
+  const response = await fetch("/model_card").catch(() => null);
+  if (response && response.ok) {
+    card.querySelector("pre").textContent = await response.text();
+    card.hidden = false;
   }
 }
 

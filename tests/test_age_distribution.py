@@ -1,0 +1,206 @@
+"""Issue 11 on generated sample data: the distribution age head against regression (same data, recipe and
+budget), age intervals, P(minor), temperature-scaled gender, evaluation plots, the model card, models
+stored before any of this, and `fit` on two processes (DDP, gloo)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+from pathlib import Path
+
+import bentoml
+import numpy as np
+import pytest
+
+from models.artifact import CARD_FILE, INTERVAL_LEVEL
+from models.network import load_network
+from training import calibration
+from training.evaluate import predict
+from training.utkface import read_metadata
+
+from .conftest import run_cli
+
+
+def stored(tag: str) -> tuple[str, dict]:
+    model = bentoml.models.get(tag)
+    return model.path, model.info.metadata
+
+
+def test_distribution_head_learns_at_least_as_well_as_regression(
+    model_tag: str, regression_tag: str, metadata_file: Path
+) -> None:
+    frame = read_metadata(metadata_file)
+    test = frame[frame.split == "test"]
+    mean_mae = (test.age - frame[frame.split == "train"].age.mean()).abs().mean()  # predicting the mean
+    dist, reg = stored(model_tag)[1], stored(regression_tag)[1]
+    assert (dist["age_head"], reg["age_head"]) == ("distribution", "regression")
+    dist_mae, reg_mae = dist["metrics"]["test"]["age_mae"], reg["metrics"]["test"]["age_mae"]
+    print(f"\ntest age MAE: distribution {dist_mae:.2f}, regression {reg_mae:.2f}, predicting the mean {mean_mae:.2f}")
+    assert dist_mae <= reg_mae * 1.05  # no worse, within 5 % run-to-run noise on 90 test images
+    assert dist_mae < 0.5 * mean_mae and reg_mae < 0.5 * mean_mae
+
+
+@pytest.mark.parametrize("which", ["distribution", "regression"])
+def test_interval_coverage_is_near_its_level(which: str, model_tag: str, regression_tag: str) -> None:
+    meta = stored(model_tag if which == "distribution" else regression_tag)[1]
+    test = meta["metrics"]["test"]
+    assert test["interval_level"] == INTERVAL_LEVEL
+    assert abs(test["interval_coverage"] - INTERVAL_LEVEL) <= 0.10, test
+    assert test["minor_auc"] > 0.9, test
+
+
+def test_minor_probability_separates_children_from_adults(model_tag: str, metadata_file: Path) -> None:
+    from models.outputs import COLUMNS, decode
+
+    path, meta = stored(model_tag)
+    frame = read_metadata(metadata_file)
+    frame = frame[frame.split.isin(["val", "test"]) & ((frame.age < 10) | (frame.age > 40))]
+    outputs = predict(load_network(path, meta), meta, frame)
+    minor = decode(*outputs, meta, INTERVAL_LEVEL)[:, COLUMNS.index("minor_probability")]
+    children, adults = minor[(frame.age < 10).to_numpy()], minor[(frame.age > 40).to_numpy()]
+    print(f"\nP(minor) > 0.5 for {np.mean(children > 0.5):.2f} of {len(children)} faces under 10, ", end="")
+    print(f"{np.mean(adults > 0.5):.2f} of {len(adults)} over 40")
+    assert np.mean(children > 0.5) > 0.8 and np.mean(adults < 0.5) > 0.8
+
+
+def test_temperature_scaling_lowers_ece_on_an_overconfident_split(model_tag: str, metadata_file: Path) -> None:
+    """25 % of the held-out gender labels flipped: the model is now over-confident on them. The temperature
+    fitted on the noisy validation split softens it (T > 1) and lowers ECE on the noisy test split."""
+    path, meta = stored(model_tag)
+    net, frame = load_network(path, meta), read_metadata(metadata_file)
+    rng = np.random.default_rng(0)
+    noisy = {}
+    for split in ("val", "test"):
+        part = frame[frame.split == split]
+        labels = part.gender.to_numpy().copy()
+        flip = rng.random(len(labels)) < 0.25
+        labels[flip] = 1 - labels[flip]
+        noisy[split] = (predict(net, meta, part)[1], labels)
+    temperature = calibration.fit_temperature(*noisy["val"])
+    logits, labels = noisy["test"]
+
+    def test_ece(t: float) -> float:
+        probs = calibration.softmax(logits / t)
+        return calibration.ece(probs.max(1), probs.argmax(1) == labels)
+
+    print(f"\nT {temperature:.2f}: test ECE {test_ece(1.0):.3f} -> {test_ece(temperature):.3f}")
+    assert temperature > 1.2  # softer
+    assert test_ece(temperature) < test_ece(1.0)
+
+
+def test_export_stores_calibration_and_a_model_card(model_tag: str) -> None:
+    path, meta = stored(model_tag)
+    assert meta["calibration"]["split"] == "val" and meta["calibration"]["gender_temperature"] > 0
+    for split in ("val", "test"):
+        assert meta["metrics"][split]["gender_ece"] >= 0 and "gender_ece_uncalibrated" in meta["metrics"][split]
+    assert meta["calibration"]["split"] == "val"
+    assert meta["metrics"]["val"]["gender_ece"] <= meta["metrics"]["val"]["gender_ece_uncalibrated"] + 1e-9
+    card = (Path(path) / CARD_FILE).read_text()
+    for needed in (
+        "DEMO MODEL",
+        "distribution age head",
+        "## Data",
+        "## Metrics",
+        "## Calibration",
+        "Test metrics by race",
+        "Not intended for",
+        "non-commercial",
+    ):
+        assert needed in card, needed
+
+
+def test_evaluate_reports_and_plots_the_new_numbers(model_tag: str, metadata_file: Path, tmp_path: Path) -> None:
+    result = run_cli("evaluate", "--model", model_tag, "--metadata", str(metadata_file), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "interval coverage" in result.stdout and "ECE" in result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    overall = report["overall"]
+    assert abs(overall["interval_coverage"] - INTERVAL_LEVEL) <= 0.10 and overall["minor_auc"] > 0.9
+    assert set(report["age_mae_by_age_group_and_gender"]) == {"male", "female"}
+    assert len(report["age_mae_by_age_group_and_race"]) >= 4
+    for plot in ("fairness.png", "gender_reliability.png", "mae_by_age.png", "age_scatter.png"):
+        assert (tmp_path / plot).stat().st_size > 10_000, plot
+
+
+@pytest.fixture(scope="module")
+def old_tag(regression_tag: str) -> str:
+    """A model as `export` stored them before this issue: regression head, no `age_head` key, no calibration,
+    the older metric keys, no model card (its weights are the regression model's)."""
+    from training import fingerprint
+    from training.export import save_model
+
+    path, meta = stored(regression_tag)
+    trained = fingerprint.read(Path(path) / fingerprint.FILE, meta["dataset"]["train_split"])
+    old = {k: v for k, v in meta.items() if k not in ("age_head", "calibration")}
+    old["metrics"] = {
+        s: {k: v for k, v in m.items() if k in ("age_mae", "age_rmse", "age_mse", "gender_acc", "loss")}
+        for s, m in meta["metrics"].items()
+    }
+    return str(save_model(load_network(path, meta), old, name="age_gender_old", train_split=sorted(trained)))
+
+
+def test_a_model_stored_before_this_change_serves_and_evaluates(old_tag: str, metadata_file: Path, tmp_path: Path):
+    assert not (Path(stored(old_tag)[0]) / CARD_FILE).exists()
+    result = run_cli("evaluate", "--model", old_tag, "--metadata", str(metadata_file), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    overall = json.loads((tmp_path / "report.json").read_text())["overall"]
+    assert "interval_coverage" not in overall and overall["gender_acc"] > 0.8
+
+    os.environ["AGE_GENDER_MODEL"] = old_tag  # read when serving.settings is imported
+    try:
+        import serving.settings
+
+        importlib.reload(serving.settings)
+        import service
+
+        service = importlib.reload(service)
+        photo = tmp_path / "face.jpg"
+        from devtools.photos import astronaut
+
+        astronaut().save(photo)
+        api = service.AgeGender()
+        (face,) = asyncio.run(api.predict(image=photo)).faces
+        assert face.age_interval is None and face.minor_probability is None and 0 <= face.age <= 116
+        info = asyncio.run(api.model_info())
+        assert info.age_head == "regression" and info.gender_temperature == 1.0
+    finally:
+        os.environ.pop("AGE_GENDER_MODEL")
+        os.environ.pop("OMP_NUM_THREADS", None)  # set by service.py for its own processes
+
+
+def test_fit_on_two_processes_with_ddp_exports_a_model_that_serves(metadata_file: Path, tmp_path: Path) -> None:
+    """`fit` with trainer.strategy=ddp on two CPU processes (gloo), then the exported model answers."""
+    home = tmp_path / "bentoml"
+    result = run_cli(
+        "fit",
+        "--config",
+        "configs/demo.yaml",
+        "--export",
+        f"data.metadata={metadata_file}",
+        f"logdir={tmp_path / 'runs'}",
+        "data.num_workers=0",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false",
+        BENTOML_HOME=str(home),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed_backend=gloo" in result.stderr and "Starting with 2 processes" in result.stderr
+    assert result.stdout.count("saved model") == 1  # rank 0 only
+    (model,) = [p for p in (home / "models" / "age_gender").iterdir() if p.name != "latest"]
+    import yaml
+
+    from models.artifact import array_preprocess_for
+    from models.outputs import decode
+    from models.runtime import OnnxRuntime
+
+    meta = yaml.safe_load((model / "model.yaml").read_text())["metadata"]
+    crops = np.random.default_rng(0).integers(0, 256, (3, 200, 200, 3), dtype=np.uint8)
+    rows = decode(
+        *OnnxRuntime(model, ["CPUExecutionProvider"])(array_preprocess_for(meta)(crops)), meta, INTERVAL_LEVEL
+    )
+    assert rows.shape == (3, 6) and np.isfinite(rows).all()

@@ -1,0 +1,82 @@
+"""MODEL_CARD.md: what a stored model is, how it was made, how well it does and for whom, what not to use
+it for. Written by `export` into the model folder from the same metadata the service reads; served at
+GET /model_card and shown on the page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.artifact import MINOR_AGE
+
+LIMITS = """\
+## Intended use
+- Research, demos and aggregate analytics (for example the age distribution of consenting participants in
+  a photo collection), where an individual error costs little and a person can look at the photo.
+
+## Not intended for
+- Deciding anything about an individual: access to age-restricted goods or content, employment, credit,
+  policing, immigration. `minor_probability` is an estimate with known error on children, not an age
+  check on its own; gender here is a binary label read from appearance, not anyone's gender identity.
+- Identifying or tracking people: the model does not recognise who someone is, and must not be made to.
+- Commercial use of a model trained on UTKFace: its licence allows non-commercial research only.
+
+## Known limits
+- UTKFace is imbalanced: most faces are 20-40 years old and White; children, people over 70 and the
+  smaller race groups have fewer examples and larger errors (see the tables above).
+- Labels are estimated from the photos by the data set's makers; errors of a few years are in the labels.
+- Faces that are small, blurred, turned away, occluded or lit unlike the training photos do worse.
+"""
+
+
+def _table(rows: dict[str, dict[str, float]], columns: tuple[str, ...]) -> list[str]:
+    lines = ["| group | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for group, values in rows.items():
+        cells = [f"{values[c]:.3f}" if isinstance(values.get(c), float) else str(values.get(c, "")) for c in columns]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(meta: dict[str, Any], test_report: dict[str, Any]) -> str:
+    data, cal = meta["dataset"], meta.get("calibration", {})
+    lines = [f"# Model card: age and gender ({meta['backbone']}, {meta.get('age_head', 'regression')} age head)", ""]
+    if meta["demo"]:
+        lines += ["**DEMO MODEL** trained on generated sample data (not faces): its answers on photos mean nothing", ""]
+    lines += [
+        "## Data",
+        f"- Data set: {data['name']} (`{data['metadata']}`), trained on split(s) {', '.join(data['train_splits'])}.",
+        f"- Images: {data['n_train']} train, {data['n_val']} validation, {data['n_test']} test.",
+        "",
+        "## Recipe",
+        f"- Network: torchvision {meta['backbone']} trunk, input {meta['image_size']} px, two heads of width "
+        f"{meta['head_width']}; age head `{meta.get('age_head', 'regression')}`.",
+        "- Config:",
+        "",
+        "```yaml",
+        meta["config"].rstrip(),
+        "```",
+        "",
+        "## Metrics",
+    ]
+    for split, values in meta.get("metrics", {}).items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if k != "n")
+        lines.append(f"- {split} ({values['n']} faces): {shown}")
+    lines += ["", "## Calibration"]
+    if cal:
+        lines.append(
+            f"- Gender: temperature {cal['gender_temperature']} fitted on the {cal['split']} split; "
+            "expected calibration error (ECE) before and after is in the metrics above."
+        )
+        if cal["split"] == "test":
+            lines.append("- The test split is also where it was fitted (val was trained on): test ECE is optimistic.")
+        lines.append(
+            "- Age interval: read from the age distribution."
+            if meta.get("age_head") == "distribution"
+            else f"- Age interval and P(age < {MINOR_AGE}): from residual quantiles on the {cal['split']} split."
+        )
+    else:
+        lines.append("- None: this model had no held-out split to fit a calibration on.")
+    for name, title in (("age_group", "age group"), ("gender", "gender"), ("race", "race")):
+        if f"by_{name}" in test_report:
+            lines += ["", f"## Test metrics by {title}", ""]
+            lines += _table(test_report[f"by_{name}"], ("n", "age_mae", "gender_acc", "interval_coverage"))
+    return "\n".join(lines) + "\n\n" + LIMITS
