@@ -21,10 +21,26 @@ BODY_ERRORS = {"400": "Bad Request", "408": "Request Timeout", "413": "Request T
 UPLOAD_ERRORS = {**BODY_ERRORS, "415": "Unsupported Media Type"}
 
 
+MODEL_CARD_PATH = {
+    "get": {
+        "operationId": "model_card",
+        "summary": "The served model's card: data, recipe, metrics by group, calibration, uses, limits",
+        "responses": {
+            "200": {"description": "Markdown", "content": {"text/markdown": {"schema": {"type": "string"}}}},
+            "404": {
+                "description": "the model was exported before model cards",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+        },
+    }
+}
+
+
 def standard_openapi(spec: dict) -> dict:
     """Make BentoML's spec standard and generator-friendly: OpenAPI 3.0 types instead of "file" and
     "tensor", operation ids named after the APIs (`predict`, not `AgeGender__predict`), schema names
-    without BentoML's `IODescriptor` suffix or unused `__Input` copies; multipart request bodies required
+    without BentoML's `IODescriptor` suffix or unused `__Input` copies; GET /model_card listed; multipart
+    request bodies required
     and file arrays non-empty; the 400 / 408 / 413 / 415 `{"error"}` answers of the request guard."""
 
     def fix(node):
@@ -45,7 +61,8 @@ def standard_openapi(spec: dict) -> dict:
     for name in [n for n in schemas if n.endswith("__Input")]:
         del schemas[name]
     schemas["Error"] = ERROR_SCHEMA
-    for operations in spec.get("paths", {}).values():
+    spec.setdefault("paths", {})["/model_card"] = MODEL_CARD_PATH  # a mounted route BentoML does not list
+    for operations in spec["paths"].values():
         for op in operations.values():
             if not isinstance(op, dict):
                 continue

@@ -26,6 +26,18 @@ def test_output_shapes(backbone: str) -> None:
     assert net.age_mean.item() == 30.0 and net.age_std.item() == 10.0
 
 
+def test_distribution_head_answers_expected_years() -> None:
+    net = AgeGenderNet("resnet18", head_width=32, age_head="distribution").eval()
+    with torch.inference_mode():
+        age_logits, logits = net(torch.randn(3, 3, 64, 64))
+        years = net.years(age_logits)
+    assert age_logits.shape == (3, 117) and logits.shape == (3, 2)  # one logit per year 0..116
+    assert torch.allclose(years, (age_logits.softmax(1) * torch.arange(117.0)).sum(1))
+    assert ((years >= 0) & (years <= 116)).all()
+    with pytest.raises(UserError, match="unknown age head 'ordinal'; choose from regression, distribution"):
+        AgeGenderNet("resnet18", age_head="ordinal")
+
+
 def test_unknown_backbone_names_choices() -> None:
     with pytest.raises(UserError, match="unknown backbone 'resnet35'; choose from resnet18, resnet34, resnet50"):
         AgeGenderNet("resnet35")
@@ -59,10 +71,29 @@ def test_normalised_age_loss_is_in_standard_deviations() -> None:
     assert loss_age == pytest.approx(2.0)
 
 
+def test_distribution_loss_is_soft_label_cross_entropy() -> None:
+    """Cross-entropy against a Gaussian of age_sigma years around the true age, plus age_l1_weight x L1 of
+    the expected age in standard deviations: lowest for logits that are that Gaussian's log."""
+    module = AgeGenderModule("resnet18", pretrained=False, age_head="distribution", age_sigma=2.0)
+    years = torch.arange(117.0)
+    target = torch.exp(-0.5 * ((years - 30) / 2.0) ** 2)
+    target = target / target.sum()
+    loss_at = {}
+    for centre in (30, 35):
+        logits = (-0.5 * ((years - centre) / 2.0) ** 2)[None]
+        loss_at[centre] = module.age_terms(logits, torch.tensor([30.0])).item()
+    entropy = -torch.special.xlogy(target, target).sum().item()
+    assert loss_at[30] == pytest.approx(entropy, abs=1e-4) and loss_at[35] > loss_at[30] + 1
+    with_l1 = AgeGenderModule("resnet18", pretrained=False, age_head="distribution", age_l1_weight=0.5)
+    l1_term = with_l1.age_terms((-0.5 * ((years - 35) / 2.0) ** 2)[None], torch.tensor([30.0])).item() - loss_at[35]
+    assert l1_term == pytest.approx(0.5 * 5, abs=1e-3)  # expected age 35 vs 30; age_std 1 without normalize_age
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"age_weight": -0.1}, "model.age_weight must be >= 0"),
+        ({"age_sigma": 0.0}, "need model.age_sigma > 0"),
         ({"age_loss": "huber"}, "unknown age_loss 'huber'; choose from mse, l1, smooth_l1"),
         ({"age_weight": 0.0, "gender_weight": 0.0}, "cannot both be 0"),
     ],

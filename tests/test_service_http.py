@@ -79,8 +79,10 @@ def test_predict_faces_matches_in_process_model(server: str, model_tag: str, met
     net = load_network(stored.path, meta)
     with torch.inference_mode():
         crops = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
-        age, logits = net(torch.from_numpy(array_preprocess_for(meta)(crops)))
-    probs = logits.softmax(1)
+        age_logits, logits = net(torch.from_numpy(array_preprocess_for(meta)(crops)))
+    calibration = meta["calibration"]
+    age = (age_logits / calibration["age_temperature"]).softmax(1) @ torch.arange(117.0)  # expected age, years
+    probs = (logits / calibration["gender_temperature"]).softmax(1)
     for s, a, p in zip(served, age.tolist(), probs, strict=True):
         k = int(p.argmax())
         assert s["age"] == pytest.approx(a, abs=0.02)
@@ -245,6 +247,25 @@ def test_bentoml_sync_client(server: str, tmp_path: Path) -> None:
     assert len(result["faces"]) == 1
     assert batch["results"] == [result, result]
     assert info["demo"] is True and info["dataset"] == "sample" and info["backbone"] == "resnet18"
+
+
+def test_answers_carry_an_age_interval_and_p_minor(server: str) -> None:
+    r = httpx.post(server + "/predict", files={"image": ("a.jpg", encode(astronaut()), "image/jpeg")}, timeout=60)
+    (face,) = r.json()["faces"]
+    interval = face["age_interval"]
+    assert interval["level"] == 0.8 and 0 <= interval["low"] <= face["age"] <= interval["high"] <= 116
+    assert 0 <= face["minor_probability"] <= 1 and 0.5 <= face["gender_probability"] <= 1
+    info = httpx.post(server + "/model_info").json()
+    assert info["age_head"] == "distribution" and info["interval_level"] == 0.8 and info["gender_temperature"] > 0
+    assert 0 <= info["test_metrics"]["interval_coverage"] <= 1 and info["model_card"] == "/model_card"
+
+
+def test_model_card_route(server: str) -> None:
+    r = httpx.get(server + "/model_card")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/markdown")
+    assert r.text.startswith("# Model card") and "DEMO MODEL" in r.text and "## Known limits" in r.text
+    spec = httpx.get(server + "/docs.json").json()
+    assert "text/markdown" in spec["paths"]["/model_card"]["get"]["responses"]["200"]["content"]
 
 
 def test_health_and_docs(server: str) -> None:

@@ -69,7 +69,8 @@ def render(meta: dict[str, Any], test_report: dict[str, Any]) -> str:
         if cal["split"] == "test":
             lines.append("- The test split is also where it was fitted (val was trained on): test ECE is optimistic.")
         lines.append(
-            "- Age interval: read from the age distribution."
+            f"- Age interval and P(age < {MINOR_AGE}): read from the age distribution, its temperature "
+            f"{cal['age_temperature']} fitted on the {cal['split']} split."
             if meta.get("age_head") == "distribution"
             else f"- Age interval and P(age < {MINOR_AGE}): from residual quantiles on the {cal['split']} split."
         )

@@ -1,7 +1,8 @@
 """`export`: a checkpoint -> model `age_gender` in the BentoML store, self-describing and with metrics.
 
-Here, on the exact weights being stored: the gender temperature (and a regression head's residual
-quantiles) are fitted on the first held-out split (val; test where val was trained on), then validation
+Here, on the exact weights being stored: the gender temperature (and the distribution head's age
+temperature, or the regression head's residual quantiles) are fitted on the first held-out split (val;
+test where val was trained on: training/calibration.py), then validation
 and test metrics are measured with the served answers (models/outputs.py), so the numbers in the store
 always belong to the model next to them. MODEL_CARD.md (training/card.py) is written into the model.
 """
