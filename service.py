@@ -1,9 +1,10 @@
 """Age and gender recognition service: `bentoml serve service:AgeGender`.
 
-Three services, each in its own process(es):
-- FaceDetection:  upload bytes -> decoded photo, faces, aligned 200x200 crops (CPU).
-- AgeGenderModel: aligned crops -> age and gender, with adaptive batching across requests (GPU if any).
-- AgeGender:      the public HTTP API; fans photos out to the detector, crops into shared model batches.
+Three services, each in its own process(es), around the two halves of models/pipeline.py:
+- FaceDetection:  FaceFinder: upload bytes -> decoded photo, faces, aligned 200x200 crops (CPU).
+- AgeGenderModel: Estimator: aligned crops -> answer rows, adaptive batching across requests (GPU if any).
+- AgeGender:      the public HTTP API; fans photos out to the detectors, crops into shared model batches,
+                  joins the two; a UserError anywhere is a 400/413 `{"error"}` (serving/guard.py).
 Settings come from AGE_GENDER_* environment variables (serving/settings.py).
 """
 
@@ -18,29 +19,27 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import asyncio
+from dataclasses import asdict
 from pathlib import Path
 
 import bentoml
-import cv2
 import numpy as np
 from PIL import Image
-from starlette.applications import Starlette
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
-from models.artifact import CARD_FILE, array_preprocess_for
-from models.errors import TooLarge, UserError
-from models.faces import CROP_SIZE, FaceDetector, align_crop
+from models.errors import UserError, as_data, raised
 from models.images import decode_image
-from models.outputs import answers, calibration, decode
-from models.runtime import open_runtime, visible_gpus
+from models.outputs import answers, calibration
+from models.pipeline import Detection, Estimator, FaceFinder, load_crops, photo_results
+from models.runtime import visible_gpus
+from models.schemas import BatchResult, FaceAttributes, FacesResult, ModelInfo, PhotoResult
 from serving import patches
 from serving.annotate import annotate
+from serving.card import ModelCardRoute
 from serving.dependencies import call_dependency
-from serving.guard import FileField, RequestGuard, error
+from serving.guard import FileField, RequestGuard, answers_user_errors
 from serving.openapi import StandardOpenAPI
-from serving.schemas import BatchResult, DetectedFace, FaceAttributes, FacesResult, ModelInfo, PhotoResult
 from serving.settings import DETECTOR_WORKERS, SETTINGS
 
 # inter-service HTTP sessions are otherwise recycled under in-flight requests (BentoML #5540, #5544)
@@ -48,55 +47,28 @@ _CONNECTION = {"runner_connection": {"max_requests": 2**31 - 1, "max_age": 1e9}}
 patches.apply()  # BentoML 1.4.40: /readyz during worker restarts, per-request timers (serving/patches.py)
 
 
-def _error(exc: UserError, prefix: str = "") -> dict:
-    return {"error": prefix + str(exc), "status": 413 if isinstance(exc, TooLarge) else 400}
-
-
 # one detector process per CPU core by default: detection is the CPU-bound step of /predict
 @bentoml.service(workers=DETECTOR_WORKERS, traffic={"timeout": 60}, **_CONNECTION)
 class FaceDetection:
     def __init__(self) -> None:
-        self.detector = FaceDetector(SETTINGS.detector, SETTINGS.score_threshold, SETTINGS.min_face_size)
+        self.finder = FaceFinder(
+            SETTINGS.detector, SETTINGS.score_threshold, SETTINGS.min_face_size, SETTINGS.max_pixels
+        )
 
     @bentoml.api
     def detect(self, image: bytes) -> dict:
-        """-> {width, height, boxes (N, 4), scores (N,), crops (N, 200, 200, 3) uint8} or {error, status}."""
-        try:
-            rgb = decode_image(image, SETTINGS.max_pixels)
-        except UserError as exc:
-            return _error(exc)
-        faces = self.detector.detect(rgb)
-        crops = (
-            np.stack([align_crop(rgb, f) for f in faces]) if faces else np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
-        )
-        return {
-            "width": rgb.shape[1],
-            "height": rgb.shape[0],
-            "boxes": [f.box for f in faces],
-            "scores": [f.score for f in faces],
-            "crops": crops,
-        }
+        """Photo bytes -> a models.pipeline.Detection as a dict (or its UserError as data: models.errors)."""
+        return as_data(lambda: asdict(self.finder.find(image)))
 
     @bentoml.api
     def name(self) -> str:
         """The detector in use: the configured one, or `haar` where MTCNN's nets cannot load."""
-        return self.detector.name
+        return self.finder.name
 
     @bentoml.api
     def load_crops(self, images: list[bytes]) -> dict:
-        """Already-cropped faces -> {crops (N, 200, 200, 3)} or {error, status}; resized as UTKFace chips."""
-        crops = []
-        for i, data in enumerate(images):
-            try:
-                rgb = decode_image(data, SETTINGS.max_pixels)
-            except UserError as exc:
-                return _error(exc, f"image #{i}: ")
-            crops.append(
-                rgb
-                if rgb.shape[:2] == (CROP_SIZE, CROP_SIZE)
-                else cv2.resize(rgb, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA)
-            )
-        return {"crops": np.stack(crops)}
+        """Already-cropped faces -> {crops (N, 200, 200, 3)}, resized as UTKFace chips (or a UserError as data)."""
+        return as_data(lambda: {"crops": load_crops(images, SETTINGS.max_pixels)})
 
 
 # BentoML assigns the GPU (CUDA_VISIBLE_DEVICES) when one exists; without one the model runs on the CPU
@@ -106,8 +78,7 @@ class AgeGenderModel:
 
     def __init__(self) -> None:
         self.meta = self.model_ref.info.metadata
-        self.runtime = open_runtime(SETTINGS.runtime, self.model_ref.path, self.meta)
-        self.preprocess = array_preprocess_for(self.meta)  # numpy: this process needs no torch for ONNX
+        self.estimator = Estimator.open(self.model_ref.path, self.meta, SETTINGS.runtime, SETTINGS.interval_level)
 
     @bentoml.api(
         batchable=SETTINGS.max_batch_size > 1,  # AGE_GENDER_MAX_BATCH_SIZE=1: one request per model call
@@ -117,8 +88,7 @@ class AgeGenderModel:
     )
     def predict(self, crops: np.ndarray) -> np.ndarray:
         """(B, 200, 200, 3) uint8 aligned crops -> (B, 6) float32: models.outputs.COLUMNS, P(each gender)."""
-        age_out, logits = self.runtime(self.preprocess(crops))  # from (B, 3, S, S) normalised float
-        return decode(age_out, logits, self.meta, SETTINGS.interval_level)
+        return self.estimator(crops)
 
     @bentoml.api
     def info(self) -> dict:
@@ -129,13 +99,10 @@ class AgeGenderModel:
             "dataset": self.meta["dataset"]["name"],
             "demo": self.meta["demo"],
             "test_metrics": self.meta.get("metrics", {}).get("test", {}),
-            "gender_classes": self.meta["gender_classes"],
-            "device": self.runtime.device,
-            "runtime": self.runtime.name,
+            "gender_classes": self.estimator.classes,
             "age_head": self.meta.get("age_head", "regression"),
-            "interval_level": SETTINGS.interval_level,
             "gender_temperature": float(calibration(self.meta).get("gender_temperature", 1.0)),
-            "model_card": "/model_card",
+            **self.estimator.info(),
         }
 
 
@@ -167,7 +134,7 @@ class AgeGender:
         return self._info
 
     async def _attributes(self, crops: np.ndarray) -> list[dict]:
-        """Crops -> per-face attributes; each chunk is one request to the batching model service."""
+        """Crops -> per-face answers; each chunk is one request to the batching model service."""
         if len(crops) == 0:
             return []
         classes = (await self._model_info())["gender_classes"]
@@ -177,58 +144,48 @@ class AgeGender:
         )
         return answers(np.concatenate(chunks), classes, SETTINGS.interval_level)
 
-    async def _photos(self, paths: list[Path]) -> list[PhotoResult] | JSONResponse:
+    async def _photos(self, paths: list[Path]) -> list[PhotoResult]:
         # at most one image per detector process in flight for this request: a request with many large
         # photos then queues behind nobody and nobody queues behind all of its photos
         slots = asyncio.Semaphore(DETECTOR_WORKERS)
 
-        async def detect(path: Path) -> dict:
+        async def detect(i: int, path: Path) -> Detection:
             async with slots:
-                return await call_dependency(self.detector.to_async.detect, await asyncio.to_thread(path.read_bytes))
+                answer = await call_dependency(self.detector.to_async.detect, await asyncio.to_thread(path.read_bytes))
+            try:
+                return Detection(**raised(answer))
+            except UserError as exc:
+                raise type(exc)(f"image #{i}: {exc}" if len(paths) > 1 else str(exc)) from None
 
-        detections = await asyncio.gather(*(detect(p) for p in paths))
-        for i, d in enumerate(detections):
-            if "error" in d:
-                return error(d["status"], d["error"] if len(paths) == 1 else f"image #{i}: {d['error']}")
-        attrs = await self._attributes(np.concatenate([d["crops"] for d in detections]))
-        results, k = [], 0
-        for d in detections:
-            faces = []
-            for (x, y, w, h), score in zip(d["boxes"], d["scores"], strict=True):
-                box = {"x": x, "y": y, "width": w, "height": h}
-                faces.append(DetectedFace(box=box, detection_score=round(score, 4), **attrs[k]))
-                k += 1
-            results.append(PhotoResult(width=d["width"], height=d["height"], faces=faces))
-        return results
+        detections = await asyncio.gather(*(detect(i, p) for i, p in enumerate(paths)))
+        return photo_results(detections, await self._attributes(np.concatenate([d.crops for d in detections])))
 
     @bentoml.api
+    @answers_user_errors
     async def predict(self, image: Path) -> PhotoResult:
-        """Every face in one photo: box, age, gender. Multipart field `image`."""
-        results = await self._photos([image])
-        return results if isinstance(results, JSONResponse) else results[0]
+        """Every face in one photo: box, age and its interval, P(minor), gender. Multipart field `image`."""
+        return (await self._photos([image]))[0]
 
     @bentoml.api
+    @answers_user_errors
     async def predict_batch(self, images: list[Path]) -> BatchResult:
         """Several photos in one request (multipart field `images`, repeated); results in request order."""
-        results = await self._photos(images)
-        return results if isinstance(results, JSONResponse) else BatchResult(results=results)
+        return BatchResult(results=await self._photos(images))
 
     @bentoml.api
+    @answers_user_errors
     async def predict_faces(self, images: list[Path]) -> FacesResult:
         """Already-cropped faces (e.g. UTKFace crops), no detection; multipart field `images`."""
-        loaded = await call_dependency(self.detector.to_async.load_crops, [p.read_bytes() for p in images])
-        if "error" in loaded:
-            return error(loaded["status"], loaded["error"])
+        loaded = raised(await call_dependency(self.detector.to_async.load_crops, [p.read_bytes() for p in images]))
         return FacesResult(predictions=[FaceAttributes(**a) for a in await self._attributes(loaded["crops"])])
 
     @bentoml.api
+    @answers_user_errors
     async def annotate(self, image: Path) -> Image.Image:
         """The photo as PNG with every face boxed and labelled (`34 · female 92 %`); multipart field `image`."""
-        results = await self._photos([image])
-        if isinstance(results, JSONResponse):
-            return results
+        (result,) = await self._photos([image])
         rgb = await asyncio.to_thread(decode_image, image.read_bytes(), SETTINGS.max_pixels)
-        return Response(await asyncio.to_thread(annotate, rgb, results[0]), media_type="image/png")
+        return Response(await asyncio.to_thread(annotate, rgb, result), media_type="image/png")
 
     @bentoml.api
     async def model_info(self) -> ModelInfo:
@@ -237,17 +194,7 @@ class AgeGender:
         return ModelInfo(**{k: v for k, v in info.items() if k != "gender_classes"})
 
 
-async def model_card(request) -> Response:
-    """GET /model_card: the served model's card (Markdown), written by `training export`."""
-    path = Path(AgeGenderModel.model_ref.path) / CARD_FILE
-    if not path.is_file():
-        message = f"model {AgeGenderModel.model_ref.tag} has no model card: it was exported before cards were written"
-        return JSONResponse({"error": message}, status_code=404)
-    return Response(path.read_text(), media_type="text/markdown; charset=utf-8")
-
-
 AgeGender.mount_asgi_app(StaticFiles(directory=UI, html=True), path="/ui", name="ui")
-AgeGender.mount_asgi_app(Starlette(routes=[Route("/", model_card)]), path="/model_card", name="model_card")
 AgeGender.add_asgi_middleware(
     RequestGuard,
     routes=ROUTES,
@@ -260,3 +207,4 @@ AgeGender.add_asgi_middleware(
     no_input_routes=("/model_info",),
 )
 AgeGender.add_asgi_middleware(StandardOpenAPI)
+AgeGender.add_asgi_middleware(ModelCardRoute, model=SETTINGS.model)

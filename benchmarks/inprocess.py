@@ -1,4 +1,5 @@
-"""The limits: what the network and the detector do in one process, with no HTTP in between."""
+"""The limits: what the network and the detector do in one process, with no HTTP in between, through the
+service's own pipeline (models/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from models.artifact import array_preprocess_for
-from models.faces import FaceDetector, align_crop
-from models.images import decode_image
+from models.pipeline import Estimator, FaceFinder
+from models.predictor import Predictor
 from models.runtime import OnnxRuntime, TorchRuntime
 
 
@@ -28,8 +28,8 @@ def rate(fn: Callable[[], object], items: int, seconds: float = 3.0) -> float:
 
 def runtimes(model_dir: str, meta: dict) -> dict[str, Callable]:
     return {
-        "torch": TorchRuntime(model_dir, meta, "cpu"),
-        "torch_channels_last": TorchRuntime(model_dir, meta, "cpu", channels_last=True),
+        "torch": TorchRuntime.load(model_dir, meta, "cpu"),
+        "torch_channels_last": TorchRuntime.load(model_dir, meta, "cpu", channels_last=True),
         "onnx": OnnxRuntime(model_dir, ["CPUExecutionProvider"]),
     }
 
@@ -45,33 +45,20 @@ def network_rates(model_dir: str, meta: dict, batch_sizes: list[int]) -> dict[st
 
 
 def crops_rate(model_dir: str, meta: dict, runtime: str, batch: int) -> float:
-    """img/s from uint8 200x200 crops through preprocessing and the network: what /predict_faces does."""
-    run = runtimes(model_dir, meta)[runtime]
-    preprocess = array_preprocess_for(meta)
+    """img/s from uint8 200x200 crops through the Estimator (preprocessing, network, answers): what the
+    model service does for /predict_faces."""
+    estimator = Estimator.open(model_dir, meta, runtime)
     crops = np.random.default_rng(0).integers(0, 256, (batch, 200, 200, 3), dtype=np.uint8)
-    return rate(lambda: run(preprocess(crops)), batch)
+    return rate(lambda: estimator(crops), batch)
 
 
-def detector_rate(photo: bytes, max_pixels: int = 50_000_000) -> float:
-    """photos/s: decode, detect, align (one process; what the FaceDetection service does)."""
-    detector = FaceDetector()
-
-    def once():
-        rgb = decode_image(photo, max_pixels)
-        return [align_crop(rgb, f) for f in detector.detect(rgb)]
-
-    return rate(once, 1)
+def detector_rate(photo: bytes) -> float:
+    """photos/s of the FaceFinder: decode, detect, align (one process; what a FaceDetection worker does)."""
+    finder = FaceFinder()
+    return rate(lambda: finder.find(photo), 1)
 
 
 def pipeline_rate(photo: bytes, model_dir: str, meta: dict, runtime: str, batch: int) -> float:
-    """photos/s of detector + network in one process, model calls batched `batch` photos at a time."""
-    detector, run, preprocess = FaceDetector(), runtimes(model_dir, meta)[runtime], array_preprocess_for(meta)
-
-    def once():
-        crops = []
-        for _ in range(batch):
-            rgb = decode_image(photo, 50_000_000)
-            crops += [align_crop(rgb, f) for f in detector.detect(rgb)]
-        run(preprocess(np.stack(crops)))
-
-    return rate(once, batch)
+    """photos/s of the whole pipeline in one process (the Python API), `batch` photos per predict_many."""
+    predictor = Predictor(FaceFinder(), Estimator.open(model_dir, meta, runtime))
+    return rate(lambda: predictor.predict_many([photo] * batch), batch)

@@ -27,8 +27,8 @@ from PIL import Image
 
 from devtools.photos import astronaut, encode, group_photo
 from models.artifact import architecture
-from models.faces import FaceDetector, align_crop
 from models.network import AgeGenderNet
+from models.pipeline import FaceFinder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -54,8 +54,7 @@ def photos() -> dict[str, bytes]:
 
 
 def crop() -> bytes:
-    rgb = np.asarray(astronaut())
-    return encode(Image.fromarray(align_crop(rgb, FaceDetector().detect(rgb)[0])))
+    return encode(Image.fromarray(FaceFinder().find_in(np.asarray(astronaut())).crops[0]))
 
 
 def sweep(url: str, cases: dict, levels: list[int], seconds: float) -> dict:

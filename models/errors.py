@@ -7,3 +7,19 @@ class UserError(Exception):
 
 class TooLarge(UserError):
     """Input over a configured size limit (the service answers HTTP 413)."""
+
+
+def as_data(call) -> dict:
+    """call() -> its dict, or a UserError it raised as {"error", "too_large"}: how one crosses from a worker
+    process to the API process (BentoML would turn a raised exception into a 500); `raised` undoes it."""
+    try:
+        return call()
+    except UserError as exc:
+        return {"error": str(exc), "too_large": isinstance(exc, TooLarge)}
+
+
+def raised(answer: dict) -> dict:
+    """The inverse of as_data: the dict, or its UserError raised again."""
+    if "error" in answer:
+        raise (TooLarge if answer["too_large"] else UserError)(answer["error"])
+    return answer

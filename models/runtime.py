@@ -1,6 +1,7 @@
 """Inference runtimes for a stored model: ONNX Runtime or torch eager, same inputs and outputs.
 
-Both take a preprocessed float32 batch (B, 3, S, S) as numpy and return (age (B,), gender logits (B, 2)).
+Both take a preprocessed float32 batch (B, 3, S, S) as numpy and return the network's outputs as numpy:
+age output ((B,) years, or (B, 117) logits for the distribution head) and gender logits (B, 2).
 ONNX Runtime was measured faster on CPU (BENCHMARKS.md), so it is the serving default there; on a GPU,
 torch runs unless onnxruntime has the CUDA provider. Nothing here imports torch unless the torch runtime
 is chosen: the CPU image has no torch.
@@ -38,25 +39,30 @@ def visible_gpus() -> int:
 class TorchRuntime:
     name = "torch"
 
-    def __init__(self, model_dir: str | Path, meta: dict[str, Any], device: str, channels_last: bool = False):
-        try:
-            import torch
-        except ImportError:
-            raise UserError("runtime 'torch' needs PyTorch, which this image does not have; use 'onnx'") from None
-        from models.network import load_network
+    def __init__(self, net, device: str = "cpu", channels_last: bool = False) -> None:
+        """An AgeGenderNet (a stored one: `load`; a checkpoint's: `evaluate` passes it) on `device`."""
+        import torch
 
         torch.set_num_threads(os.cpu_count() or 1)  # explicit: the service limits OpenMP for the detector
         self.torch, self.device = torch, device
-        self.net = load_network(model_dir, meta, device)
+        self.net = net.eval().to(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
 
+    @classmethod
+    def load(cls, model_dir: str | Path, meta: dict[str, Any], device: str, channels_last: bool = False):
+        try:
+            from models.network import load_network
+        except ImportError:
+            raise UserError("runtime 'torch' needs PyTorch, which this image does not have; use 'onnx'") from None
+        return cls(load_network(model_dir, meta, device), device, channels_last)
+
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self.torch.inference_mode():
             batch = self.torch.from_numpy(x).to(self.device, memory_format=self.memory_format)
-            age, logits = self.net(batch)
-        return age.float().cpu().numpy(), logits.float().cpu().numpy()
+            age_out, logits = self.net(batch)
+        return age_out.float().cpu().numpy(), logits.float().cpu().numpy()
 
 
 class OnnxRuntime:
@@ -79,8 +85,8 @@ class OnnxRuntime:
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        age, logits = self.session.run(None, {"image": x})
-        return age, logits
+        age_out, logits = self.session.run(None, {"image": x})
+        return age_out, logits
 
 
 def open_runtime(name: str, model_dir: str | Path, meta: dict[str, Any]):
@@ -95,4 +101,4 @@ def open_runtime(name: str, model_dir: str | Path, meta: dict[str, Any]):
         if onnx_gpu or not gpu:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if onnx_gpu else ["CPUExecutionProvider"]
             return OnnxRuntime(model_dir, providers)
-    return TorchRuntime(model_dir, meta, "cuda" if gpu else "cpu")
+    return TorchRuntime.load(model_dir, meta, "cuda" if gpu else "cpu")

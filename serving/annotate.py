@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from serving.schemas import PhotoResult
+from models.schemas import PhotoResult
 
 COLOUR = (255, 45, 85)
 

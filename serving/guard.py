@@ -13,6 +13,7 @@ Errors that still come from further in are rewritten into the same object shape.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -41,6 +42,20 @@ class FileField:
 def error(status: int, message: str, close: bool = False) -> JSONResponse:
     """The error object every 4xx answer has; close=True when the request body was not read to its end."""
     return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
+
+
+def answers_user_errors(api):
+    """Decorator of an async API: a UserError it raises becomes its 400 (TooLarge: 413) `{"error"}` answer.
+    The one place where the pipeline's errors turn into responses."""
+
+    @functools.wraps(api)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await api(*args, **kwargs)
+        except UserError as exc:
+            return error(413 if isinstance(exc, TooLarge) else 400, str(exc))
+
+    return wrapper
 
 
 def as_error_object(status: int, body: bytes) -> bytes:

@@ -16,6 +16,7 @@ import pytest
 
 from models.artifact import CARD_FILE, INTERVAL_LEVEL
 from models.network import load_network
+from models.pipeline import Estimator
 from training import calibration
 from training.evaluate import predict
 from training.utkface import read_metadata
@@ -57,7 +58,7 @@ def test_minor_probability_separates_children_from_adults(model_tag: str, metada
     path, meta = stored(model_tag)
     frame = read_metadata(metadata_file)
     frame = frame[frame.split.isin(["val", "test"]) & ((frame.age < 10) | (frame.age > 40))]
-    outputs = predict(load_network(path, meta), meta, frame)
+    outputs = predict(Estimator.open(path, meta), frame)
     minor = decode(*outputs, meta, INTERVAL_LEVEL)[:, COLUMNS.index("minor_probability")]
     children, adults = minor[(frame.age < 10).to_numpy()], minor[(frame.age > 40).to_numpy()]
     print(f"\nP(minor) > 0.5 for {np.mean(children > 0.5):.2f} of {len(children)} faces under 10, ", end="")
@@ -69,7 +70,7 @@ def test_temperature_scaling_lowers_ece_on_an_overconfident_split(model_tag: str
     """25 % of the held-out gender labels flipped: the model is now over-confident on them. The temperature
     fitted on the noisy validation split softens it (T > 1) and lowers ECE on the noisy test split."""
     path, meta = stored(model_tag)
-    net, frame = load_network(path, meta), read_metadata(metadata_file)
+    estimator, frame = Estimator.open(path, meta), read_metadata(metadata_file)
     rng = np.random.default_rng(0)
     noisy = {}
     for split in ("val", "test"):
@@ -77,7 +78,7 @@ def test_temperature_scaling_lowers_ece_on_an_overconfident_split(model_tag: str
         labels = part.gender.to_numpy().copy()
         flip = rng.random(len(labels)) < 0.25
         labels[flip] = 1 - labels[flip]
-        noisy[split] = (predict(net, meta, part)[1], labels)
+        noisy[split] = (predict(estimator, part)[1], labels)
     temperature = calibration.fit_temperature(*noisy["val"])
     logits, labels = noisy["test"]
 

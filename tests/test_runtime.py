@@ -14,8 +14,9 @@ from models.errors import UserError
 from models.runtime import OnnxRuntime, TorchRuntime, open_runtime
 
 
-def test_onnx_and_torch_agree(model_tag: str) -> None:
-    stored = bentoml.models.get(model_tag)
+@pytest.mark.parametrize("head", ["distribution", "regression"])
+def test_onnx_and_torch_agree(head: str, request: pytest.FixtureRequest) -> None:
+    stored = bentoml.models.get(request.getfixturevalue("model_tag" if head == "distribution" else "regression_tag"))
     meta = stored.info.metadata
     assert (Path(stored.path) / ONNX_FILE).is_file() and (Path(stored.path) / WEIGHTS_FILE).is_file()
     size = meta["image_size"]
@@ -24,10 +25,10 @@ def test_onnx_and_torch_agree(model_tag: str) -> None:
     torch_rt = open_runtime("torch", stored.path, meta)
     assert isinstance(onnx, OnnxRuntime) and isinstance(torch_rt, TorchRuntime)
     (age_o, logits_o), (age_t, logits_t) = onnx(x), torch_rt(x)
-    assert age_o.shape == (7,) and logits_o.shape == (7, 2)
+    assert age_o.shape == ((7, 117) if head == "distribution" else (7,)) and logits_o.shape == (7, 2)
     np.testing.assert_allclose(age_o, age_t, atol=1e-3)
     np.testing.assert_allclose(logits_o, logits_t, atol=1e-4)
-    channels_last = TorchRuntime(stored.path, meta, "cpu", channels_last=True)(x)
+    channels_last = TorchRuntime.load(stored.path, meta, "cpu", channels_last=True)(x)
     np.testing.assert_allclose(channels_last[0], age_t, atol=1e-3)
 
 

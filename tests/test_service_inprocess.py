@@ -53,9 +53,13 @@ def test_detector_returns_aligned_crops(service) -> None:
     ],
 )
 def test_detector_errors(service, data: bytes, status: int, message: str) -> None:
-    detector = service.FaceDetection()
-    out = detector.detect(data)
-    assert out["status"] == status and message in out["error"]
+    """A UserError crosses from the detector process as data ({"error", "too_large"}), raised again by the API."""
+    from models.errors import TooLarge, UserError, raised
+
+    out = service.FaceDetection().detect(data)
+    assert message in out["error"] and out["too_large"] == (status == 413)
+    with pytest.raises(TooLarge if status == 413 else UserError, match=message):
+        raised(out)
 
 
 def test_model_service_matches_the_network(service, model_tag: str) -> None:
@@ -70,12 +74,12 @@ def test_model_service_matches_the_network(service, model_tag: str) -> None:
     net = load_network(stored.path, meta)
     with torch.inference_mode():
         age_logits, logits = net(torch.from_numpy(array_preprocess_for(meta)(crops)))
-    p_age = age_logits.softmax(1)  # (5, 117) over years 0..116
-    assert np.allclose(out[:, 0], net.years(age_logits).numpy(), atol=1e-3)
+    calibration = meta["calibration"]
+    p_age = (age_logits / calibration["age_temperature"]).softmax(1)  # (5, 117) over years 0..116
+    assert np.allclose(out[:, 0], (p_age @ torch.arange(117.0)).numpy(), atol=1e-3)
     assert np.all((out[:, 1] <= out[:, 0]) & (out[:, 0] <= out[:, 2]))
     assert np.allclose(out[:, 3], p_age[:, :18].sum(1).numpy(), atol=1e-4)
-    temperature = meta["calibration"]["gender_temperature"]
-    assert np.allclose(out[:, 4:], (logits / temperature).softmax(1).numpy(), atol=1e-5)
+    assert np.allclose(out[:, 4:], (logits / calibration["gender_temperature"]).softmax(1).numpy(), atol=1e-5)
     assert model.info()["tag"] == model_tag
 
 

@@ -41,8 +41,8 @@ def _predict(module, metadata: Path, split: str = "test"):
     preprocess = eval_preset(module.hparams.image_size)
     x = torch.stack([preprocess(load_rgb(p)) for p in frame.path])
     with torch.inference_mode():
-        age, logits = module.eval()(x)
-    return frame, age, logits
+        age_out, logits = module.eval()(x)
+    return frame, module.net.years(age_out), logits
 
 
 def test_training_learns(checkpoint: Path, metadata_file: Path) -> None:

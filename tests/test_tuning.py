@@ -125,7 +125,8 @@ def test_evaluate_report_and_plots(production_model: tuple[str, Path], metadata_
     assert overall["age_mse"] == pytest.approx((err**2).mean())
     assert overall["age_rmse"] == pytest.approx(np.sqrt((err**2).mean()))
     assert overall["cs5"] == pytest.approx((err.abs() <= 5).mean())
-    assert overall["gender_acc"] == pytest.approx(((preds.p_female > 0.5).astype(int) == preds.gender).mean())
+    assert overall["gender_acc"] == pytest.approx((preds.pred_gender == preds.gender).mean())
+    assert ((preds.age >= preds.age_low) & (preds.age <= preds.age_high)).mean() == overall["interval_coverage"]
     # the breakdowns cover every image once
     for key in ("by_age_group", "by_gender", "by_race"):
         assert sum(g["n"] for g in report[key].values()) == overall["n"], key
@@ -134,7 +135,7 @@ def test_evaluate_report_and_plots(production_model: tuple[str, Path], metadata_
         assert g["age_mae"] == pytest.approx(err[group == name].abs().mean())
     assert set(report["by_race"]) <= set(RACES.values())
 
-    for png in ("loss_curves", "age_scatter", "mae_by_age", "gender_confusion"):
+    for png in ("loss_curves", "age_scatter", "mae_by_age", "fairness", "gender_reliability", "gender_confusion"):
         with Image.open(out / f"{png}.png") as image:
             assert image.format == "PNG" and image.width >= 300 and image.height >= 300, png
 

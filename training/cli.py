@@ -100,7 +100,9 @@ def cmd_production(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate
 
-    report = evaluate(args.model, args.metadata, args.out, args.split, args.tta, args.batch_size, args.level)
+    report = evaluate(
+        args.model, args.metadata, args.out, args.split, args.tta, args.batch_size, args.level, args.runtime
+    )
     o = report["overall"]
     print(
         f"{o['n']} images: age MAE {o['age_mae']:.2f}, RMSE {o['age_rmse']:.2f}, MSE {o['age_mse']:.1f}, "
@@ -194,6 +196,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tta", action="store_true", help="average with the mirrored image")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--level", type=_level, default=INTERVAL_LEVEL, help="age interval level (default 0.8)")
+    s.add_argument("--runtime", default="onnx", help="a stored model's runtime: onnx or torch (checkpoints: torch)")
     s.add_argument("--out", type=Path, default=Path("reports/latest"))
     s.set_defaults(func=cmd_evaluate)
 

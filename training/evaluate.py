@@ -16,25 +16,24 @@ from typing import Any
 import bentoml
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.artifact import INTERVAL_LEVEL, MINOR_AGE, preprocess_for
+from models.artifact import INTERVAL_LEVEL, MINOR_AGE
 from models.errors import UserError
-from models.network import load_network
 from models.outputs import COLUMNS, decode, softmax
+from models.pipeline import Estimator, load_crops
+from models.runtime import TorchRuntime
 from training import calibration, fingerprint
 from training.atomic import atomic_path
-from training.data import FaceDataset
 from training.utkface import read_metadata
 
 RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others", -1: "unknown"}
 
 
-def load_model(model: str) -> tuple[torch.nn.Module, dict[str, Any], set[str] | None]:
-    """A store tag (`age_gender:TAG`) or a checkpoint file -> (network in eval mode, stored-model metadata,
-    hashes of the images it trained on, or None where it was made before they were recorded)."""
+def load_model(model: str, runtime: str = "onnx") -> tuple[Estimator, dict[str, Any], set[str] | None]:
+    """A store tag (`age_gender:TAG`) or a checkpoint file -> (the serving pipeline's Estimator for it, with
+    `runtime` for a stored model and torch for a checkpoint; its metadata; hashes of the images it trained
+    on, or None where it was made before they were recorded)."""
     if model.endswith(".ckpt") or Path(model).is_file():
         from training.export import datamodule_for, describe, load_module, train_split_of
 
@@ -42,7 +41,8 @@ def load_model(model: str) -> tuple[torch.nn.Module, dict[str, Any], set[str] | 
         datamodule = datamodule_for(module)
         train_split = train_split_of(module, datamodule)
         trained = set(train_split[0]) if train_split[1] == "fit" else None
-        return module.net.eval(), describe(module, datamodule, Path(model), train_split), trained
+        meta = describe(module, datamodule, Path(model), train_split)
+        return Estimator(TorchRuntime(module.net), meta), meta, trained
     try:
         stored = bentoml.models.get(model)
     except (bentoml.exceptions.NotFound, ValueError):
@@ -50,25 +50,22 @@ def load_model(model: str) -> tuple[torch.nn.Module, dict[str, Any], set[str] | 
     meta = stored.info.metadata
     recorded = (meta.get("dataset") or {}).get("train_split")
     trained = fingerprint.read(Path(stored.path) / fingerprint.FILE, recorded) if recorded else None
-    return load_network(stored.path, meta), meta, trained
+    return Estimator.open(stored.path, meta, runtime), meta, trained
 
 
 def predict(
-    net: torch.nn.Module, meta: dict, frame: pd.DataFrame, batch_size: int = 64, tta: bool = False
+    estimator: Estimator, frame: pd.DataFrame, batch_size: int = 64, tta: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The network's raw outputs over the frame's images: age output (as its forward), gender logits (N, C).
-    With tta, they are averaged with those of the mirrored image (logits, for the distribution head)."""
-    loader = DataLoader(FaceDataset(frame, preprocess_for(meta)), batch_size=batch_size, num_workers=2)
+    """The network's raw outputs over the frame's face crops, through the serving pipeline (load_crops,
+    preprocessing, runtime): age output, gender logits (N, C). With tta, averaged with the mirrored crops'."""
     ages, logits = [], []
-    with torch.inference_mode():
-        for x, _, _ in tqdm(loader, desc=f"predict {len(frame)} faces", unit="batch"):
-            age, logit = net(x)
-            if tta:
-                age_f, logit_f = net(x.flip(-1))  # (B, 3, H, W) mirrored left-right
-                age, logit = (age + age_f) / 2, (logit + logit_f) / 2
-            ages.append(age)
-            logits.append(logit)
-    return torch.cat(ages).numpy(), torch.cat(logits).numpy()
+    paths = frame.path.tolist()
+    for i in tqdm(range(0, len(paths), batch_size), desc=f"predict {len(paths)} faces", unit="batch"):
+        crops = load_crops([Path(p).read_bytes() for p in paths[i : i + batch_size]])
+        age, logit = estimator.raw(crops, tta)
+        ages.append(age)
+        logits.append(logit)
+    return np.concatenate(ages), np.concatenate(logits)
 
 
 def with_answers(frame: pd.DataFrame, age_out: np.ndarray, logits: np.ndarray, meta: dict, level: float):
@@ -137,6 +134,7 @@ def evaluate(
     tta: bool = False,
     batch_size: int = 64,
     level: float = INTERVAL_LEVEL,
+    runtime: str = "onnx",
 ) -> dict[str, Any]:
     from training import plots
 
@@ -144,7 +142,7 @@ def evaluate(
     frame = frame[frame.split == split].reset_index(drop=True)
     if frame.empty:
         raise UserError(f"{metadata} has no rows in split {split!r}; evaluate needs held-out images")
-    net, meta, trained = load_model(model)
+    estimator, meta, trained = load_model(model, runtime)
     what = f"split {split!r} of {metadata}"
     if trained is None:
         fingerprint.warn(f"{model} does not record the images it was trained on; cannot check that {what} is held out")
@@ -152,12 +150,13 @@ def evaluate(
         trained_on = meta["dataset"]["metadata"]
         fix = f"evaluate with the metadata file it was trained with ({trained_on}) or on images it never saw"
         fingerprint.check_held_out(trained, frame.path.tolist(), what, model, fix)
-    frame = with_answers(frame, *predict(net, meta, frame, batch_size, tta), meta, level)
+    frame = with_answers(frame, *predict(estimator, frame, batch_size, tta), meta, level)
     report = {
         "model": model,
         "metadata": str(metadata),
         "split": split,
         "tta": tta,
+        "runtime": estimator.runtime.name,
         "age_head": meta.get("age_head", "regression"),
         "calibration": meta.get("calibration", {}),
         **build_report(frame, meta["gender_classes"]),

@@ -24,6 +24,8 @@ import yaml
 from models.artifact import CARD_FILE, INTERVAL_LEVEL, MODEL_NAME, ONNX_FILE, WEIGHTS_FILE, architecture
 from models.errors import UserError
 from models.network import export_onnx
+from models.pipeline import Estimator
+from models.runtime import TorchRuntime
 from training import calibration, card, fingerprint
 from training.atomic import atomic_path, ordinary_permissions
 from training.data import UTKFaceDataModule
@@ -55,7 +57,8 @@ def calibrate_and_measure(net: torch.nn.Module, meta: dict[str, Any], datamodule
     """Fit the calibration on the first held-out split, then score every held-out split with it. Sets
     meta["calibration"] and meta["metrics"]; returns the test split's report (the model card's tables)."""
     held_out = [s for s in ("val", "test") if s not in datamodule.train_splits and not datamodule.split(s).empty]
-    outputs = {s: predict(net, meta, datamodule.split(s)) for s in held_out}
+    estimator = Estimator(TorchRuntime(net), meta)  # the served pipeline; the torch runtime: the weights as trained
+    outputs = {s: predict(estimator, datamodule.split(s)) for s in held_out}
     if held_out:  # without held-out data: no temperature (1.0) and no regression intervals
         first = datamodule.split(held_out[0])
         fitted = calibration.fit(meta, *outputs[held_out[0]], first.age.to_numpy(), first.gender.to_numpy())

@@ -1,4 +1,5 @@
-"""The public response contract. Clients (and generated OpenAPI clients) depend on these names."""
+"""The public response contract: the REST API and the Python API (models/predictor.py) answer these; clients
+and generated OpenAPI clients depend on their names."""
 
 from __future__ import annotations
 
@@ -77,4 +78,4 @@ class ModelInfo(BaseModel):
     age_head: Literal["regression", "distribution"]
     interval_level: float = Field(description="level of every answer's age_interval")
     gender_temperature: float = Field(description="temperature scaling of the gender logits (1.0: none)")
-    model_card: str = Field(description="route of the model card (Markdown)")
+    model_card: str = Field("/model_card", description="route of the model card (Markdown)")

@@ -1,0 +1,5 @@
+import sys
+
+from predict.cli import main
+
+sys.exit(main())

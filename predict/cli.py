@@ -1,0 +1,87 @@
+"""`python -m predict PHOTOS... --out faces.jsonl [--url URL]`: every face in every photo, one row each.
+
+PHOTOS are files, folders (searched recursively) and @list files. The output (JSONL or CSV, by its
+suffix) gets one row per face (file, face index, box, detection score, age, interval, P(minor), gender,
+probability) and one row per photo without a face or with an error; errors never stop the run. Run it
+again with the same --out and it skips the photos already there. Bad arguments: one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from models.artifact import INTERVAL_LEVEL, MODEL_NAME
+from models.errors import UserError
+from predict.rows import Output, photos, rows
+from predict.runners import run_local, run_remote
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        self.exit(2, f"error: {message} (see `python -m predict --help`)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m predict", description=__doc__.splitlines()[0])
+    p.add_argument("inputs", nargs="+", help="photo files, folders (recursive) or @file listing paths")
+    p.add_argument("--out", type=Path, required=True, help="results file: .jsonl or .csv (appended; resumes)")
+    p.add_argument("--url", default=None, help="send the photos to this running service instead of running locally")
+    p.add_argument("--model", default=f"{MODEL_NAME}:latest", help="local mode: store tag or model folder")
+    p.add_argument("--runtime", default="onnx", help="local mode: onnx or torch")
+    p.add_argument("--detector", default="mtcnn", help="local mode: mtcnn or haar")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="local mode: detection processes")
+    p.add_argument("--level", type=float, default=INTERVAL_LEVEL, help="local mode: age interval level")
+    p.add_argument("--concurrency", type=int, default=8, help="--url mode: requests in flight")
+    p.add_argument(
+        "--retries", type=int, default=5, help="--url mode: tries after a 429/503/504 or a dropped connection"
+    )
+    p.add_argument("--timeout", type=float, default=120, help="--url mode: seconds per request")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, int]:
+    from models.predictor import Predictor
+
+    out = Output(args.out)
+    todo = photos(args.inputs)
+    done = out.done()
+    todo_new = [p for p in todo if str(p) not in done]
+    counts = {"photos": len(todo), "skipped": len(todo) - len(todo_new), "faces": 0, "errors": 0}
+    if args.url:
+        outcomes = run_remote(args.url, todo_new, max(1, args.concurrency), max(0, args.retries), args.timeout)
+    else:
+        model = Path(args.model)
+        options = {"runtime": args.runtime, "level": args.level, "detector": args.detector}
+        predictor = (
+            Predictor.from_folder(model, **options) if model.is_dir() else Predictor.from_store(args.model, **options)
+        )
+        outcomes = run_local(predictor, todo_new, max(1, args.workers), {"detector": args.detector})
+    with out, tqdm(total=len(todo_new), unit="photo", desc="predict") as bar:
+        for path, result, error in outcomes:
+            out.write(rows(str(path), result, error))
+            counts["faces"] += len(result.faces) if result else 0
+            counts["errors"] += error is not None
+            bar.update()
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        counts = run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to go on where it stopped", file=sys.stderr)
+        return 130
+    print(
+        f"{counts['photos']} photos ({counts['skipped']} already in {args.out}): "
+        f"{counts['faces']} faces, {counts['errors']} errors"
+    )
+    return 0

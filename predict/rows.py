@@ -1,0 +1,133 @@
+"""Inputs and outputs of the batch command: which photos, and one row per face (or per photo without faces
+or with an error) in JSONL or CSV, appended as photos finish so that an interrupted run resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from models.errors import UserError
+from models.schemas import PhotoResult
+
+# a folder is searched for these (case-insensitive); files named on the command line are always tried
+SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+FIELDS = (
+    "file",
+    "face",
+    "x",
+    "y",
+    "width",
+    "height",
+    "detection_score",
+    "age",
+    "age_low",
+    "age_high",
+    "minor_probability",
+    "gender",
+    "gender_probability",
+    "error",
+)
+FORMATS = ("jsonl", "csv")
+
+
+def photos(inputs: list[str]) -> list[Path]:
+    """Files, folders (searched recursively for SUFFIXES) and @list files (one path per line) -> photos,
+    in order, each once."""
+    found: list[Path] = []
+    for item in inputs:
+        if item.startswith("@"):
+            listing = Path(item[1:])
+            try:
+                lines = listing.read_text().splitlines()
+            except OSError as exc:
+                raise UserError(f"cannot read the list file {listing}: {exc.strerror}") from None
+            found += [Path(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
+        elif Path(item).is_dir():
+            found += sorted(p for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        elif Path(item).exists():
+            found.append(Path(item))
+        else:
+            raise UserError(f"{item} does not exist (give files, folders or @list files of paths)")
+    return list(dict.fromkeys(found))
+
+
+def rows(file: str, result: PhotoResult | None, error: str | None) -> list[dict[str, Any]]:
+    """One photo's outcome -> its output rows: one per face, or one with no face fields."""
+    if error is not None or result is None or not result.faces:
+        return [{"file": file, "face": None, "error": error}]
+    out = []
+    for i, face in enumerate(result.faces):
+        interval = face.age_interval
+        out.append(
+            {
+                "file": file,
+                "face": i,
+                **face.box.model_dump(),
+                "detection_score": face.detection_score,
+                "age": face.age,
+                "age_low": interval.low if interval else None,
+                "age_high": interval.high if interval else None,
+                "minor_probability": face.minor_probability,
+                "gender": face.gender,
+                "gender_probability": face.gender_probability,
+                "error": None,
+            }
+        )
+    return out
+
+
+class Output:
+    """Rows appended to a JSONL or CSV file (by its suffix), flushed per photo."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.format = path.suffix.lower().lstrip(".")
+        if self.format not in FORMATS:
+            raise UserError(f"--out must end in .{' or .'.join(FORMATS)}, got {path.name}")
+
+    def done(self) -> set[str]:
+        """Files already in the output: a second run skips them. A last line cut short by an interrupt is
+        dropped first (that photo runs again)."""
+        self._repair()
+        if not self.path.exists():
+            return set()
+        return {row["file"] for row in self._read()}
+
+    def _read(self) -> Iterator[dict[str, Any]]:
+        with self.path.open(newline="") as f:
+            if self.format == "csv":
+                yield from csv.DictReader(f)
+            else:
+                yield from (json.loads(line) for line in f if line.strip())
+
+    def __enter__(self) -> Output:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.file = self.path.open("a", newline="")
+        if self.format == "csv":
+            self.writer = csv.DictWriter(self.file, FIELDS, extrasaction="ignore")
+            if new:
+                self.writer.writeheader()
+        return self
+
+    def _repair(self) -> None:
+        """Drop a partial last line (the previous run was killed mid-write) so appending stays parseable."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            if self.format == "csv":
+                self.writer.writerow(row)
+            else:
+                self.file.write(json.dumps({k: row.get(k) for k in FIELDS}) + "\n")
+        self.file.flush()
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()

@@ -1,0 +1,131 @@
+"""Where the batch command's photos are answered: in this machine's processes, or by a running service.
+
+Both yield (photo, PhotoResult or None, error text or None) as photos finish, in any order; an error
+never stops the run.
+- local: one FaceFinder per worker process (detection is the CPU-bound step: every core gets one), the
+  network in this process, crops of several photos batched into it (models/pipeline.py).
+- remote (--url): POST /predict to a service, or a Kubernetes Service in front of many replicas, with at
+  most `concurrency` requests in flight; 429, 503, 504 and dropped connections are retried with
+  exponential backoff; a 4xx is that photo's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from models.errors import UserError
+from models.pipeline import Detection, FaceFinder
+from models.predictor import Predictor
+from models.schemas import PhotoResult
+
+Outcome = tuple[Path, PhotoResult | None, str | None]
+RETRY_STATUSES = (429, 502, 503, 504)
+
+_finder: FaceFinder | None = None  # one per worker process
+
+
+def _start_worker(options: dict) -> None:
+    global _finder
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _finder = FaceFinder(**options)
+
+
+def _detect(path: Path) -> Detection | str:
+    try:
+        return _finder.find(path.read_bytes())
+    except UserError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read the file: {exc.strerror}"
+
+
+def run_local(predictor: Predictor, paths: list[Path], workers: int, finder_options: dict) -> Iterator[Outcome]:
+    """Detection in `workers` processes; whenever a few photos are detected their crops go through the
+    network together."""
+    with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(finder_options,)) as pool:
+        pending: list[tuple[Path, Detection]] = []
+        detections = pool.map(_detect, paths, chunksize=1)
+        for i, (path, detection) in enumerate(zip(paths, detections, strict=True)):
+            if isinstance(detection, str):
+                yield path, None, detection
+                continue
+            pending.append((path, detection))
+            crops = sum(len(d.boxes) for _, d in pending)
+            if crops >= predictor.batch_size or i == len(paths) - 1 or len(pending) >= 2 * workers:
+                yield from _answer(predictor, pending)
+                pending = []
+        yield from _answer(predictor, pending)
+
+
+def _answer(predictor: Predictor, pending: list[tuple[Path, Detection]]) -> Iterator[Outcome]:
+    results = predictor.answer([d for _, d in pending])
+    yield from ((path, result, None) for (path, _), result in zip(pending, results, strict=True))
+
+
+def run_remote(url: str, paths: list[Path], concurrency: int, retries: int, timeout: float) -> Iterator[Outcome]:
+    """The photos sent to `url`'s /predict from a background event loop; outcomes as they arrive."""
+    outcomes: queue.Queue = queue.Queue()
+    done = object()
+
+    def loop() -> None:
+        try:
+            asyncio.run(_send_all(url.rstrip("/"), paths, concurrency, retries, timeout, outcomes.put))
+        finally:
+            outcomes.put(done)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    while (item := outcomes.get()) is not done:
+        yield item
+    thread.join()
+
+
+async def _send_all(url: str, paths: list[Path], concurrency: int, retries: int, timeout: float, put) -> None:
+    import httpx
+
+    slots = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+
+        async def one(path: Path) -> None:
+            async with slots:
+                put((path, *await _send(client, url, path, retries)))
+
+        await asyncio.gather(*(one(p) for p in paths))
+
+
+async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult | None, str | None]:
+    import httpx
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, f"cannot read the file: {exc.strerror}"
+    problem = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            await asyncio.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))  # 0.5, 1, 2, 4 ... s
+        try:
+            r = await client.post(f"{url}/predict", files={"image": (path.name, data, "application/octet-stream")})
+        except httpx.HTTPError as exc:  # refused, reset, timed out: the service may be restarting
+            problem = f"{type(exc).__name__} {exc}".strip()
+            continue
+        if r.status_code == 200:
+            return PhotoResult.model_validate(r.json()), None
+        problem = _error_text(r)
+        if r.status_code not in RETRY_STATUSES:
+            return None, problem
+    return None, f"gave up after {retries + 1} tries: {problem}"
+
+
+def _error_text(r) -> str:
+    try:
+        return f"HTTP {r.status_code}: {r.json()['error']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {r.status_code}: {r.text[:200]}"

@@ -1,0 +1,160 @@
+"""The Python API (models/predictor.py) and the batch command (`python -m predict`), against the real service."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import socket
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from devtools.photos import astronaut, encode, group_photo, no_face
+from models.errors import UserError
+
+from .conftest import ROOT, assert_one_line_error
+
+PY = "predict"
+
+
+def run_predict(*args: str, **env: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "-m", PY, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory) -> Path:
+    """Photos with 1, 3 and 0 faces (one in a subfolder, one PNG), a corrupt JPEG and a text file."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "nested").mkdir()
+    astronaut().save(root / "astronaut.jpg", quality=92)
+    group_photo()[0].save(root / "nested" / "group.png")
+    no_face("coffee").save(root / "coffee.JPG")
+    (root / "broken.jpg").write_bytes(encode(astronaut())[:2000])
+    (root / "notes.txt").write_text("not a photo, and not picked up from a folder")
+    return root
+
+
+def read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".csv":
+        with path.open() as f:
+            return list(csv.DictReader(f))
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_python_api_answers_as_the_service(server: str, model_tag: str, photo_dir: Path) -> None:
+    from models.predictor import Predictor
+
+    predictor = Predictor.from_store(model_tag)
+    path = photo_dir / "astronaut.jpg"
+    local = predictor.predict(path).model_dump()
+    served = httpx.post(server + "/predict", files={"image": ("a.jpg", path.read_bytes(), "image/jpeg")}).json()
+    assert local["faces"][0]["box"] == served["faces"][0]["box"]
+    assert local["faces"][0]["age"] == pytest.approx(served["faces"][0]["age"], abs=0.02)
+    assert local["faces"][0]["gender"] == served["faces"][0]["gender"]
+    many = predictor.predict_many([path, astronaut(), (photo_dir / "coffee.JPG").read_bytes()])
+    assert [len(r.faces) for r in many] == [1, 1, 0]
+    with pytest.raises(UserError, match="not an image"):
+        predictor.predict(b"plain text")
+
+
+def test_local_and_url_modes_give_the_same_rows(server: str, model_tag: str, photo_dir: Path, tmp_path: Path):
+    local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    r = run_predict(str(photo_dir), "--out", str(local), "--model", model_tag, "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert "4 photos (0 already in" in r.stdout and "4 faces, 1 errors" in r.stdout
+    assert "photo/s" in r.stderr  # tqdm's progress bar
+    r = run_predict(str(photo_dir), "--out", str(remote), "--url", server, "--concurrency", "3")
+    assert r.returncode == 0, r.stderr
+
+    def by_key(path: Path) -> dict:
+        return {(row["file"], row["face"]): row for row in read_rows(path)}
+
+    a, b = by_key(local), by_key(remote)
+    assert a.keys() == b.keys() and len(a) == 6  # astronaut 1 + group 3 faces, coffee and broken one row each
+    for key, row in a.items():
+        other = b[key]
+        assert (row["error"] is None) == (other["error"] is None), (row, other)
+        if row["face"] is None:
+            continue
+        assert [row[k] for k in ("x", "y", "width", "height", "gender")] == [
+            other[k] for k in ("x", "y", "width", "height", "gender")
+        ]
+        for k in ("age", "age_low", "age_high", "minor_probability", "gender_probability"):
+            assert row[k] == pytest.approx(other[k], abs=0.05), (key, k)
+    broken = a[(str(photo_dir / "broken.jpg"), None)]["error"]
+    assert "truncated" in broken or "cannot" in broken, broken
+    assert a[(str(photo_dir / "coffee.JPG"), None)]["error"] is None  # a photo without faces: one empty row
+
+
+def test_resume_and_csv(model_tag: str, photo_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "faces.csv"
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{photo_dir / 'astronaut.jpg'}\n{photo_dir / 'notes.txt'}\n")
+    r = run_predict(f"@{listing}", "--out", str(out), "--model", model_tag, "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    first = {row["file"]: row for row in read_rows(out)}  # rows come in the order photos finish
+    assert set(first) == {str(photo_dir / "astronaut.jpg"), str(photo_dir / "notes.txt")}
+    assert "not an image" in first[str(photo_dir / "notes.txt")]["error"]  # a named file is tried, photo or not
+    with out.open("a") as f:
+        f.write(f"{photo_dir / 'coffee.JPG'},,1,2")  # a line cut short by a killed run
+    r = run_predict(str(photo_dir), f"@{listing}", "--out", str(out), "--model", model_tag, "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert "5 photos (2 already in" in r.stdout, r.stdout
+    rows = read_rows(out)
+    assert out.read_text().count("file,face,") == 1  # one header
+    assert len({row["file"] for row in rows}) == 5 and len(rows) == len(first) + 5  # 3 new photos, 5 rows
+    assert [row["file"] for row in rows].count(str(photo_dir / "astronaut.jpg")) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--out", "x.txt", "."], "--out must end in .jsonl or .csv"),
+        (["--out", "x.jsonl", "no/such/folder"], "does not exist"),
+        (["--out", "x.jsonl", "--model", "age_gender:nope", "."], "is not in the BentoML store"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line(args: list[str], message: str, bentoml_home: Path, tmp_path: Path) -> None:
+    assert message in assert_one_line_error(run_predict(*args))
+
+
+def test_url_mode_retries_busy_answers(photo_dir: Path, tmp_path: Path) -> None:
+    """A stand-in for an overloaded service: 503, then 429, then the answer; the row is the answer."""
+    answer = {"width": 512, "height": 512, "faces": []}
+    calls: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+        calls.append(1)
+        status, body = {1: (503, {"error": "busy"}), 2: (429, {"error": "slow down"})}.get(len(calls), (200, answer))
+        data = json.dumps(body).encode()
+        head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        writer.write(head.encode() + data)
+        await writer.drain()
+        writer.close()
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(asyncio.start_server(handle, sock=sock))
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    try:
+        out = tmp_path / "r.jsonl"
+        r = run_predict(str(photo_dir / "coffee.JPG"), "--out", str(out), "--url", f"http://127.0.0.1:{port}")
+        assert r.returncode == 0, r.stderr
+        (row,) = read_rows(out)
+        assert len(calls) == 3 and row["file"] == str(photo_dir / "coffee.JPG") and row["error"] is None
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
