@@ -7,11 +7,12 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 from skimage import data
 
 # where the astronaut's face is in the 512x512 original (centre of the face box, checked by eye)
 ASTRONAUT_FACE_CENTRE = (222, 118)
+ASTRONAUT_FACE_BOX = (177, 59, 90, 113)  # x, y, w, h: MTCNN's box for it (tests/test_faces.py checks the centre)
 
 
 def astronaut() -> Image.Image:
@@ -46,3 +47,40 @@ def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
 
 def box_centre(box: dict) -> np.ndarray:
     return np.array([box["x"] + box["width"] / 2, box["y"] + box["height"] / 2])
+
+
+SIZES = (24, 32, 48, 64, 96, 128, 160)  # face box widths pasted into composites
+CANVAS = (4000, 3000)
+
+
+def face_template() -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """The astronaut cropped around her face with a margin, and where the face box is inside that crop."""
+    photo = astronaut()
+    x, y, w, h = ASTRONAUT_FACE_BOX
+    m = int(0.6 * max(w, h))
+    crop = photo.crop((x - m, y - m, x + w + m, y + h + m))
+    return crop, (m, m, w, h)
+
+
+def composite(rng: np.random.Generator, faces: int) -> tuple[np.ndarray, list[tuple[int, int, int, int, int]]]:
+    """A 4000x3000 RGB canvas and the pasted faces as (size, x, y, w, h) of each face box."""
+    background = np.asarray(no_face("coffee").resize(CANVAS, Image.BILINEAR), np.float32)
+    canvas = Image.fromarray(np.clip(background + rng.normal(0, 6, background.shape), 0, 255).astype(np.uint8))
+    template, (fx, fy, fw, fh) = face_template()
+    truth, taken = [], []
+    for k in range(faces):
+        size = SIZES[k % len(SIZES)]
+        s = size / fw
+        face = template.resize((max(1, round(template.width * s)), max(1, round(template.height * s))), Image.LANCZOS)
+        if rng.random() < 0.5:
+            face = ImageOps.mirror(face)
+        face = ImageEnhance.Brightness(face).enhance(rng.uniform(0.7, 1.2))
+        for _ in range(100):  # a free spot
+            x, y = int(rng.integers(0, CANVAS[0] - face.width)), int(rng.integers(0, CANVAS[1] - face.height))
+            box = (x, y, x + face.width, y + face.height)
+            if all(box[2] < t[0] or box[0] > t[2] or box[3] < t[1] or box[1] > t[3] for t in taken):
+                break
+        taken.append(box)
+        canvas.paste(face, (x, y))
+        truth.append((size, x + round(fx * s), y + round(fy * s), round(fw * s), round(fh * s)))
+    return np.asarray(canvas), truth

@@ -116,15 +116,18 @@ def _crops(rgb: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     return _mtcnn_input(out)
 
 
-def _mtcnn(rgb: np.ndarray, threshold: float, min_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _mtcnn(
+    rgb: np.ndarray, threshold: float, min_size: float, max_size: float = np.inf
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MTCNN on an RGB photo -> boxes (N, 4) as x0, y0, x1, y1; O-Net scores (N,) >= threshold; landmarks
-    (N, 5, 2). Faces smaller than min_size (>= MTCNN_WINDOW) pixels are not looked for."""
+    (N, 5, 2). Faces smaller than min_size (>= MTCNN_WINDOW) pixels, or larger than max_size, are not
+    looked for."""
     pnet, rnet, onet = _mtcnn_nets()
     none = np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
     h, w = rgb.shape[:2]
     # 1. P-Net slides a 12x12 window (stride 2) over an image pyramid: candidates with a box correction
     found, scale = [], MTCNN_WINDOW / max(min_size, MTCNN_WINDOW)
-    while min(h, w) * scale >= MTCNN_WINDOW:
+    while min(h, w) * scale >= MTCNN_WINDOW and MTCNN_WINDOW / scale <= max_size:
         level = cv2.resize(rgb, (int(np.ceil(w * scale)), int(np.ceil(h * scale))), interpolation=cv2.INTER_AREA)
         reg, prob = _run(pnet, _mtcnn_input(level)[None])
         prob, reg = prob[0, :, :, 1].T, reg[0].swapaxes(0, 1)
@@ -170,6 +173,7 @@ class FaceDetector:
         score_threshold: float = 0.95,
         min_face_size: int = 20,
         max_side: int = 640,
+        small_faces: bool = True,
     ) -> None:
         name = ALIASES.get(name, name)
         if name not in DETECTORS:
@@ -183,6 +187,7 @@ class FaceDetector:
         self.score_threshold = score_threshold
         self.min_face_size = min_face_size
         self.max_side = max_side  # detectors are run on a copy no larger than this: speed
+        self.small_faces = small_faces and name == "mtcnn"  # a second pass for what that copy shrinks away
         if name == "haar":
             self._haar = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
 
@@ -196,7 +201,9 @@ class FaceDetector:
         if scale < 1:
             small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
             scale = small.shape[1] / w  # the scale actually applied, after rounding to whole pixels
-        faces = self._mtcnn_faces(small, scale) if self.name == "mtcnn" else self._haar_faces(small)
+        faces = list(self._mtcnn_faces(small, scale) if self.name == "mtcnn" else self._haar_faces(small))
+        if self.small_faces and MTCNN_WINDOW / scale > self.min_face_size * 1.2:
+            faces = self._with_small_faces(rgb, scale, faces)
         out = []
         for box, score, marks in faces:
             x0, y0 = max(0, round(box[0] / scale)), max(0, round(box[1] / scale))
@@ -205,10 +212,31 @@ class FaceDetector:
                 out.append(Face((x0, y0, x1 - x0, y1 - y0), score, None if marks is None else marks / scale))
         return sorted(out, key=lambda f: f.area, reverse=True)
 
-    def _mtcnn_faces(self, rgb: np.ndarray, scale: float):
-        boxes, scores, marks = _mtcnn(np.ascontiguousarray(rgb), self.score_threshold, self.min_face_size * scale)
+    def _mtcnn_faces(self, rgb: np.ndarray, scale: float, max_size: float = np.inf):
+        boxes, scores, marks = _mtcnn(
+            np.ascontiguousarray(rgb), self.score_threshold, self.min_face_size * scale, max_size * scale
+        )
         for b, s, m in zip(boxes, scores, marks, strict=True):
             yield np.array([b[0], b[1], b[2] - b[0], b[3] - b[1]], np.float32), float(s), m.astype(np.float32)
+
+    def _with_small_faces(self, rgb: np.ndarray, scale: float, faces: list) -> list:
+        """The faces of the shrunk copy plus those too small for it: on a larger copy, where a face of
+        min_face_size is MTCNN's 12 px window, P-Net's pyramid covers only faces up to a little past the
+        smallest the shrunk copy finds (12 px / scale). Boxes come back in the shrunk copy's pixels."""
+        h, w = rgb.shape[:2]
+        fine = min(1.0, MTCNN_WINDOW / self.min_face_size)
+        large = cv2.resize(rgb, (round(w * fine), round(h * fine)), interpolation=cv2.INTER_AREA) if fine < 1 else rgb
+        fine = large.shape[1] / w
+        small = [
+            (box * scale / fine, score, marks * scale / fine)
+            for box, score, marks in self._mtcnn_faces(large, fine, max_size=1.5 * MTCNN_WINDOW / scale)
+        ]
+        every = faces + small
+        if not small:
+            return faces
+        boxes = np.array([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b, _, _ in every])
+        keep = _nms(boxes, np.array([s for _, s, _ in every]), 0.5, over_smaller=True)
+        return [every[k] for k in keep]
 
     def _haar_faces(self, rgb: np.ndarray):
         gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))

@@ -46,8 +46,9 @@ class FaceFinder:
         score_threshold: float = 0.95,
         min_face_size: int = 20,
         max_pixels: int = MAX_PIXELS,
+        small_faces: bool = True,
     ) -> None:
-        self.detector = FaceDetector(detector, score_threshold, min_face_size)
+        self.detector = FaceDetector(detector, score_threshold, min_face_size, small_faces=small_faces)
         self.max_pixels = max_pixels
 
     @property

@@ -6,6 +6,10 @@ from __future__ import annotations
 import aiohttp
 import bentoml
 
+# a connection refused or reset, or an answer cut off mid-body (a worker killed while it was answering:
+# seen in tests/test_faults.py as ClientPayloadError "Response payload is not completed")
+BROKEN = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+
 
 class DependencyUnavailable(bentoml.exceptions.ServiceUnavailable):
     """503: a dependency service could not be reached (its worker died and is not back yet)."""
@@ -18,11 +22,11 @@ async def call_dependency(method, *args):
     API here is idempotent, so a retry is safe. If it still fails: 503, never a 500."""
     try:
         return await method(*args)
-    except aiohttp.ClientConnectionError:
+    except BROKEN:
         pass
     except TimeoutError as exc:  # no answer within the dependency's timeout: do not wait that long again
         raise DependencyUnavailable("a backend service is temporarily unavailable, retry") from exc
     try:
         return await method(*args)
-    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+    except (*BROKEN, TimeoutError) as exc:
         raise DependencyUnavailable("a backend service is temporarily unavailable, retry") from exc

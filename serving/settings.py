@@ -18,6 +18,7 @@ class Settings:
     detector: str = "mtcnn"  # mtcnn | haar (models/faces.py)
     score_threshold: float = 0.95  # minimum detector confidence (MTCNN: faces score 0.99-1.0)
     min_face_size: int = 20  # pixels, shorter box side
+    small_faces: bool = True  # photos over 640 px: a second detection pass for faces the 640 px copy loses
     max_bytes: int = 20 * 1024 * 1024  # per request -> 413
     max_pixels: int = 50_000_000  # per image, checked before decoding -> 413
     max_images: int = 32  # files per request -> 413
@@ -47,10 +48,18 @@ class Settings:
             if raw is None:
                 continue
             try:
-                values[f.name] = type(f.default)(raw)
+                values[f.name] = _boolean(raw) if isinstance(f.default, bool) else type(f.default)(raw)
             except ValueError:
                 raise UserError(f"{PREFIX}{f.name.upper()}={raw!r} is not a valid {type(f.default).__name__}") from None
         return cls(**values)
+
+
+def _boolean(raw: str) -> bool:
+    if raw.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 SETTINGS = Settings.from_env()

@@ -128,3 +128,21 @@ def test_decode_rotates_by_exif_and_rejects_bad_files() -> None:
         decode_image(encode(astronaut())[:1500], 10**7)
     with pytest.raises(TooLarge, match="limit"):
         decode_image(encode(Image.new("RGB", (100, 100)), "PNG"), 9_999)
+
+
+def test_small_faces_in_a_large_photo() -> None:
+    """Faces 24-48 px wide in a 4000x3000 photo: lost on the 640 px copy alone, found by the second pass."""
+    from devtools.photos import composite
+
+    rgb, truth = composite(np.random.default_rng(3), 6)  # face widths 24, 32, 48, 64, 96, 128
+    small = [t for t in truth if t[0] <= 48]
+
+    def found(detector: FaceDetector) -> int:
+        boxes = [f.box for f in detector.detect(rgb)]
+        return sum(
+            any(x <= bx + bw / 2 <= x + w and y <= by + bh / 2 <= y + h for bx, by, bw, bh in boxes)
+            for _, x, y, w, h in small
+        )
+
+    assert found(FaceDetector(small_faces=False)) == 0
+    assert found(FaceDetector()) == len(small) == 3

@@ -88,3 +88,36 @@ def test_ece_and_temperature_on_known_miscalibration() -> None:
     assert calibration.ece(probs.max(1), probs.argmax(1) == labels) < 0.02
     assert calibration.ece(probs3.max(1), probs3.argmax(1) == labels) > 0.08
     assert len(PERCENTILES) == 99
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "value"),
+    [
+        ({"AGE_GENDER_SMALL_FACES": "false"}, "small_faces", False),
+        ({"AGE_GENDER_SMALL_FACES": "On"}, "small_faces", True),
+        ({"AGE_GENDER_INTERVAL_LEVEL": "0.9"}, "interval_level", 0.9),
+    ],
+)
+def test_settings_from_the_environment(monkeypatch, env: dict, field: str, value) -> None:
+    from serving.settings import Settings
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert getattr(Settings.from_env(), field) == value
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"AGE_GENDER_SMALL_FACES": "maybe"}, "not a valid bool"),
+        ({"AGE_GENDER_INTERVAL_LEVEL": "0.99"}, "0.5 and 0.98"),
+    ],
+)
+def test_bad_settings_name_the_variable(monkeypatch, env: dict, message: str) -> None:
+    from models.errors import UserError
+    from serving.settings import Settings
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(UserError, match=message):
+        Settings.from_env()
