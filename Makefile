@@ -63,3 +63,5 @@ bench: setup
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.train_speed
 	$(PY) -m benchmarks.memory
+	$(PY) -m benchmarks.small_faces
+	$(PY) -m benchmarks.batch
