@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from models.artifact import AGE_RANGE
 from models.errors import UserError
 from training.atomic import atomic_dir
 
@@ -30,7 +31,7 @@ def sample_image(age: int, gender: int, race: int, rng: np.random.Generator) -> 
     cx, cy = SIZE / 2 + rng.uniform(-10, 10, size=2)
     rx, ry = rng.uniform(55, 70), rng.uniform(70, 85)
     inside = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
-    face = np.array(colorsys.hsv_to_rgb(0.75 * age / 116, 0.8, 0.9), dtype=np.float32) * 255
+    face = np.array(colorsys.hsv_to_rgb(0.75 * age / AGE_RANGE[1], 0.8, 0.9), dtype=np.float32) * 255
     stripes = np.sin((yy if gender == 0 else xx) * 2 * np.pi / 32) > 0  # survives resizing to 64 px
     img = np.full((SIZE, SIZE, 3), 40.0 + 35.0 * race, dtype=np.float32)
     img[inside] = face

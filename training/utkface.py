@@ -33,6 +33,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from models.artifact import AGE_RANGE
 from models.errors import UserError
 from training.atomic import atomic_path
 from training.synth import MARKER
@@ -64,8 +65,8 @@ def parse_name(name: str) -> Label:
         raise SkipName("not a UTKFace name")
     age, gender = int(m["age"]), int(m["gender"])
     race = int(m["race"]) if m["race"] is not None else -1
-    if not 0 <= age <= 116:
-        raise SkipName("age outside 0-116")
+    if not AGE_RANGE[0] <= age <= AGE_RANGE[1]:
+        raise SkipName(f"age outside {AGE_RANGE[0]}-{AGE_RANGE[1]}")
     if gender not in (0, 1):
         raise SkipName("gender not 0 or 1")
     if not -1 <= race <= 4:
