@@ -4,10 +4,12 @@ it is ready (tests, benchmarks)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,12 +32,26 @@ def running_service(
 ) -> Iterator[str]:
     """Yield the base URL of a ready `bentoml serve target` started in `cwd` with os.environ + env; stop it
     (all workers) after. Meanwhile `running_service.pid` is the arbiter's pid (tests read the memory of
-    its `descendants`)."""
+    its `descendants`).
+
+    Each service gets a BENTOML_HOME of its own whose `models` and `bentos` are the shared store's: every
+    `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it starts, which would blank the
+    /metrics of any other service still running on the same home."""
     port = free_port()
     cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+    shared = Path(env.get("BENTOML_HOME") or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+    home = Path(tempfile.mkdtemp(prefix="serve-home-"))
+    for store in ("models", "bentos"):
+        (shared / store).mkdir(parents=True, exist_ok=True)
+        (home / store).symlink_to((shared / store).resolve())
     with log.open("w") as out:
         proc = subprocess.Popen(
-            cmd, cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=cwd,
+            env={**os.environ, **env, "BENTOML_HOME": str(home)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     running_service.pid = proc.pid
@@ -55,6 +71,7 @@ def running_service(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        shutil.rmtree(home, ignore_errors=True)  # the links only: rmtree does not follow them
 
 
 def _ready(url: str) -> bool:

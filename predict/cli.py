@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from models.artifact import INTERVAL_LEVEL, MODEL_NAME
-from models.errors import UserError
+from models.errors import cli_exit_code
 from predict.rows import Output, photos, rows
 from predict.runners import run_local, run_remote
 
@@ -72,16 +71,12 @@ def run(args: argparse.Namespace) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
+
+    def command() -> None:
         counts = run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; run the same command again to go on where it stopped", file=sys.stderr)
-        return 130
-    print(
-        f"{counts['photos']} photos ({counts['skipped']} already in {args.out}): "
-        f"{counts['faces']} faces, {counts['errors']} errors"
-    )
-    return 0
+        print(
+            f"{counts['photos']} photos ({counts['skipped']} already in {args.out}): "
+            f"{counts['faces']} faces, {counts['errors']} errors"
+        )
+
+    return cli_exit_code(command, "interrupted; run the same command again to go on where it stopped")

@@ -6,11 +6,10 @@ Bad input ends with one line on stderr and exit code 2; no half-written files ar
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from models.artifact import INTERVAL_LEVEL
-from models.errors import UserError
+from models.errors import cli_exit_code
 from models.outputs import check_level
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -211,12 +210,4 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return cli_exit_code(lambda: args.func(args))
