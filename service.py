@@ -50,9 +50,8 @@ patches.apply()  # BentoML 1.4.40: /readyz during worker restarts, per-request t
 @bentoml.service(workers=DETECTOR_WORKERS, traffic={"timeout": 60}, **_CONNECTION)
 class FaceDetection:
     def __init__(self) -> None:
-        self.finder = FaceFinder(
-            SETTINGS.detector, SETTINGS.score_threshold, SETTINGS.min_face_size, SETTINGS.max_pixels
-        )
+        s = SETTINGS
+        self.finder = FaceFinder(s.detector, s.score_threshold, s.min_face_size, s.max_pixels, s.small_faces)
 
     @bentoml.api
     def detect(self, image: bytes) -> dict:

@@ -1,7 +1,5 @@
 """The one exception type for bad user input: the CLI prints it as one line, the service as a 4xx."""
 
-import sys
-
 
 class UserError(Exception):
     """Something the user asked for or supplied is wrong; the message says what and what is allowed."""
@@ -25,16 +23,3 @@ def raised(answer: dict) -> dict:
     if "error" in answer:
         raise (TooLarge if answer["too_large"] else UserError)(answer["error"])
     return answer
-
-
-def cli_exit_code(command, interrupted: str = "interrupted") -> int:
-    """Run a command-line command: 0; a UserError: its one `error:` line on stderr and 2; Ctrl-C: 130."""
-    try:
-        command()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"error: {interrupted}", file=sys.stderr)
-        return 130
-    return 0

@@ -222,21 +222,32 @@ class FaceDetector:
     def _with_small_faces(self, rgb: np.ndarray, scale: float, faces: list) -> list:
         """The faces of the shrunk copy plus those too small for it: on a larger copy, where a face of
         min_face_size is MTCNN's 12 px window, P-Net's pyramid covers only faces up to a little past the
-        smallest the shrunk copy finds (12 px / scale). Boxes come back in the shrunk copy's pixels."""
+        smallest the shrunk copy finds (12 px / scale). A second-pass face overlapping a first-pass one is
+        the same face (or part of it) and is dropped. Boxes come back in the shrunk copy's pixels."""
         h, w = rgb.shape[:2]
         fine = min(1.0, MTCNN_WINDOW / self.min_face_size)
         large = cv2.resize(rgb, (round(w * fine), round(h * fine)), interpolation=cv2.INTER_AREA) if fine < 1 else rgb
         fine = large.shape[1] / w
-        small = [
-            (box * scale / fine, score, marks * scale / fine)
-            for box, score, marks in self._mtcnn_faces(large, fine, max_size=1.5 * MTCNN_WINDOW / scale)
-        ]
-        every = faces + small
+        small = list(self._mtcnn_faces(large, fine, max_size=1.5 * MTCNN_WINDOW / scale))
         if not small:
             return faces
-        boxes = np.array([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b, _, _ in every])
-        keep = _nms(boxes, np.array([s for _, s, _ in every]), 0.5, over_smaller=True)
-        return [every[k] for k in keep]
+
+        def corners(box: np.ndarray, s: float) -> np.ndarray:  # x0, y0, x1, y1 in pixels of the photo
+            return np.array([box[0], box[1], box[0] + box[2], box[1] + box[3]]) / s
+
+        first = [corners(b, scale) for b, _, _ in faces]
+        kept = []
+        for box, score, marks in small:
+            c = corners(box, fine)
+            overlaps = (
+                max(0, min(c[2], f[2]) - max(c[0], f[0]))
+                * max(0, min(c[3], f[3]) - max(c[1], f[1]))
+                / min((c[2] - c[0]) * (c[3] - c[1]), (f[2] - f[0]) * (f[3] - f[1]))
+                for f in first
+            )
+            if max(overlaps, default=0) < 0.3:
+                kept.append((box * scale / fine, score, marks * scale / fine))
+        return faces + kept
 
     def _haar_faces(self, rgb: np.ndarray):
         gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))

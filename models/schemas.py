@@ -18,7 +18,10 @@ class Box(BaseModel):
 class AgeInterval(BaseModel):
     low: float = Field(description="years")
     high: float = Field(description="years")
-    level: float = Field(description="the share of faces whose true age the model's intervals held on held-out data")
+    level: float = Field(
+        description="nominal level of this central interval (AGE_GENDER_INTERVAL_LEVEL); the coverage measured "
+        "on held-out data is /model_info's test_metrics.interval_coverage"
+    )
 
 
 class FaceAttributes(BaseModel):

@@ -15,18 +15,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from models.artifact import INTERVAL_LEVEL, MODEL_NAME
-from models.errors import cli_exit_code
+from models.cli import OneLineParser, exit_code, level
+from models.errors import UserError
 from predict.rows import Output, photos, rows
 from predict.runners import run_local, run_remote
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        self.exit(2, f"error: {message} (see `python -m predict --help`)\n")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m predict", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m predict", description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", help="photo files, folders (recursive) or @file listing paths")
     p.add_argument("--out", type=Path, required=True, help="results file: .jsonl or .csv (appended; resumes)")
     p.add_argument("--url", default=None, help="send the photos to this running service instead of running locally")
@@ -34,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="onnx", help="local mode: onnx or torch")
     p.add_argument("--detector", default="mtcnn", help="local mode: mtcnn or haar")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="local mode: detection processes")
-    p.add_argument("--level", type=float, default=INTERVAL_LEVEL, help="local mode: age interval level")
+    p.add_argument("--level", type=level, default=INTERVAL_LEVEL, help="local mode: age interval level")
     p.add_argument("--concurrency", type=int, default=8, help="--url mode: requests in flight")
     p.add_argument(
         "--retries", type=int, default=5, help="--url mode: tries after a 429/503/504 or a dropped connection"
@@ -52,6 +48,8 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     todo_new = [p for p in todo if str(p) not in done]
     counts = {"photos": len(todo), "skipped": len(todo) - len(todo_new), "faces": 0, "errors": 0}
     if args.url:
+        if not args.url.startswith(("http://", "https://")):
+            raise UserError(f"--url must start with http:// or https://, got {args.url!r}")
         outcomes = run_remote(args.url, todo_new, max(1, args.concurrency), max(0, args.retries), args.timeout)
     else:
         model = Path(args.model)
@@ -79,4 +77,4 @@ def main(argv: list[str] | None = None) -> int:
             f"{counts['faces']} faces, {counts['errors']} errors"
         )
 
-    return cli_exit_code(command, "interrupted; run the same command again to go on where it stopped")
+    return exit_code(command, "interrupted; run the same command again to go on where it stopped")

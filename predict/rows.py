@@ -11,6 +11,7 @@ from typing import Any
 
 from models.errors import UserError
 from models.schemas import PhotoResult
+from predict.runners import TRANSIENT
 
 # a folder is searched for these (case-insensitive); files named on the command line are always tried
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -89,12 +90,13 @@ class Output:
             raise UserError(f"--out must end in .{' or .'.join(FORMATS)}, got {path.name}")
 
     def done(self) -> set[str]:
-        """Files already in the output: a second run skips them. A last line cut short by an interrupt is
-        dropped first (that photo runs again)."""
+        """Files already in the output: a second run skips them, except photos a service was too busy to
+        answer (TRANSIENT errors: tried again). A last line cut short by an interrupt is dropped first
+        (that photo runs again)."""
         self._repair()
         if not self.path.exists():
             return set()
-        return {row["file"] for row in self._read()}
+        return {row["file"] for row in self._read() if not (row.get("error") or "").startswith(TRANSIENT)}
 
     def _read(self) -> Iterator[dict[str, Any]]:
         with self.path.open(newline="") as f:

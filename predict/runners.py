@@ -5,19 +5,23 @@ never stops the run.
 - local: one FaceFinder per worker process (detection is the CPU-bound step: every core gets one), the
   network in this process, crops of several photos batched into it (models/pipeline.py).
 - remote (--url): POST /predict to a service, or a Kubernetes Service in front of many replicas, with at
-  most `concurrency` requests in flight; 429, 503, 504 and dropped connections are retried with
-  exponential backoff; a 4xx is that photo's error.
+  most `concurrency` requests in flight; 429, 502, 503, 504 and dropped connections are retried with
+  exponential backoff and jitter (TRANSIENT marks a photo that still failed: a rerun tries it again);
+  any other answer is that photo's error.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
+import random
 import threading
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import cv2
 
 from models.errors import UserError
 from models.pipeline import Detection, FaceFinder
@@ -26,44 +30,60 @@ from models.schemas import PhotoResult
 
 Outcome = tuple[Path, PhotoResult | None, str | None]
 RETRY_STATUSES = (429, 502, 503, 504)
+TRANSIENT = "gave up after"  # how a remote photo's error starts when every retry was busy or dropped
 
 _finder: FaceFinder | None = None  # one per worker process
 
 
 def _start_worker(options: dict) -> None:
     global _finder
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cv2.setNumThreads(1)  # one detection per core: no thread teams on top
     _finder = FaceFinder(**options)
 
 
 def _detect(path: Path) -> Detection | str:
+    """A photo's detection, or the text of whatever went wrong with it (nothing here may stop the run)."""
     try:
         return _finder.find(path.read_bytes())
     except UserError as exc:
         return str(exc)
     except OSError as exc:
         return f"cannot read the file: {exc.strerror}"
+    except Exception as exc:  # a bug or a library failure on one odd photo: that photo's error row
+        return f"{type(exc).__name__}: {exc}"
 
 
 def run_local(predictor: Predictor, paths: list[Path], workers: int, finder_options: dict) -> Iterator[Outcome]:
-    """Detection in `workers` processes; whenever a few photos are detected their crops go through the
-    network together."""
+    """Detection in `workers` processes, at most 4 photos per process in flight (memory stays bounded
+    however slow the network is); whenever a few photos are detected their crops go through the network
+    together."""
     with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(finder_options,)) as pool:
-        pending: list[tuple[Path, Detection]] = []
-        detections = pool.map(_detect, paths, chunksize=1)
-        for i, (path, detection) in enumerate(zip(paths, detections, strict=True)):
-            if isinstance(detection, str):
-                yield path, None, detection
+        todo, window, pending = iter(paths), deque(), []
+        for path in todo:
+            window.append((path, pool.submit(_detect, path)))
+            if len(window) < 4 * workers:
                 continue
-            pending.append((path, detection))
-            crops = sum(len(d.boxes) for _, d in pending)
-            if crops >= predictor.batch_size or i == len(paths) - 1 or len(pending) >= 2 * workers:
-                yield from _answer(predictor, pending)
-                pending = []
+            yield from _collect(predictor, window.popleft(), pending, workers)
+        while window:
+            yield from _collect(predictor, window.popleft(), pending, workers)
         yield from _answer(predictor, pending)
 
 
+def _collect(predictor: Predictor, item, pending: list, workers: int) -> Iterator[Outcome]:
+    path, future = item
+    detection = future.result()
+    if isinstance(detection, str):
+        yield path, None, detection
+        return
+    pending.append((path, detection))
+    if sum(len(d.boxes) for _, d in pending) >= predictor.batch_size or len(pending) >= 2 * workers:
+        yield from _answer(predictor, pending)
+        pending.clear()
+
+
 def _answer(predictor: Predictor, pending: list[tuple[Path, Detection]]) -> Iterator[Outcome]:
+    if not pending:
+        return
     results = predictor.answer([d for _, d in pending])
     yield from ((path, result, None) for (path, _), result in zip(pending, results, strict=True))
 
@@ -95,7 +115,10 @@ async def _send_all(url: str, paths: list[Path], concurrency: int, retries: int,
 
         async def one(path: Path) -> None:
             async with slots:
-                put((path, *await _send(client, url, path, retries)))
+                try:
+                    put((path, *await _send(client, url, path, retries)))
+                except Exception as exc:  # e.g. a 200 that is not our JSON (a proxy's page): that photo's error
+                    put((path, None, f"{type(exc).__name__}: {exc}"))
 
         await asyncio.gather(*(one(p) for p in paths))
 
@@ -109,8 +132,8 @@ async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult
         return None, f"cannot read the file: {exc.strerror}"
     problem = ""
     for attempt in range(retries + 1):
-        if attempt:
-            await asyncio.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))  # 0.5, 1, 2, 4 ... s
+        if attempt:  # 0.5, 1, 2, 4 ... s, +-25 % so that many clients do not retry in step
+            await asyncio.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.75, 1.25))
         try:
             r = await client.post(f"{url}/predict", files={"image": (path.name, data, "application/octet-stream")})
         except httpx.HTTPError as exc:  # refused, reset, timed out: the service may be restarting
@@ -121,7 +144,7 @@ async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult
         problem = _error_text(r)
         if r.status_code not in RETRY_STATUSES:
             return None, problem
-    return None, f"gave up after {retries + 1} tries: {problem}"
+    return None, f"{TRANSIENT} {retries + 1} tries: {problem}"
 
 
 def _error_text(r) -> str:

@@ -18,7 +18,16 @@ ROUTE = "/model_card"
 
 class ModelCardRoute:
     def __init__(self, app, model: str) -> None:
-        self.app, self.model = app, model
+        import bentoml
+
+        self.app = app
+        stored = bentoml.models.get(model)  # resolved at start-up, as the model service resolves its BentoModel
+        path = Path(stored.path) / CARD_FILE
+        if path.is_file():
+            self.card = Response(path.read_text(), media_type="text/markdown; charset=utf-8")
+        else:
+            message = f"model {stored.tag} has no model card: it was exported before cards existed; export it again"
+            self.card = JSONResponse({"error": message}, status_code=404)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].rstrip("/") != ROUTE:
@@ -27,15 +36,5 @@ class ModelCardRoute:
         if scope["method"] not in ("GET", "HEAD"):
             response = JSONResponse({"error": f"{ROUTE} answers GET only"}, status_code=405, headers={"Allow": "GET"})
         else:
-            response = self.card()
+            response = self.card
         await response(scope, receive, send)
-
-    def card(self) -> Response:
-        import bentoml
-
-        model = bentoml.models.get(self.model)  # the served model: the service could not start without it
-        path = Path(model.path) / CARD_FILE
-        if not path.is_file():
-            message = f"model {model.tag} has no model card: it was exported before cards were written; export it again"
-            return JSONResponse({"error": message}, status_code=404)
-        return Response(path.read_text(), media_type="text/markdown; charset=utf-8")

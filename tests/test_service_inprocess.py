@@ -35,8 +35,13 @@ def service(model_tag: str):
     return module
 
 
-def test_detector_returns_aligned_crops(service) -> None:
+def test_detector_returns_aligned_crops(service, monkeypatch) -> None:
     out = service.FaceDetection().detect(encode(astronaut()))
+    assert service.FaceDetection().finder.detector.small_faces is True  # AGE_GENDER_SMALL_FACES reaches it
+    from serving.settings import Settings
+
+    monkeypatch.setattr(service, "SETTINGS", Settings(small_faces=False))
+    assert service.FaceDetection().finder.detector.small_faces is False
     assert (out["width"], out["height"]) == (512, 512)
     assert out["crops"].shape == (1, 200, 200, 3) and out["crops"].dtype == np.uint8
     centre = box_centre(dict(zip(("x", "y", "width", "height"), out["boxes"][0], strict=True)))

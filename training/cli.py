@@ -9,22 +9,9 @@ import argparse
 from pathlib import Path
 
 from models.artifact import INTERVAL_LEVEL
-from models.errors import cli_exit_code
-from models.outputs import check_level
+from models.cli import OneLineParser, exit_code, level
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        self.exit(2, f"error: {message} (see `python -m training {self.prog.split()[-1]} --help`)\n")
-
-
-def _level(raw: str) -> float:
-    try:
-        return check_level(float(raw))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -114,7 +101,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             f"P(under 18) ROC AUC {o.get('minor_auc', float('nan')):.3f}"
         )
     else:
-        print("no age intervals: a regression model exported before residuals were measured (export it again)")
+        print(
+            "no age intervals: no calibration in this model (a checkpoint: `export` it; a regression model "
+            "exported before residuals were measured: export it again)"
+        )
     print(f"wrote {args.out}/report.json, predictions.csv and plots")
 
 
@@ -142,8 +132,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m training", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = OneLineParser(prog="python -m training", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     s = sub.add_parser("synth", help="write generated sample images in UTKFace's file-name format")
     s.add_argument("--out", type=Path, required=True)
@@ -194,7 +184,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test")
     s.add_argument("--tta", action="store_true", help="average with the mirrored image")
     s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--level", type=_level, default=INTERVAL_LEVEL, help="age interval level (default 0.8)")
+    s.add_argument("--level", type=level, default=INTERVAL_LEVEL, help="age interval level (default 0.8)")
     s.add_argument("--runtime", default="onnx", help="a stored model's runtime: onnx or torch (checkpoints: torch)")
     s.add_argument("--out", type=Path, default=Path("reports/latest"))
     s.set_defaults(func=cmd_evaluate)
@@ -210,4 +200,4 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return cli_exit_code(lambda: args.func(args))
+    return exit_code(lambda: args.func(args))
