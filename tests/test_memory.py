@@ -40,18 +40,27 @@ async def _traffic(url: str, n: int) -> list[int]:
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
+def _window(url: str, workers: dict[int, str]) -> dict[str, float]:
+    """PSS growth per request of every process over REQUESTS requests."""
+    before = {pid: pss_kb(pid) for pid in workers}
+    statuses = asyncio.run(_traffic(url, REQUESTS))
+    assert sorted(set(statuses)) == [200, 415], statuses
+    assert _workers(url) == workers, "a worker restarted during the run"
+    return {f"{workers[pid]} {pid}": (pss_kb(pid) - kb) / REQUESTS for pid, kb in before.items()}
+
+
 def test_workers_memory_stays_flat_under_many_requests(server: str) -> None:
+    """A leak grows in every window; allocator pools settling, or a 2 MB step of the heap, in one. So the
+    smaller of two consecutive windows' growth is what is bounded."""
     asyncio.run(_traffic(server, 200))  # warm-up: allocator pools, ONNX Runtime arenas, caches
     workers = _workers(server)
-    before = {pid: pss_kb(pid) for pid in workers}
-    statuses = asyncio.run(_traffic(server, REQUESTS))
-    assert sorted(set(statuses)) == [200, 415], statuses
-    assert _workers(server) == workers, "a worker restarted during the run"
-    growth = {f"{workers[pid]} {pid}": (pss_kb(pid) - kb) / REQUESTS for pid, kb in before.items()}
-    # after the fixes, workers: 0.4-3.5 kB per request while allocator pools settle (then ~0 over a long
-    # run: make soak); the old detector's leak would show as 10 kB or more per request
+    first, second = _window(server, workers), _window(server, workers)
+    growth = {name: min(first[name], second[name]) for name in first}
+    report = f"PSS kB per request, two windows of {REQUESTS}: {first} then {second}"
+    # after the fixes, workers: 0-3.5 kB per request while allocator pools settle (then ~0 over a long
+    # run: make soak), single windows up to 9.5 in full test runs; the old detector's leak was 23-35
     workers_growth = [kb for name, kb in growth.items() if not name.startswith("AgeGender ")]
-    assert all(kb < 6 for kb in workers_growth), f"PSS kB per request: {growth}"
-    # the public API process: 3.5-12 kB per request over such a short window (0.37 over the 10-minute
-    # soak); BentoML's uncancelled request timers made it 40-150 kB
-    assert growth[next(n for n in growth if n.startswith("AgeGender "))] < 25, f"PSS kB per request: {growth}"
+    assert all(kb < 6 for kb in workers_growth), report
+    # the public API process: 3.5-12 kB per request over such a short window (0.35-0.55 over 10-minute
+    # soaks); BentoML's uncancelled request timers made it 40-150 kB
+    assert growth[next(n for n in growth if n.startswith("AgeGender "))] < 25, report
