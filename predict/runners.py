@@ -58,8 +58,8 @@ def run_local(predictor: Predictor, paths: list[Path], workers: int, finder_opti
     however slow the network is); whenever a few photos are detected their crops go through the network
     together."""
     with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(finder_options,)) as pool:
-        todo, window, pending = iter(paths), deque(), []
-        for path in todo:
+        window, pending = deque(), []
+        for path in paths:
             window.append((path, pool.submit(_detect, path)))
             if len(window) < 4 * workers:
                 continue
