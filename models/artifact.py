@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from models.errors import UserError
 from models.presets import IMAGENET_MEAN, IMAGENET_STD, ArrayPreset, eval_preset
 
 MODEL_NAME = "age_gender"
@@ -23,6 +24,16 @@ AGE_RANGE = (0, 116)  # UTKFace labels; answers are clamped to the stored model'
 AGE_HEADS = ("regression", "distribution")  # one number in years | a softmax over whole years 0..AGE_RANGE[1]
 MINOR_AGE = 18  # minor_probability = P(age < MINOR_AGE)
 INTERVAL_LEVEL = 0.8  # default level of the central age interval in every answer
+
+
+def stored_model(tag: str):
+    """A model of the BentoML store ($BENTOML_HOME) by tag; a UserError that says where to look if absent."""
+    import bentoml
+
+    try:
+        return bentoml.models.get(tag)
+    except (bentoml.exceptions.NotFound, ValueError):
+        raise UserError(f"model {tag!r} is not in the BentoML store; `bentoml models list` shows what is") from None
 
 
 def architecture(

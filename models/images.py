@@ -18,6 +18,7 @@ from models.errors import TooLarge, UserError
 # The upload formats the service takes, recognised from the file's bytes (magic number, then Pillow's
 # reader for that format only), never from the client's declared content type
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+MAX_PIXELS = 50_000_000  # default limit per photo, read from its header before decoding
 FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"),

@@ -22,12 +22,10 @@ import numpy as np
 from models.artifact import INTERVAL_LEVEL, array_preprocess_for
 from models.errors import UserError
 from models.faces import CROP_SIZE, FaceDetector, align_crop
-from models.images import decode_image
+from models.images import MAX_PIXELS, decode_image
 from models.outputs import answers, decode
 from models.runtime import open_runtime
 from models.schemas import DetectedFace, PhotoResult
-
-MAX_PIXELS = 50_000_000  # per photo, read from its header before decoding (models/images.py)
 
 
 @dataclass

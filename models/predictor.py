@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from models.artifact import INTERVAL_LEVEL, MODEL_NAME
+from models.artifact import INTERVAL_LEVEL, MODEL_NAME, stored_model
 from models.errors import UserError
 from models.outputs import check_level
 from models.pipeline import Detection, Estimator, FaceFinder, load_crops, photo_results
@@ -52,13 +52,7 @@ class Predictor:
     @classmethod
     def from_store(cls, tag: str = f"{MODEL_NAME}:latest", **options: Any) -> Predictor:
         """A model of the BentoML store ($BENTOML_HOME), by tag; options as for from_folder."""
-        import bentoml
-
-        try:
-            model = bentoml.models.get(tag)
-        except (bentoml.exceptions.NotFound, ValueError):
-            raise UserError(f"model {tag!r} is not in the BentoML store; `bentoml models list` shows what is") from None
-        return cls.from_folder(model.path, **options)
+        return cls.from_folder(stored_model(tag).path, **options)
 
     def detect(self, image: ImageInput) -> Detection:
         """Any supported input -> its faces. Files and bytes go through the upload rules (formats, size)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from serving import card
 from serving.guard import Receive, Scope, Send, rewrite_response
 
 ERROR_SCHEMA = {
@@ -61,7 +62,7 @@ def standard_openapi(spec: dict) -> dict:
     for name in [n for n in schemas if n.endswith("__Input")]:
         del schemas[name]
     schemas["Error"] = ERROR_SCHEMA
-    spec.setdefault("paths", {})["/model_card"] = MODEL_CARD_PATH  # a mounted route BentoML does not list
+    spec.setdefault("paths", {})[card.ROUTE] = MODEL_CARD_PATH  # a mounted route BentoML does not list
     for operations in spec["paths"].values():
         for op in operations.values():
             if not isinstance(op, dict):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 
 from models.artifact import INTERVAL_LEVEL
 from models.errors import UserError
+from models.images import MAX_PIXELS
 from models.outputs import check_level
 
 PREFIX = "AGE_GENDER_"
@@ -20,7 +21,7 @@ class Settings:
     min_face_size: int = 20  # pixels, shorter box side
     small_faces: bool = True  # photos over 640 px: a second detection pass for faces the 640 px copy loses
     max_bytes: int = 20 * 1024 * 1024  # per request -> 413
-    max_pixels: int = 50_000_000  # per image, checked before decoding -> 413
+    max_pixels: int = MAX_PIXELS  # per image, checked before decoding -> 413
     max_images: int = 32  # files per request -> 413
     # decoded pixels per request, summed over its images and read from their headers before decoding -> 413;
     # 100 Mpx is about 300 MB of decoded RGB, e.g. eight 12 Mpx photos in one /predict_batch

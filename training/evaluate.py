@@ -13,12 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import bentoml
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from models.artifact import INTERVAL_LEVEL, MINOR_AGE
+from models.artifact import INTERVAL_LEVEL, MINOR_AGE, stored_model
 from models.errors import UserError
 from models.outputs import COLUMNS, decode, softmax
 from models.pipeline import Estimator, load_crops
@@ -43,10 +42,7 @@ def load_model(model: str, runtime: str = "onnx") -> tuple[Estimator, dict[str, 
         trained = set(train_split[0]) if train_split[1] == "fit" else None
         meta = describe(module, datamodule, Path(model), train_split)
         return Estimator(TorchRuntime(module.net), meta), meta, trained
-    try:
-        stored = bentoml.models.get(model)
-    except (bentoml.exceptions.NotFound, ValueError):
-        raise UserError(f"model {model!r} is not in the BentoML store; `bentoml models list` shows what is") from None
+    stored = stored_model(model)
     meta = stored.info.metadata
     recorded = (meta.get("dataset") or {}).get("train_split")
     trained = fingerprint.read(Path(stored.path) / fingerprint.FILE, recorded) if recorded else None
