@@ -38,12 +38,14 @@ from serving.annotate import annotate
 from serving.card import ModelCardRoute
 from serving.dependencies import call_dependency
 from serving.guard import FileField, RequestGuard, answers_user_errors
+from serving.heap import return_large_buffers
 from serving.openapi import StandardOpenAPI
 from serving.settings import DETECTOR_WORKERS, SETTINGS
 
 # inter-service HTTP sessions are otherwise recycled under in-flight requests (BentoML #5540, #5544)
 _CONNECTION = {"runner_connection": {"max_requests": 2**31 - 1, "max_age": 1e9}}
 patches.apply()  # BentoML 1.4.40: /readyz during worker restarts, per-request timers (serving/patches.py)
+return_large_buffers()  # every service process: batches' buffers go back to the OS when freed (serving/heap.py)
 
 
 # one detector process per CPU core by default: detection is the CPU-bound step of /predict
