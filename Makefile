@@ -65,3 +65,4 @@ bench: setup
 	$(PY) -m benchmarks.memory
 	$(PY) -m benchmarks.small_faces
 	$(PY) -m benchmarks.batch
+	$(PY) -m benchmarks.int8

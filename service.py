@@ -19,6 +19,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import asyncio
+import logging
 from pathlib import Path
 
 import bentoml
@@ -79,6 +80,16 @@ class AgeGenderModel:
     def __init__(self) -> None:
         self.meta = self.model_ref.info.metadata
         self.estimator = Estimator.open(self.model_ref.path, self.meta, SETTINGS.runtime, SETTINGS.interval_level)
+        runtime = self.estimator.runtime
+        fallback = SETTINGS.runtime == "auto" and (runtime.name, runtime.device) == ("onnx", "cpu")  # not INT8
+        # BentoML shows its own logger's lines (the root logger's only from WARNING)
+        logging.getLogger("bentoml").log(
+            logging.WARNING if fallback else logging.INFO,
+            "AgeGenderModel runs %s on %s: %s",
+            runtime.name,
+            runtime.device,
+            self.estimator.why,
+        )
 
     @bentoml.api(
         batchable=SETTINGS.max_batch_size > 1,  # AGE_GENDER_MAX_BATCH_SIZE=1: one request per model call

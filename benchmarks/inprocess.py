@@ -34,12 +34,11 @@ def runtimes(model_dir: str, meta: dict) -> dict[str, Callable]:
     }
 
 
-def network_rates(model_dir: str, meta: dict, batch_sizes: list[int]) -> dict[str, dict[int, float]]:
+def network_rates(runs: dict[str, Callable], size: int, batch_sizes: list[int]) -> dict[str, dict[int, float]]:
     """img/s of each runtime per batch size, on preprocessed tensors (the network alone)."""
-    size = meta["image_size"]
     out = {}
     x = {b: np.random.default_rng(0).standard_normal((b, 3, size, size), dtype=np.float32) for b in batch_sizes}
-    for name, run in runtimes(model_dir, meta).items():
+    for name, run in runs.items():
         out[name] = {b: rate(lambda r=run, b=b: r(x[b]), b) for b in batch_sizes}
     return out
 

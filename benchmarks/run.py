@@ -26,17 +26,21 @@ import torch
 from PIL import Image
 
 from devtools.photos import astronaut, encode, group_photo
-from models.artifact import architecture
+from models.artifact import INT8_FILE, ONNX_FILE, architecture, array_preprocess_for
 from models.network import AgeGenderNet
 from models.pipeline import FaceFinder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def make_model(backbone: str, image_size: int) -> tuple[str, str, dict]:
+def make_model(backbone: str, image_size: int, int8: bool = False) -> tuple[str, str, dict]:
+    """A random-weights model in the store; with int8 also its INT8 graph, ranges from real face crops
+    (the benchmark's photos, mirrored and shifted: speed depends on neither weights nor ranges)."""
     import bentoml  # here, not at the top: main() points BENTOML_HOME at a temporary store first
 
+    from models.network import export_onnx
     from training.export import save_model
+    from training.quantize import quantize
 
     torch.manual_seed(0)
     net = AgeGenderNet(backbone, head_width=256, dropout=0.2).eval()
@@ -45,7 +49,15 @@ def make_model(backbone: str, image_size: int) -> tuple[str, str, dict]:
         "demo": True,
         "dataset": {"name": "benchmark (random weights)"},
     }
-    tag = save_model(net, meta)
+    if not int8:
+        tag = save_model(net, meta)
+        return str(tag), bentoml.models.get(tag).path, meta
+    with tempfile.TemporaryDirectory() as graphs:
+        export_onnx(net, image_size, Path(graphs) / ONNX_FILE)
+        crops = FaceFinder().find_in(np.asarray(group_photo()[0])).crops
+        crops = np.concatenate([crops, crops[:, :, ::-1], np.roll(crops, 8, axis=1)])
+        quantize(Path(graphs) / ONNX_FILE, Path(graphs) / INT8_FILE, array_preprocess_for(meta)(crops))
+        tag = save_model(net, meta, graphs=Path(graphs))
     return str(tag), bentoml.models.get(tag).path, meta
 
 
@@ -140,7 +152,7 @@ def main() -> None:
 
     print("limits (one process, no HTTP)", flush=True)
     batches = [1, 4, 8, 16, 32]
-    results["network"] = inprocess.network_rates(model_dir, meta, batches)
+    results["network"] = inprocess.network_rates(inprocess.runtimes(model_dir, meta), args.image_size, batches)
     for name, rates in results["network"].items():
         print(f"  network {name}: " + ", ".join(f"b{b} {r:.1f}" for b, r in rates.items()) + " img/s", flush=True)
     best = max(results["network"][args.runtime], key=results["network"][args.runtime].get)

@@ -88,14 +88,16 @@ def load_crops(images: list[bytes], max_pixels: int = MAX_PIXELS) -> np.ndarray:
 class Estimator:
     """Aligned crops -> answers, with one stored model's preprocessing, runtime and calibration."""
 
-    def __init__(self, runtime, meta: dict[str, Any], level: float = INTERVAL_LEVEL) -> None:
-        self.runtime, self.meta, self.level = runtime, meta, level
+    def __init__(self, runtime, meta: dict[str, Any], level: float = INTERVAL_LEVEL, why: str = "given") -> None:
+        """`why`: why this runtime (models.runtime.open_runtime), for the log and /model_info."""
+        self.runtime, self.meta, self.level, self.why = runtime, meta, level, why
         self.preprocess = array_preprocess_for(meta)  # numpy: no torch needed for ONNX Runtime
         self.classes: list[str] = list(meta["gender_classes"])
 
     @classmethod
-    def open(cls, model_dir: str | Path, meta: dict[str, Any], runtime: str = "onnx", level: float = INTERVAL_LEVEL):
-        return cls(open_runtime(runtime, model_dir, meta), meta, level)
+    def open(cls, model_dir: str | Path, meta: dict[str, Any], runtime: str = "auto", level: float = INTERVAL_LEVEL):
+        chosen, why = open_runtime(runtime, model_dir, meta)
+        return cls(chosen, meta, level, why)
 
     def raw(self, crops: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(B, 200, 200, 3) uint8 -> the network's outputs: age output, gender logits (B, C). With tta,
@@ -115,7 +117,13 @@ class Estimator:
         return answers(rows, self.classes, self.level)
 
     def info(self) -> dict[str, Any]:
-        return {"runtime": self.runtime.name, "device": self.runtime.device, "interval_level": self.level}
+        return {
+            "runtime": self.runtime.name,
+            "runtime_reason": self.why,
+            "device": self.runtime.device,
+            "interval_level": self.level,
+            "int8_cost": (self.meta.get("int8") or {}).get("cost"),
+        }
 
 
 def photo_results(detections: list[Detection], faces: list[dict[str, Any]]) -> list[PhotoResult]:

@@ -35,7 +35,7 @@ class Predictor:
     def from_folder(
         cls,
         path: str | Path,
-        runtime: str = "onnx",
+        runtime: str = "auto",
         level: float = INTERVAL_LEVEL,
         detector: str = "mtcnn",
         **finder_options: Any,

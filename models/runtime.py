@@ -2,8 +2,9 @@
 
 Both take a preprocessed float32 batch (B, 3, S, S) as numpy and return the network's outputs as numpy:
 age output ((B,) years, or (B, 117) logits for the distribution head) and gender logits (B, 2).
-ONNX Runtime was measured faster on CPU (BENCHMARKS.md), so it is the serving default there; on a GPU,
-torch runs unless onnxruntime has the CUDA provider. Nothing here imports torch unless the torch runtime
+ONNX Runtime was measured faster on CPU (BENCHMARKS.md), so it serves there: the INT8 graph when the model
+has one whose measured accuracy cost is within models.artifact.INT8_MAX_COST, else the fp32 graph; on a
+GPU, torch runs unless onnxruntime has the CUDA provider. Nothing here imports torch unless the torch runtime
 is chosen: the CPU image has no torch.
 """
 
@@ -15,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from models.artifact import ONNX_FILE
+from models.artifact import INT8_FILE, INT8_MAX_COST, ONNX_FILE
 from models.errors import UserError
 
-RUNTIMES = ("onnx", "torch")
+# auto: the fastest that is accurate enough (below); onnx: the fp32 graph; onnx-int8: the quantised graph
+RUNTIMES = ("auto", "onnx", "onnx-int8", "torch")
 
 
 def visible_gpus() -> int:
@@ -66,14 +68,15 @@ class TorchRuntime:
 
 
 class OnnxRuntime:
-    name = "onnx"
-
-    def __init__(self, model_dir: str | Path, providers: list[str]):
+    def __init__(self, model_dir: str | Path, providers: list[str], int8: bool = False):
+        """The model's fp32 ONNX graph, or with int8 its quantised one."""
         import onnxruntime as ort
 
-        path = Path(model_dir) / ONNX_FILE
+        self.name = "onnx-int8" if int8 else "onnx"
+        path = Path(model_dir) / (INT8_FILE if int8 else ONNX_FILE)
         if not path.is_file():
-            raise UserError(f"{path} is missing: this model was exported without ONNX; use runtime 'torch'")
+            other = "'onnx' (fp32)" if int8 else "'torch'"
+            raise UserError(f"{path} is missing: this model was exported without it; use runtime {other}")
         options = ort.SessionOptions()
         # idle pool threads sleep instead of spinning: the detector process shares these cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -89,16 +92,42 @@ class OnnxRuntime:
         return age_out, logits
 
 
+def int8_verdict(meta: dict[str, Any]) -> tuple[bool, str]:
+    """Is the model's INT8 graph accurate enough to serve by default? Its cost was measured at export on
+    every held-out split (metadata "int8"); the bound is INT8_MAX_COST. Returns (yes, why) for the log."""
+    cost = (meta.get("int8") or {}).get("cost")
+    if not cost:
+        return False, "this model has no INT8 graph (exported before INT8 export, or without held-out data)"
+    worse = [
+        f"{metric} {diffs[metric]:+.4f} on {split} (bound {bound:+g})"
+        for split, diffs in cost.items()
+        for metric, bound in INT8_MAX_COST.items()
+        if (diffs[metric] > bound if bound > 0 else diffs[metric] < bound)
+    ]
+    if worse:
+        return False, "the INT8 graph costs too much accuracy: " + "; ".join(worse)
+    measured = "; ".join(f"{s}: " + ", ".join(f"{m} {d[m]:+.4f}" for m in INT8_MAX_COST) for s, d in cost.items())
+    return True, f"the INT8 graph's measured cost is within bound ({measured})"
+
+
 def open_runtime(name: str, model_dir: str | Path, meta: dict[str, Any]):
-    """The runtime to serve with: `name` on CPU; on a GPU, whichever of the two can use it."""
+    """The runtime to serve with, and why (one line, for the log and /model_info). `auto`: on a GPU the
+    runtime that can use it; on CPU the INT8 graph when int8_verdict allows it, else the fp32 graph."""
     if name not in RUNTIMES:
         raise UserError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
     gpu = visible_gpus() > 0
-    if name == "onnx":
-        import onnxruntime as ort
+    cpu = ["CPUExecutionProvider"]
+    if name == "torch":
+        return TorchRuntime.load(model_dir, meta, "cuda" if gpu else "cpu"), "asked for"
+    if name == "onnx-int8":
+        return OnnxRuntime(model_dir, cpu, int8=True), "asked for (INT8 runs on the CPU)"
+    import onnxruntime as ort
 
-        onnx_gpu = gpu and "CUDAExecutionProvider" in ort.get_available_providers()
-        if onnx_gpu or not gpu:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if onnx_gpu else ["CPUExecutionProvider"]
-            return OnnxRuntime(model_dir, providers)
-    return TorchRuntime.load(model_dir, meta, "cuda" if gpu else "cpu")
+    if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+        return OnnxRuntime(model_dir, ["CUDAExecutionProvider", *cpu]), "ONNX Runtime with CUDA"
+    if gpu:
+        return TorchRuntime.load(model_dir, meta, "cuda"), "a GPU, and ONNX Runtime here has no CUDA"
+    if name == "onnx":
+        return OnnxRuntime(model_dir, cpu), "asked for"
+    int8, why = int8_verdict(meta)
+    return OnnxRuntime(model_dir, cpu, int8=int8), why + ("" if int8 else "; serving the fp32 graph")

@@ -77,7 +77,11 @@ class ModelInfo(BaseModel):
     test_metrics: Metrics
     detector: str
     device: str
-    runtime: str = Field(description="'onnx' (ONNX Runtime) or 'torch'")
+    runtime: str = Field(description="'onnx' (ONNX Runtime, fp32 graph), 'onnx-int8' (its INT8 graph) or 'torch'")
+    runtime_reason: str = Field(description="why this runtime and graph serve (AGE_GENDER_RUNTIME=auto decides)")
+    int8_cost: dict[str, dict[str, float]] | None = Field(
+        None, description="per held-out split, INT8 minus fp32 for each metric, measured at export; null: no INT8"
+    )
     age_head: Literal["regression", "distribution"]
     interval_level: float = Field(description="level of every answer's age_interval")
     gender_temperature: float = Field(description="temperature scaling of the gender logits (1.0: none)")

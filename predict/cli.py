@@ -17,6 +17,7 @@ from tqdm import tqdm
 from models.artifact import INTERVAL_LEVEL, MODEL_NAME
 from models.cli import OneLineParser, exit_code, level
 from models.errors import UserError
+from models.runtime import RUNTIMES
 from predict.rows import Output, photos, rows
 from predict.runners import run_local, run_remote
 
@@ -27,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="results file: .jsonl or .csv (appended; resumes)")
     p.add_argument("--url", default=None, help="send the photos to this running service instead of running locally")
     p.add_argument("--model", default=f"{MODEL_NAME}:latest", help="local mode: store tag or model folder")
-    p.add_argument("--runtime", default="onnx", help="local mode: onnx or torch")
+    p.add_argument("--runtime", default="auto", choices=RUNTIMES, help="local mode (models/runtime.py)")
     p.add_argument("--detector", default="mtcnn", help="local mode: mtcnn or haar")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="local mode: detection processes")
     p.add_argument("--level", type=level, default=INTERVAL_LEVEL, help="local mode: age interval level")

@@ -28,7 +28,7 @@ class Settings:
     max_request_pixels: int = 100_000_000
     idle_timeout: float = 10.0  # seconds without a byte of the request body -> 408 (slow or stalled clients)
     upload_timeout: float = 60.0  # seconds to receive a whole request body -> 408
-    runtime: str = "onnx"  # onnx | torch (ONNX Runtime measured faster on CPU: BENCHMARKS.md)
+    runtime: str = "auto"  # auto | onnx | onnx-int8 | torch (models/runtime.py)
     max_batch_size: int = 32  # adaptive batching upper bound; 1 turns batching off
     max_latency_ms: int = 20000  # adaptive batching: a request that would queue longer gets 503
     detector_workers: int = 0  # face-detection processes; 0 = one per CPU core (cgroup limits respected)

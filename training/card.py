@@ -76,6 +76,18 @@ def render(meta: dict[str, Any], test_report: dict[str, Any]) -> str:
         )
     else:
         lines.append("- None: this model had no held-out split to fit a calibration on.")
+    if meta.get("int8"):
+        q = meta["int8"]
+        crops = q["calibration_crops"]
+        lines += [
+            "",
+            "## INT8 graph",
+            f"- `{q['file']}`: {q['format']}; ranges from {crops['n']} crops of split(s) "
+            f"{', '.join(crops['splits'])} (seed {crops['seed']}). Its cost, INT8 minus fp32:",
+        ]
+        for split, diffs in q["cost"].items():
+            lines.append(f"  - {split}: " + ", ".join(f"{k} {v:+.4f}" for k, v in diffs.items()))
+        lines.append("- On CPU the service runs it when that cost is within models.artifact.INT8_MAX_COST.")
     for name, title in (("age_group", "age group"), ("gender", "gender"), ("race", "race")):
         if f"by_{name}" in test_report:
             lines += ["", f"## Test metrics by {title}", ""]

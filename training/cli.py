@@ -10,6 +10,7 @@ from pathlib import Path
 
 from models.artifact import INTERVAL_LEVEL
 from models.cli import OneLineParser, exit_code, level
+from models.runtime import RUNTIMES
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -90,6 +91,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         args.model, args.metadata, args.out, args.split, args.tta, args.batch_size, args.level, args.runtime
     )
     o = report["overall"]
+    print(f"runtime {report['runtime']}: {report['runtime_reason']}")
     print(
         f"{o['n']} images: age MAE {o['age_mae']:.2f}, RMSE {o['age_rmse']:.2f}, MSE {o['age_mse']:.1f}, "
         f"CS@5 {o['cs5']:.3f}; gender accuracy {o['gender_acc']:.3f}, "
@@ -105,6 +107,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             "no age intervals: no calibration in this model (a checkpoint: `export` it; a regression model "
             "exported before residuals were measured: export it again)"
         )
+    costs = {f"now on {args.split}": report.get("int8_cost")}
+    costs |= {f"at export on {split}": diffs for split, diffs in (report["int8_cost_at_export"] or {}).items()}
+    for label, diffs in costs.items():
+        if diffs:
+            shown = ", ".join(f"{k} {diffs[k]:+.4f}" for k in ("age_mae", "gender_acc", "gender_ece") if k in diffs)
+            print(f"INT8 minus fp32 {label}: {shown}")
     print(f"wrote {args.out}/report.json, predictions.csv and plots")
 
 
@@ -185,7 +193,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tta", action="store_true", help="average with the mirrored image")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--level", type=level, default=INTERVAL_LEVEL, help="age interval level (default 0.8)")
-    s.add_argument("--runtime", default="onnx", help="a stored model's runtime: onnx or torch (checkpoints: torch)")
+    s.add_argument(
+        "--runtime",
+        default="auto",
+        choices=RUNTIMES,
+        help="a stored model's runtime (models/runtime.py); onnx-int8 also re-measures its cost against onnx "
+        "(checkpoints: torch)",
+    )
     s.add_argument("--out", type=Path, default=Path("reports/latest"))
     s.set_defaults(func=cmd_evaluate)
 

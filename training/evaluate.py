@@ -4,7 +4,9 @@ The answers are the served ones (models/outputs.py: expected age, interval, P(mi
 Writes into --out: report.json, predictions.csv (one row per image: the numbers the report is computed
 from) and PNG plots (loss curves of the training run, predicted vs true age, MAE by age group, MAE by age
 group per gender and per race, the gender reliability diagram, gender confusion matrix). `export` scores
-the held-out splits it stores in the model's metadata with the same functions.
+the held-out splits it stores in the model's metadata with the same functions. With the INT8 graph
+(`--runtime onnx-int8`, or `auto` where the service would run it) the fp32 graph is scored too and the
+report holds the difference (`int8_cost`) next to the one measured at export.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from training.utkface import read_metadata
 RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others", -1: "unknown"}
 
 
-def load_model(model: str, runtime: str = "onnx") -> tuple[Estimator, dict[str, Any], set[str] | None]:
+def load_model(model: str, runtime: str = "auto") -> tuple[Estimator, dict[str, Any], set[str] | None]:
     """A store tag (`age_gender:TAG`) or a checkpoint file -> (the serving pipeline's Estimator for it, with
     `runtime` for a stored model and torch for a checkpoint; its metadata; hashes of the images it trained
     on, or None where it was made before they were recorded)."""
@@ -99,6 +101,11 @@ def metrics(frame: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def differences(base: dict[str, float], other: dict[str, float]) -> dict[str, float]:
+    """other minus base for every metric both have that is a result (not a count or a setting)."""
+    return {k: float(other[k] - base[k]) for k in other if k in base and k not in ("n", "interval_level")}
+
+
 def age_group(age: int) -> str:
     return "80+" if age >= 80 else f"{age // 10 * 10}-{age // 10 * 10 + 9}"
 
@@ -130,7 +137,7 @@ def evaluate(
     tta: bool = False,
     batch_size: int = 64,
     level: float = INTERVAL_LEVEL,
-    runtime: str = "onnx",
+    runtime: str = "auto",
 ) -> dict[str, Any]:
     from training import plots
 
@@ -146,17 +153,22 @@ def evaluate(
         trained_on = meta["dataset"]["metadata"]
         fix = f"evaluate with the metadata file it was trained with ({trained_on}) or on images it never saw"
         fingerprint.check_held_out(trained, frame.path.tolist(), what, model, fix)
-    frame = with_answers(frame, *predict(estimator, frame, batch_size, tta), meta, level)
+    images, frame = frame, with_answers(frame, *predict(estimator, frame, batch_size, tta), meta, level)
     report = {
         "model": model,
         "metadata": str(metadata),
         "split": split,
         "tta": tta,
         "runtime": estimator.runtime.name,
+        "runtime_reason": estimator.why,
         "age_head": meta.get("age_head", "regression"),
         "calibration": meta.get("calibration", {}),
+        "int8_cost_at_export": (meta.get("int8") or {}).get("cost"),
         **build_report(frame, meta["gender_classes"]),
     }
+    if estimator.runtime.name == "onnx-int8":  # re-measure its cost here: the fp32 graph on the same images
+        fp32 = with_answers(images, *predict(load_model(model, "onnx")[0], images, batch_size, tta), meta, level)
+        report["int8_cost"] = differences(metrics(fp32), report["overall"])
 
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "predictions.csv") as tmp:

@@ -4,7 +4,8 @@ Here, on the exact weights being stored: the gender temperature (and the distrib
 temperature, or the regression head's residual quantiles) are fitted on the first held-out split (val;
 test where val was trained on: training/calibration.py), then validation
 and test metrics are measured with the served answers (models/outputs.py), so the numbers in the store
-always belong to the model next to them. MODEL_CARD.md (training/card.py) is written into the model.
+always belong to the model next to them. The fp32 graph is quantised to INT8 and its accuracy cost measured
+the same way (training/quantize.py). MODEL_CARD.md (training/card.py) is written into the model.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import torch
 import torchvision
 import yaml
 
-from models.artifact import CARD_FILE, INTERVAL_LEVEL, MODEL_NAME, ONNX_FILE, WEIGHTS_FILE, architecture
+from models.artifact import CARD_FILE, INT8_FILE, INTERVAL_LEVEL, MODEL_NAME, ONNX_FILE, WEIGHTS_FILE, architecture
 from models.errors import UserError
 from models.network import export_onnx
 from models.pipeline import Estimator
 from models.runtime import TorchRuntime
-from training import calibration, card, fingerprint
+from training import calibration, card, fingerprint, quantize
 from training.atomic import atomic_path, ordinary_permissions
 from training.data import UTKFaceDataModule
 from training.evaluate import build_report, metrics, predict, with_answers
@@ -53,10 +54,14 @@ def datamodule_for(module: AgeGenderModule) -> UTKFaceDataModule:
     return UTKFaceDataModule(**module.training_config["data"], image_size=module.hparams.image_size)
 
 
+def held_out_splits(datamodule: UTKFaceDataModule) -> list[str]:
+    return [s for s in ("val", "test") if s not in datamodule.train_splits and not datamodule.split(s).empty]
+
+
 def calibrate_and_measure(net: torch.nn.Module, meta: dict[str, Any], datamodule: UTKFaceDataModule) -> dict:
     """Fit the calibration on the first held-out split, then score every held-out split with it. Sets
     meta["calibration"] and meta["metrics"]; returns the test split's report (the model card's tables)."""
-    held_out = [s for s in ("val", "test") if s not in datamodule.train_splits and not datamodule.split(s).empty]
+    held_out = held_out_splits(datamodule)
     estimator = Estimator(TorchRuntime(net), meta)  # the served pipeline; the torch runtime: the weights as trained
     outputs = {s: predict(estimator, datamodule.split(s)) for s in held_out}
     if held_out:  # without held-out data: no temperature (1.0) and no regression intervals
@@ -106,9 +111,11 @@ def save_model(
     name: str = MODEL_NAME,
     train_split: Sequence[str] | None = None,
     model_card: str | None = None,
+    graphs: Path | None = None,
 ) -> bentoml.Tag:
-    """Weights, their ONNX graph, the training images' hashes and the model card into the store: all of it
-    or nothing.
+    """Weights, their ONNX graphs, the training images' hashes and the model card into the store: all of it
+    or nothing. The graphs are copied from folder `graphs` (ONNX_FILE, and INT8_FILE where it holds one),
+    else the fp32 graph is exported here.
 
     `bentoml.models.create` writes into a private temporary folder, then copies it into the store; that copy
     is not atomic, and an interrupt during it (KeyboardInterrupt is no Exception, which is all it cleans up
@@ -127,7 +134,12 @@ def save_model(
     try:
         with bentoml.models.create(name, labels=labels, metadata=meta, _model_store=ModelStore(staging)) as ref:
             torch.save(net.state_dict(), ref.path_of(WEIGHTS_FILE))
-            export_onnx(net, meta["image_size"], ref.path_of(ONNX_FILE))
+            if graphs is None:
+                export_onnx(net, meta["image_size"], ref.path_of(ONNX_FILE))
+            else:
+                for graph in (ONNX_FILE, INT8_FILE):
+                    if (graphs / graph).is_file():
+                        shutil.copyfile(graphs / graph, ref.path_of(graph))
             if train_split is not None:
                 fingerprint.write(ref.path_of(fingerprint.FILE), train_split)
             if model_card is not None:
@@ -168,4 +180,9 @@ def export(checkpoint: str | Path, name: str = MODEL_NAME) -> bentoml.Tag:
         )
     meta = describe(module, datamodule, Path(checkpoint), train_split)
     test_report = calibrate_and_measure(module.net, meta, datamodule)
-    return save_model(module.net, meta, name, train_split[0], card.render(meta, test_report))
+    with tempfile.TemporaryDirectory() as graphs:
+        export_onnx(module.net, meta["image_size"], Path(graphs) / ONNX_FILE)
+        held_out = {s: datamodule.split(s) for s in held_out_splits(datamodule)}
+        train = datamodule.split(*datamodule.train_splits)
+        meta["int8"] = quantize.quantize_and_measure(Path(graphs), meta, train, held_out)
+        return save_model(module.net, meta, name, train_split[0], card.render(meta, test_report), Path(graphs))

@@ -1,0 +1,103 @@
+"""`python -m benchmarks.int8` (in `make bench`): the INT8 graph against the fp32 one on this CPU.
+
+1. The network alone per batch size (preprocessed tensors), ONNX Runtime, fp32 and INT8 graphs.
+2. In one process: crops -> answers at each graph's best batch size, the detector, and from them the
+   ceiling of /predict with one face (benchmarks/run.py's formula: cores / (detector core-seconds per
+   photo + network core-seconds per face)).
+3. The service with AGE_GENDER_RUNTIME=onnx, then onnx-int8: /predict_faces (one 200x200 face) and
+   /predict (a photo with one face) at 1 and 16 requests in flight.
+Goals (issue 13): /predict_faces with INT8 at >= 2.5x its fp32 throughput; /predict with INT8 at >= 0.8
+of the INT8 ceiling. Random weights, as in benchmarks/run.py. Results: benchmarks/results/int8.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+from benchmarks import inprocess
+from benchmarks.run import RESULTS, crop, make_model, photos, sweep_fresh
+from models.runtime import OnnxRuntime
+
+GRAPHS = ("onnx", "onnx-int8")
+
+
+def measure(backbone: str, image_size: int, levels: list[int], seconds: float) -> dict:
+    tag, model_dir, meta = make_model(backbone, image_size, int8=True)
+    one_face = photos()["one_face"]
+    cores = os.cpu_count() or 1
+    runs = {g: OnnxRuntime(model_dir, ["CPUExecutionProvider"], int8=g == "onnx-int8") for g in GRAPHS}
+    out: dict = {"model": {"backbone": backbone, "image_size": image_size}, "cpus": cores}
+    out["network"] = inprocess.network_rates(runs, image_size, [1, 4, 8, 16, 32])
+    out["detector"] = inprocess.detector_rate(one_face)
+    out["crops"], out["ceiling_one_face"] = {}, {}
+    for g in GRAPHS:
+        best = max(out["network"][g], key=out["network"][g].get)
+        out["crops"][g] = inprocess.crops_rate(model_dir, meta, g, best)
+        out["ceiling_one_face"][g] = cores / (1 / out["detector"] + cores / out["crops"][g])
+        print(f"{g}: network {out['network'][g]}, crops {out['crops'][g]:.1f} img/s", flush=True)
+    cases = {
+        "predict_faces": ("/predict_faces", [("images", ("face.jpg", crop(), "image/jpeg"))]),
+        "predict_one_face": ("/predict", [("image", ("one.jpg", one_face, "image/jpeg"))]),
+    }
+    out["service"] = {
+        g: sweep_fresh({"AGE_GENDER_MODEL": tag, "AGE_GENDER_RUNTIME": g}, cases, levels, seconds, f"int8_{g}")
+        for g in GRAPHS
+    }
+    return out
+
+
+def summary(r: dict) -> str:
+    fp32, int8 = GRAPHS
+    batches = list(r["network"][fp32])
+    lines = [
+        f"model {r['model']}, {r['cpus']} CPUs; img/s of the network alone",
+        "",
+        "| graph | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---" * (1 + len(batches)) + "|",
+    ]
+    for g in GRAPHS:
+        lines.append(f"| {g} | " + " | ".join(f"{r['network'][g][b]:.1f}" for b in batches) + " |")
+    ratios = [r["network"][int8][b] / r["network"][fp32][b] for b in batches]
+    lines.append("| INT8 / fp32 | " + " | ".join(f"{x:.2f}x" for x in ratios) + " |")
+    lines += [
+        "",
+        f"detector {r['detector']:.1f} photos/s (one process); crops -> answers: "
+        + ", ".join(f"{g} {r['crops'][g]:.1f}" for g in GRAPHS)
+        + " img/s; ceiling of /predict (one face): "
+        + ", ".join(f"{g} {r['ceiling_one_face'][g]:.1f}" for g in GRAPHS)
+        + " photos/s",
+        "",
+        "| endpoint | in flight | fp32 req/s | INT8 req/s | INT8 / fp32 | INT8 p50 ms | INT8 p99 ms | INT8 / ceiling |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for case in r["service"][fp32]:
+        for a, b in zip(r["service"][fp32][case], r["service"][int8][case], strict=True):
+            fp, q = a["requests_per_s"], b["requests_per_s"]
+            ceiling = f"{q / r['ceiling_one_face'][int8]:.0%}" if case == "predict_one_face" else ""
+            lines.append(
+                f"| {case} | {a['concurrency']} | {fp:.1f} | {q:.1f} | {q / fp:.2f}x | "
+                f"{b['p50_ms']:.0f} | {b['p99_ms']:.0f} | {ceiling} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="resnet34")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--seconds", type=float, default=12.0, help="per concurrency level")
+    args = p.parse_args()
+    os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bench-home-"))
+    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+    RESULTS.mkdir(exist_ok=True)
+    results = measure(args.backbone, args.image_size, args.levels, args.seconds)
+    (RESULTS / "int8.json").write_text(json.dumps(results, indent=2))
+    print(summary(results))
+
+
+if __name__ == "__main__":
+    main()
