@@ -102,7 +102,7 @@ def int8_verdict(meta: dict[str, Any]) -> tuple[bool, str]:
         f"{metric} {diffs[metric]:+.4f} on {split} (bound {bound:+g})"
         for split, diffs in cost.items()
         for metric, bound in INT8_MAX_COST.items()
-        if (diffs[metric] > bound if bound > 0 else diffs[metric] < bound)
+        if (diffs[metric] > bound if bound > 0 else diffs[metric] < bound)  # > 0: a cap on a rise, < 0: on a fall
     ]
     if worse:
         return False, "the INT8 graph costs too much accuracy: " + "; ".join(worse)

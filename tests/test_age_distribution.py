@@ -128,13 +128,13 @@ def test_evaluate_reports_and_plots_the_new_numbers(model_tag: str, metadata_fil
 @pytest.fixture(scope="module")
 def old_tag(regression_tag: str) -> str:
     """A model as `export` stored them before this issue: regression head, no `age_head` key, no calibration,
-    the older metric keys, no model card (its weights are the regression model's)."""
+    the older metric keys, no model card, no INT8 graph (its weights are the regression model's)."""
     from training import fingerprint
     from training.export import save_model
 
     path, meta = stored(regression_tag)
     trained = fingerprint.read(Path(path) / fingerprint.FILE, meta["dataset"]["train_split"])
-    old = {k: v for k, v in meta.items() if k not in ("age_head", "calibration")}
+    old = {k: v for k, v in meta.items() if k not in ("age_head", "calibration", "int8")}
     old["metrics"] = {
         s: {k: v for k, v in m.items() if k in ("age_mae", "age_rmse", "age_mse", "gender_acc", "loss")}
         for s, m in meta["metrics"].items()
@@ -166,6 +166,9 @@ def test_a_model_stored_before_this_change_serves_and_evaluates(old_tag: str, me
         assert face.age_interval is None and face.minor_probability is None and 0 <= face.age <= 116
         info = asyncio.run(api.model_info())
         assert info.age_head == "regression" and info.gender_temperature == 1.0
+        # no INT8 graph (exported before INT8): the fp32 graph, and the reason
+        assert info.runtime == "onnx" and info.int8_cost is None
+        assert info.runtime_reason.startswith("this model has no INT8 graph")
     finally:
         os.environ.pop("AGE_GENDER_MODEL")
         os.environ.pop("OMP_NUM_THREADS", None)  # set by service.py for its own processes

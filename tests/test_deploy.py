@@ -170,7 +170,7 @@ def test_each_image_runs_its_runtime() -> None:
     from models.runtime import RUNTIMES
 
     assert _container(DEPLOYMENTS["cpu"])["image"].endswith(":cpu")
-    assert _env(DEPLOYMENTS["cpu"])["AGE_GENDER_RUNTIME"] == "onnx"  # the CPU image has no torch
+    assert _env(DEPLOYMENTS["cpu"])["AGE_GENDER_RUNTIME"] == "auto"  # ONNX Runtime (no torch), INT8 in bound
     assert _container(DEPLOYMENTS["gpu"])["image"].endswith(":gpu")
     assert _env(DEPLOYMENTS["gpu"])["AGE_GENDER_RUNTIME"] == "torch"  # on CUDA
     assert {_env(d)["AGE_GENDER_RUNTIME"] for d in DEPLOYMENTS.values()} <= set(RUNTIMES)

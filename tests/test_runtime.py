@@ -21,8 +21,8 @@ def test_onnx_and_torch_agree(head: str, request: pytest.FixtureRequest) -> None
     assert (Path(stored.path) / ONNX_FILE).is_file() and (Path(stored.path) / WEIGHTS_FILE).is_file()
     size = meta["image_size"]
     x = np.random.default_rng(0).standard_normal((7, 3, size, size), dtype=np.float32)  # a batch size never seen
-    onnx = open_runtime("onnx", stored.path, meta)
-    torch_rt = open_runtime("torch", stored.path, meta)
+    onnx, _ = open_runtime("onnx", stored.path, meta)
+    torch_rt, _ = open_runtime("torch", stored.path, meta)
     assert isinstance(onnx, OnnxRuntime) and isinstance(torch_rt, TorchRuntime)
     (age_o, logits_o), (age_t, logits_t) = onnx(x), torch_rt(x)
     assert age_o.shape == ((7, 117) if head == "distribution" else (7,)) and logits_o.shape == (7, 2)
@@ -34,8 +34,9 @@ def test_onnx_and_torch_agree(head: str, request: pytest.FixtureRequest) -> None
 
 def test_runtime_errors(model_tag: str, tmp_path: Path) -> None:
     stored = bentoml.models.get(model_tag)
-    with pytest.raises(UserError, match="unknown runtime 'tensorrt'; choose from onnx, torch"):
+    with pytest.raises(UserError, match="unknown runtime 'tensorrt'; choose from auto, onnx, onnx-int8, torch"):
         open_runtime("tensorrt", stored.path, stored.info.metadata)
     shutil.copy(Path(stored.path) / WEIGHTS_FILE, tmp_path)
-    with pytest.raises(UserError, match="exported without ONNX"):
-        open_runtime("onnx", tmp_path, stored.info.metadata)
+    for runtime in ("onnx", "onnx-int8", "auto"):
+        with pytest.raises(UserError, match="exported without it; use runtime"):
+            open_runtime(runtime, tmp_path, stored.info.metadata)

@@ -43,7 +43,7 @@ def load_model(model: str, runtime: str = "auto") -> tuple[Estimator, dict[str, 
         train_split = train_split_of(module, datamodule)
         trained = set(train_split[0]) if train_split[1] == "fit" else None
         meta = describe(module, datamodule, Path(model), train_split)
-        return Estimator(TorchRuntime(module.net), meta), meta, trained
+        return Estimator(TorchRuntime(module.net), meta, why="a checkpoint: its torch weights"), meta, trained
     stored = stored_model(model)
     meta = stored.info.metadata
     recorded = (meta.get("dataset") or {}).get("train_split")
