@@ -6,6 +6,7 @@
    photo + network core-seconds per face)).
 3. The service with AGE_GENDER_RUNTIME=onnx, then onnx-int8: /predict_faces (one 200x200 face) and
    /predict (a photo with one face) at 1 and 16 requests in flight.
+4. Where /predict's CPU goes with INT8: CPU seconds of each service process per request, at 16 in flight.
 Goals (issue 13): /predict_faces with INT8 at >= 2.5x its fp32 throughput; /predict with INT8 at >= 0.8
 of the INT8 ceiling. Random weights, as in benchmarks/run.py. Results: benchmarks/results/int8.json.
 """
@@ -16,6 +17,8 @@ import argparse
 import json
 import os
 import tempfile
+import time
+from pathlib import Path
 
 from benchmarks import inprocess
 from benchmarks.run import RESULTS, crop, make_model, photos, sweep_fresh
@@ -46,6 +49,32 @@ def measure(backbone: str, image_size: int, levels: list[int], seconds: float) -
         g: sweep_fresh({"AGE_GENDER_MODEL": tag, "AGE_GENDER_RUNTIME": g}, cases, levels, seconds, f"int8_{g}")
         for g in GRAPHS
     }
+    out["cpu_ms_per_request"] = cpu_split(tag, cases["predict_one_face"], seconds)
+    return out
+
+
+def cpu_split(tag: str, case: tuple[str, list], seconds: float) -> dict[str, float]:
+    """CPU milliseconds per request of each service process while `case` runs at 16 in flight (INT8)."""
+    from benchmarks.load import drive
+    from devtools.launch import descendants, running_service, service_name
+
+    def cpu_s(pid: int) -> float:  # utime + stime, fields 14 and 15 of /proc/PID/stat
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    path, files = case
+    env = {"AGE_GENDER_MODEL": tag, "AGE_GENDER_RUNTIME": "onnx-int8"}
+    with running_service(env, RESULTS / "serve_int8_cpu.log") as url:
+        drive(url + path, files, 4, 3)
+        workers = {pid: service_name(pid) for pid in descendants(running_service.pid)}
+        workers = {pid: name for pid, name in workers.items() if name}
+        before, start = {pid: cpu_s(pid) for pid in workers}, time.perf_counter()
+        result = drive(url + path, files, 16, seconds)
+        requests = result["requests_per_s"] * (time.perf_counter() - start)
+        spent = {pid: cpu_s(pid) - before[pid] for pid in workers}
+    out: dict[str, float] = {"requests_per_s": result["requests_per_s"]}
+    for pid, name in workers.items():
+        out[name] = out.get(name, 0.0) + 1000 * spent[pid] / requests  # summed over a service's processes
     return out
 
 
@@ -81,6 +110,9 @@ def summary(r: dict) -> str:
                 f"| {case} | {a['concurrency']} | {fp:.1f} | {q:.1f} | {q / fp:.2f}x | "
                 f"{b['p50_ms']:.0f} | {b['p99_ms']:.0f} | {ceiling} |"
             )
+    split = r["cpu_ms_per_request"]
+    lines += ["", f"/predict, one face, 16 in flight, INT8: {split['requests_per_s']:.1f} req/s; CPU ms per request:"]
+    lines += [f"  {name}: {ms:.1f}" for name, ms in split.items() if name != "requests_per_s"]
     return "\n".join(lines)
 
 

@@ -130,4 +130,6 @@ def open_runtime(name: str, model_dir: str | Path, meta: dict[str, Any]):
     if name == "onnx":
         return OnnxRuntime(model_dir, cpu), "asked for"
     int8, why = int8_verdict(meta)
+    if int8 and not (Path(model_dir) / INT8_FILE).is_file():  # metadata copied onto a model without the file
+        int8, why = False, f"the metadata describes an INT8 graph but the model has no {INT8_FILE}"
     return OnnxRuntime(model_dir, cpu, int8=int8), why + ("" if int8 else "; serving the fp32 graph")

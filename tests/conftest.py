@@ -50,6 +50,20 @@ TINY = {
 }
 
 
+def served_graph(model_dir: str, x):
+    """The raw outputs, as torch tensors, of the graph the service runs by default on this CPU (the INT8
+    one: its cost on the trained model is within bound, tests/test_int8.py), computed here in a session of
+    our own: age logits (B, 117), gender logits (B, 2). INT8 arithmetic is exact integer sums, so the
+    served numbers match these whatever batch they were computed in."""
+    import onnxruntime as ort
+    import torch
+
+    from models.artifact import INT8_FILE
+
+    session = ort.InferenceSession(str(Path(model_dir) / INT8_FILE), providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(a) for a in session.run(None, {"image": x})]
+
+
 def run_cli(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
     """`python -m training ...` in a subprocess, as a user runs it; keyword arguments extend its environment."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env}

@@ -15,10 +15,9 @@ from PIL import Image
 
 from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode, group_photo, no_face
 from models.artifact import array_preprocess_for
-from models.network import load_network
 from training.utkface import read_metadata
 
-from .conftest import SERVER_LIMITS
+from .conftest import SERVER_LIMITS, served_graph
 
 JPEG = "image/jpeg"
 
@@ -76,10 +75,8 @@ def test_predict_faces_matches_in_process_model(server: str, model_tag: str, met
     served = r.json()["predictions"]
     stored = bentoml.models.get(model_tag)
     meta = stored.info.metadata
-    net = load_network(stored.path, meta)
-    with torch.inference_mode():
-        crops = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
-        age_logits, logits = net(torch.from_numpy(array_preprocess_for(meta)(crops)))
+    crops = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    age_logits, logits = served_graph(stored.path, array_preprocess_for(meta)(crops))
     calibration = meta["calibration"]
     age = (age_logits / calibration["age_temperature"]).softmax(1) @ torch.arange(117.0)  # expected age, years
     probs = (logits / calibration["gender_temperature"]).softmax(1)

@@ -14,9 +14,8 @@ from PIL import Image
 
 from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode
 from models.artifact import array_preprocess_for
-from models.network import load_network
 
-from .conftest import SERVER_LIMITS
+from .conftest import SERVER_LIMITS, served_graph
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +75,7 @@ def test_model_service_matches_the_network(service, model_tag: str) -> None:
     assert out.shape == (5, 6) and np.allclose(out[:, 4:].sum(1), 1, atol=1e-5)
     stored = bentoml.models.get(model_tag)
     meta = stored.info.metadata
-    net = load_network(stored.path, meta)
-    with torch.inference_mode():
-        age_logits, logits = net(torch.from_numpy(array_preprocess_for(meta)(crops)))
+    age_logits, logits = served_graph(stored.path, array_preprocess_for(meta)(crops))
     calibration = meta["calibration"]
     p_age = (age_logits / calibration["age_temperature"]).softmax(1)  # (5, 117) over years 0..116
     assert np.allclose(out[:, 0], (p_age @ torch.arange(117.0)).numpy(), atol=1e-3)
