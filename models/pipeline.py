@@ -122,7 +122,7 @@ class Estimator:
             "runtime_reason": self.why,
             "device": self.runtime.device,
             "interval_level": self.level,
-            "int8_cost": (self.meta.get("int8") or {}).get("cost"),
+            "int8_cost": (self.meta.get("int8") or {}).get("cost") or None,
         }
 
 

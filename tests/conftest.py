@@ -50,18 +50,17 @@ TINY = {
 }
 
 
-def served_graph(model_dir: str, x):
-    """The raw outputs, as torch tensors, of the graph the service runs by default on this CPU (the INT8
-    one: its cost on the trained model is within bound, tests/test_int8.py), computed here in a session of
-    our own: age logits (B, 117), gender logits (B, 2). INT8 arithmetic is exact integer sums, so the
-    served numbers match these whatever batch they were computed in."""
-    import onnxruntime as ort
+def served_graph(model_dir: str, meta: dict, x):
+    """The raw outputs, as torch tensors, of the graph the service runs by default on this machine
+    (runtime `auto`; on CPU the INT8 graph while its cost is in bound), from a session of our own: age
+    output, gender logits. QDQ graphs sum int8 products exactly in int32, so the served numbers match
+    these to float rounding whatever batch they were computed in."""
     import torch
 
-    from models.artifact import INT8_FILE
+    from models.runtime import open_runtime
 
-    session = ort.InferenceSession(str(Path(model_dir) / INT8_FILE), providers=["CPUExecutionProvider"])
-    return [torch.from_numpy(a) for a in session.run(None, {"image": x})]
+    runtime, _ = open_runtime("auto", model_dir, meta)
+    return [torch.from_numpy(a) for a in runtime(x)]
 
 
 def run_cli(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:

@@ -37,6 +37,18 @@ def test_runtime_errors(model_tag: str, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unknown runtime 'tensorrt'; choose from auto, onnx, onnx-int8, torch"):
         open_runtime("tensorrt", stored.path, stored.info.metadata)
     shutil.copy(Path(stored.path) / WEIGHTS_FILE, tmp_path)
-    for runtime in ("onnx", "onnx-int8", "auto"):
-        with pytest.raises(UserError, match="exported without it; use runtime"):
+    for runtime in ("onnx", "auto"):
+        with pytest.raises(UserError, match="exported without ONNX; use 'torch'"):
             open_runtime(runtime, tmp_path, stored.info.metadata)
+    with pytest.raises(UserError, match="exported before INT8 graphs were written; use runtime 'onnx'"):
+        open_runtime("onnx-int8", tmp_path, stored.info.metadata)
+
+
+def test_auto_serves_fp32_when_the_int8_file_is_missing(model_tag: str, tmp_path: Path) -> None:
+    """Metadata that describes an INT8 graph (within bound) next to a folder without one: fp32, and why."""
+    stored = bentoml.models.get(model_tag)
+    shutil.copy(Path(stored.path) / ONNX_FILE, tmp_path)
+    runtime, why = open_runtime("auto", tmp_path, stored.info.metadata)
+    assert runtime.name == "onnx" and why.endswith("has no model.int8.onnx; serving the fp32 graph")
+    runtime, why = open_runtime("auto", stored.path, stored.info.metadata)
+    assert runtime.name == "onnx-int8"

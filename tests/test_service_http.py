@@ -76,7 +76,7 @@ def test_predict_faces_matches_in_process_model(server: str, model_tag: str, met
     stored = bentoml.models.get(model_tag)
     meta = stored.info.metadata
     crops = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
-    age_logits, logits = served_graph(stored.path, array_preprocess_for(meta)(crops))
+    age_logits, logits = served_graph(stored.path, meta, array_preprocess_for(meta)(crops))
     calibration = meta["calibration"]
     age = (age_logits / calibration["age_temperature"]).softmax(1) @ torch.arange(117.0)  # expected age, years
     probs = (logits / calibration["gender_temperature"]).softmax(1)

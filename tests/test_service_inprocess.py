@@ -75,7 +75,7 @@ def test_model_service_matches_the_network(service, model_tag: str) -> None:
     assert out.shape == (5, 6) and np.allclose(out[:, 4:].sum(1), 1, atol=1e-5)
     stored = bentoml.models.get(model_tag)
     meta = stored.info.metadata
-    age_logits, logits = served_graph(stored.path, array_preprocess_for(meta)(crops))
+    age_logits, logits = served_graph(stored.path, meta, array_preprocess_for(meta)(crops))
     calibration = meta["calibration"]
     p_age = (age_logits / calibration["age_temperature"]).softmax(1)  # (5, 117) over years 0..116
     assert np.allclose(out[:, 0], (p_age @ torch.arange(117.0)).numpy(), atol=1e-3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from models.artifact import MINOR_AGE
+from models.runtime import int8_verdict
 
 LIMITS = """\
 ## Intended use
@@ -83,11 +84,13 @@ def render(meta: dict[str, Any], test_report: dict[str, Any]) -> str:
             "",
             "## INT8 graph",
             f"- `{q['file']}`: {q['format']}; ranges from {crops['n']} crops of split(s) "
-            f"{', '.join(crops['splits'])} (seed {crops['seed']}). Its cost, INT8 minus fp32:",
+            f"{', '.join(crops['splits'])} (seed {crops['seed']}).",
         ]
-        for split, diffs in q["cost"].items():
-            lines.append(f"  - {split}: " + ", ".join(f"{k} {v:+.4f}" for k, v in diffs.items()))
-        lines.append("- On CPU the service runs it when that cost is within models.artifact.INT8_MAX_COST.")
+        if q["cost"]:
+            lines.append("- Its cost, INT8 minus fp32 (the weights as trained):")
+            for split, diffs in q["cost"].items():
+                lines.append(f"  - {split}: " + ", ".join(f"{k} {v:+.4f}" for k, v in diffs.items()))
+        lines.append(f"- On CPU the service runs it by default only if: {int8_verdict(meta)[1]}.")
     for name, title in (("age_group", "age group"), ("gender", "gender"), ("race", "race")):
         if f"by_{name}" in test_report:
             lines += ["", f"## Test metrics by {title}", ""]

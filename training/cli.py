@@ -10,7 +10,7 @@ from pathlib import Path
 
 from models.artifact import INTERVAL_LEVEL
 from models.cli import OneLineParser, exit_code, level
-from models.runtime import RUNTIMES
+from models.runtime import RUNTIMES, format_cost
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -107,12 +107,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             "no age intervals: no calibration in this model (a checkpoint: `export` it; a regression model "
             "exported before residuals were measured: export it again)"
         )
-    costs = {f"now on {args.split}": report.get("int8_cost")}
-    costs |= {f"at export on {split}": diffs for split, diffs in (report["int8_cost_at_export"] or {}).items()}
-    for label, diffs in costs.items():
-        if diffs:
-            shown = ", ".join(f"{k} {diffs[k]:+.4f}" for k in ("age_mae", "gender_acc", "gender_ece") if k in diffs)
-            print(f"INT8 minus fp32 {label}: {shown}")
+    shown = ("age_mae", "gender_acc", "gender_ece")
+    if report.get("int8_cost"):
+        print("INT8 minus fp32 graph now, " + format_cost({args.split: report["int8_cost"]}, shown))
+    if report["int8_cost_at_export"]:
+        print("INT8 minus fp32 weights at export, " + format_cost(report["int8_cost_at_export"], shown))
     print(f"wrote {args.out}/report.json, predictions.csv and plots")
 
 
@@ -197,8 +196,8 @@ def parser() -> argparse.ArgumentParser:
         "--runtime",
         default="auto",
         choices=RUNTIMES,
-        help="a stored model's runtime (models/runtime.py); onnx-int8 also re-measures its cost against onnx "
-        "(checkpoints: torch)",
+        help="a stored model's runtime (models/runtime.py); when the INT8 graph runs, its cost against the fp32 "
+        "graph is measured too (checkpoints: torch)",
     )
     s.add_argument("--out", type=Path, default=Path("reports/latest"))
     s.set_defaults(func=cmd_evaluate)

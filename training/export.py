@@ -137,9 +137,9 @@ def save_model(
             if graphs is None:
                 export_onnx(net, meta["image_size"], ref.path_of(ONNX_FILE))
             else:
-                for graph in (ONNX_FILE, INT8_FILE):
-                    if (graphs / graph).is_file():
-                        shutil.copyfile(graphs / graph, ref.path_of(graph))
+                shutil.copyfile(graphs / ONNX_FILE, ref.path_of(ONNX_FILE))  # required
+                if (graphs / INT8_FILE).is_file():
+                    shutil.copyfile(graphs / INT8_FILE, ref.path_of(INT8_FILE))
             if train_split is not None:
                 fingerprint.write(ref.path_of(fingerprint.FILE), train_split)
             if model_card is not None:
