@@ -100,7 +100,7 @@ def int8_verdict(meta: dict[str, Any]) -> tuple[bool, str]:
         return False, "this model has no INT8 graph (exported before INT8 graphs were written)"
     cost = meta["int8"].get("cost")
     if not cost:
-        return False, "its INT8 graph's cost was not measured (no held-out split at export); onnx-int8 serves it"
+        return False, "its INT8 graph's cost was not measured (no held-out split at export); runtime onnx-int8 runs it"
     worse = []
     for split, diffs in cost.items():
         for metric, bound in INT8_MAX_COST.items():

@@ -83,14 +83,15 @@ def render(meta: dict[str, Any], test_report: dict[str, Any]) -> str:
         lines += [
             "",
             "## INT8 graph",
-            f"- `{q['file']}`: {q['format']}; ranges from {crops['n']} crops of split(s) "
+            f"- `{q['file']}`: {q['format']}; activation ranges (min-max) from {crops['n']} crops of split(s) "
             f"{', '.join(crops['splits'])} (seed {crops['seed']}).",
         ]
         if q["cost"]:
             lines.append("- Its cost, INT8 minus fp32 (the weights as trained):")
             for split, diffs in q["cost"].items():
                 lines.append(f"  - {split}: " + ", ".join(f"{k} {v:+.4f}" for k, v in diffs.items()))
-        lines.append(f"- On CPU the service runs it by default only if: {int8_verdict(meta)[1]}.")
+        runs, why = int8_verdict(meta)
+        lines.append(f"- On CPU, `AGE_GENDER_RUNTIME=auto` {'runs it' if runs else 'serves the fp32 graph'}: {why}.")
     for name, title in (("age_group", "age group"), ("gender", "gender"), ("race", "race")):
         if f"by_{name}" in test_report:
             lines += ["", f"## Test metrics by {title}", ""]

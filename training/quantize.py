@@ -75,7 +75,7 @@ def quantize_and_measure(
     scores = {s: metrics(with_answers(f, *predict(estimator, f), meta, INTERVAL_LEVEL)) for s, f in held_out.items()}
     return {
         "file": INT8_FILE,
-        "format": "QDQ, int8 weights per channel, uint8 activations, min-max ranges",
+        "format": "QDQ, int8 weights per channel, uint8 activations",
         "calibration_crops": {"splits": sorted(train.split.unique()), "n": len(batch), "seed": CALIBRATION_SEED},
         "metrics": scores,
         "cost": {s: differences(meta["metrics"][s], scores[s]) for s in held_out},  # INT8 minus fp32
