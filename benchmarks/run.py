@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from devtools.photos import astronaut, encode, group_photo
-from models.artifact import INT8_FILE, ONNX_FILE, architecture, array_preprocess_for
+from models.artifact import architecture, array_preprocess_for
 from models.network import AgeGenderNet
 from models.pipeline import FaceFinder
 
@@ -38,9 +38,8 @@ def make_model(backbone: str, image_size: int, int8: bool = False) -> tuple[str,
     (the benchmark's photos, mirrored and shifted: speed depends on neither weights nor ranges)."""
     import bentoml  # here, not at the top: main() points BENTOML_HOME at a temporary store first
 
-    from models.network import export_onnx
     from training.export import save_model
-    from training.quantize import quantize
+    from training.quantize import write_graphs
 
     torch.manual_seed(0)
     net = AgeGenderNet(backbone, head_width=256, dropout=0.2).eval()
@@ -53,10 +52,9 @@ def make_model(backbone: str, image_size: int, int8: bool = False) -> tuple[str,
         tag = save_model(net, meta)
         return str(tag), bentoml.models.get(tag).path, meta
     with tempfile.TemporaryDirectory() as graphs:
-        export_onnx(net, image_size, Path(graphs) / ONNX_FILE)
         crops = FaceFinder().find_in(np.asarray(group_photo()[0])).crops
         crops = np.concatenate([crops, crops[:, :, ::-1], np.roll(crops, 8, axis=1)])
-        quantize(Path(graphs) / ONNX_FILE, Path(graphs) / INT8_FILE, array_preprocess_for(meta)(crops))
+        write_graphs(net, image_size, Path(graphs), array_preprocess_for(meta)(crops))
         tag = save_model(net, meta, graphs=Path(graphs))
     return str(tag), bentoml.models.get(tag).path, meta
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from models.artifact import MINOR_AGE
-from models.runtime import int8_verdict
+from models.runtime import format_cost, int8_verdict
 
 LIMITS = """\
 ## Intended use
@@ -88,8 +88,7 @@ def render(meta: dict[str, Any], test_report: dict[str, Any]) -> str:
         ]
         if q["cost"]:
             lines.append("- Its cost, INT8 minus fp32 (the weights as trained):")
-            for split, diffs in q["cost"].items():
-                lines.append(f"  - {split}: " + ", ".join(f"{k} {v:+.4f}" for k, v in diffs.items()))
+            lines += [f"  - {format_cost({split: diffs}, tuple(diffs))}" for split, diffs in q["cost"].items()]
         runs, why = int8_verdict(meta)
         lines.append(f"- On CPU, `AGE_GENDER_RUNTIME=auto` {'runs it' if runs else 'serves the fp32 graph'}: {why}.")
     for name, title in (("age_group", "age group"), ("gender", "gender"), ("race", "race")):

@@ -167,7 +167,8 @@ def evaluate(
         **build_report(frame, meta["gender_classes"]),
     }
     if estimator.runtime.name == "onnx-int8":  # re-measure its cost here: the fp32 graph on the same images
-        fp32 = with_answers(images, *predict(load_model(model, "onnx")[0], images, batch_size, tta), meta, level)
+        fp32_graph = Estimator.open(stored_model(model).path, meta, "onnx")
+        fp32 = with_answers(images, *predict(fp32_graph, images, batch_size, tta), meta, level)
         report["int8_cost"] = differences(metrics(fp32), report["overall"])
 
     out.mkdir(parents=True, exist_ok=True)

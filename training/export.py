@@ -181,8 +181,7 @@ def export(checkpoint: str | Path, name: str = MODEL_NAME) -> bentoml.Tag:
     meta = describe(module, datamodule, Path(checkpoint), train_split)
     test_report = calibrate_and_measure(module.net, meta, datamodule)
     with tempfile.TemporaryDirectory() as graphs:
-        export_onnx(module.net, meta["image_size"], Path(graphs) / ONNX_FILE)
         held_out = {s: datamodule.split(s) for s in held_out_splits(datamodule)}
         train = datamodule.split(*datamodule.train_splits)
-        meta["int8"] = quantize.quantize_and_measure(Path(graphs), meta, train, held_out)
+        meta["int8"] = quantize.quantize_and_measure(module.net, Path(graphs), meta, train, held_out)
         return save_model(module.net, meta, name, train_split[0], card.render(meta, test_report), Path(graphs))

@@ -64,13 +64,22 @@ def quantize(fp32: Path, int8: Path, batch: np.ndarray) -> None:
         )
 
 
-def quantize_and_measure(
-    folder: Path, meta: dict[str, Any], train: pd.DataFrame, held_out: dict[str, pd.DataFrame]
-) -> dict[str, Any]:
-    """Write INT8_FILE next to folder/ONNX_FILE; score it on the held-out splits against meta["metrics"]
-    (the fp32 numbers, with meta's calibration). Returns meta["int8"]: how it was made, its metrics, its cost."""
-    batch = calibration_batch(train, meta, CALIBRATION_CROPS, CALIBRATION_SEED)
+def write_graphs(net, image_size: int, folder: Path, batch: np.ndarray) -> None:
+    """An AgeGenderNet -> folder/ONNX_FILE and folder/INT8_FILE, INT8 ranges from `batch` (N, 3, S, S)."""
+    from models.network import export_onnx
+
+    export_onnx(net, image_size, folder / ONNX_FILE)
     quantize(folder / ONNX_FILE, folder / INT8_FILE, batch)
+
+
+def quantize_and_measure(
+    net, folder: Path, meta: dict[str, Any], train: pd.DataFrame, held_out: dict[str, pd.DataFrame]
+) -> dict[str, Any]:
+    """Write both graphs of `net` into folder; score the INT8 one on the held-out splits against
+    meta["metrics"] (the fp32 numbers, with meta's calibration). Returns meta["int8"]: how it was made,
+    its metrics, its cost."""
+    batch = calibration_batch(train, meta, CALIBRATION_CROPS, CALIBRATION_SEED)
+    write_graphs(net, meta["image_size"], folder, batch)
     estimator = Estimator(OnnxRuntime(folder, ["CPUExecutionProvider"], int8=True), meta)
     scores = {s: metrics(with_answers(f, *predict(estimator, f), meta, INTERVAL_LEVEL)) for s, f in held_out.items()}
     return {
