@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: setup test browser lint serve demo build build-gpu bench soak clean
+.PHONY: setup test browser lint serve demo build build-gpu bench soak clean utkface bench-utkface
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,16 @@ test-image:
 # 10 minutes of mixed load: errors, latency and every process's memory over time (BENCHMARKS.md)
 soak: setup
 	$(PY) -m benchmarks.soak --minutes 10
+
+# A real model: UTKFace's aligned & cropped chips (not downloadable by code: README "Training on UTKFace")
+# under $(UTKFACE) -> metadata -> the one-hour CPU recipe -> the model store; then the real-face benchmark
+UTKFACE ?= data/utkface
+utkface: setup
+	$(PY) -m training metadata --data-dir $(UTKFACE) --out data/utkface/metadata.csv --no-balance
+	$(PY) -m training fit --config configs/utkface_cpu.yaml --export
+
+bench-utkface: setup
+	$(PY) -m benchmarks.utkface --metadata data/utkface/metadata.csv
 
 clean:
 	rm -rf .cache runs lightning_logs test-artifacts .pytest_cache

@@ -1,10 +1,12 @@
 """Preprocessing, defined once: training, evaluation and the service all use these presets.
 
-Images enter as uint8 tensors (C, H, W) or batches (B, C, H, W), decoded by `load_rgb`, so that the
-pixels the service sees are produced by exactly the same code as those the model was trained on.
-`ArrayPreset` is `eval_preset` written in numpy for the serving path, which runs without torch (the CPU
-image has none); tests/test_network.py holds the two equal. torch is imported inside the torch presets
-so that importing this module stays cheap.
+Every face reaches the network the same way: image bytes decoded by `models.images.decode_image`, an
+aligned 200x200 crop (`models.pipeline.load_crops` for chips, `models.faces.align_crop` for photos),
+`ArrayPreset.resize` to the model's input size, then normalised. Training decodes its chips once with
+that same code (training/data.py) and normalises on the batch (`normalize`); the service runs
+`ArrayPreset` in numpy (the CPU image has no torch). `eval_preset` is the torchvision spelling of the same
+steps, for tensors; tests/test_network.py holds the two equal. torch is imported inside the torch
+functions so that importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -18,33 +20,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_rgb(source):
-    """File path or PIL image -> (3, H, W) uint8 tensor. Forces a full decode so truncated files fail here."""
-    import torch
-    from PIL import Image
-
-    image = source if isinstance(source, Image.Image) else Image.open(source)
-    image.load()
-    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
-
-
-def train_preset(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    import torch
-    from torchvision.transforms import v2
-
-    # UTKFace crops are aligned already: mild scale jitter, a horizontal flip, light colour jitter
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ]
-    )
-
-
 def eval_preset(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """torch: (B, 3, H, W) or (3, H, W) uint8 -> resized to (S, S), scaled to [0, 1] and normalised."""
     import torch
     from torchvision.transforms import v2
 
@@ -55,6 +32,17 @@ def eval_preset(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
             v2.Normalize(mean, std),
         ]
     )
+
+
+def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """torch: (B, 3, S, S) uint8 or float in [0, 1] -> normalised float32, as the last step of eval_preset."""
+    import torch
+
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device)[:, None, None]
+    s = torch.tensor(std, dtype=x.dtype, device=x.device)[:, None, None]
+    return (x - m) / s
 
 
 @cache

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from devtools.photos import astronaut
 from models.errors import UserError
 from models.network import BACKBONES, AgeGenderNet
-from models.presets import IMAGENET_STD, ArrayPreset, eval_preset, train_preset
+from models.presets import IMAGENET_STD, ArrayPreset, eval_preset, normalize
+from training.augment import Augment
+from training.data import decode_faces
 from training.module import AgeGenderModule
 
 
@@ -103,13 +108,28 @@ def test_module_rejects_bad_hyperparameters(kwargs: dict, message: str) -> None:
         AgeGenderModule("resnet18", pretrained=False, **kwargs)
 
 
-def test_presets_output_normalised_tensors_of_the_input_size() -> None:
-    image = torch.randint(0, 256, (3, 200, 200), dtype=torch.uint8)
-    for preset in (train_preset(96), eval_preset(96)):
-        out = preset(image)
-        assert out.shape == (3, 96, 96) and out.dtype == torch.float32
-    # eval is deterministic; train augments
-    assert torch.equal(eval_preset(96)(image), eval_preset(96)(image))
+def test_training_faces_are_the_served_faces() -> None:
+    """Training decodes chips with the service's code: normalised, they are what the service feeds the network."""
+    chip = np.asarray(astronaut().resize((200, 200)))
+    path = Path(tempfile.mkdtemp()) / "chip.png"
+    Image.fromarray(chip).save(path)
+    size = 64
+    trained = normalize(decode_faces([str(path)], size)).numpy()
+    served = ArrayPreset(size)(chip[None])
+    assert trained.shape == served.shape == (1, 3, size, size)
+    assert np.abs(trained - served).max() < 1e-5
+
+
+def test_augment_keeps_shape_and_range_and_does_nothing_when_off() -> None:
+    x = torch.rand(8, 3, 64, 64)
+    out = Augment()(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 and not torch.allclose(out, x)
+    off = Augment(scale=0, shift=0, rotate=0, flip=0, color=0, gray=0, lowres=0)
+    assert torch.allclose(off(x), x, atol=1e-5)  # identity resampling at pixel centres
+    mirrored = Augment(scale=0, shift=0, rotate=0, flip=1, color=0, gray=0, lowres=0)(x)
+    assert torch.allclose(mirrored, x.flip(-1), atol=1e-5)
+    with pytest.raises(UserError, match="unknown key data.augment.zoom; choose from scale, shift"):
+        Augment.from_config({"zoom": 0.1})
 
 
 @pytest.mark.parametrize("size", [64, 200, 224])  # shrinking, same size, enlarging a 200x200 crop

@@ -8,9 +8,10 @@ import bentoml
 import pytest
 import torch
 
-from models.artifact import MODEL_NAME, preprocess_for
+from models.artifact import MODEL_NAME
 from models.network import load_network
-from models.presets import eval_preset, load_rgb
+from models.presets import normalize
+from training.data import decode_faces
 from training.export import load_module
 from training.synth import MARKER
 from training.utkface import parse_name, read_metadata
@@ -38,8 +39,7 @@ def test_synth_is_reproducible_and_refuses_to_overwrite(tmp_path: Path) -> None:
 def _predict(module, metadata: Path, split: str = "test"):
     frame = read_metadata(metadata)
     frame = frame[frame.split == split]
-    preprocess = eval_preset(module.hparams.image_size)
-    x = torch.stack([preprocess(load_rgb(p)) for p in frame.path])
+    x = normalize(decode_faces(frame.path, module.hparams.image_size))  # as training feeds the network
     with torch.inference_mode():
         age_out, logits = module.eval()(x)
     return frame, module.net.years(age_out), logits
@@ -82,7 +82,7 @@ def test_export_then_load_gives_identical_outputs(model_tag: str, checkpoint: Pa
     module = load_module(checkpoint)
     net = load_network(model.path, meta)
     frame, age, logits = _predict(module, metadata_file)
-    x = torch.stack([preprocess_for(meta)(load_rgb(p)) for p in frame.path])
+    x = normalize(decode_faces(frame.path, meta["image_size"]))
     with torch.inference_mode():
         age2, logits2 = net(x)
     assert torch.equal(age, net.years(age2)) and torch.equal(logits, logits2)
@@ -156,3 +156,20 @@ def test_every_shipped_config_builds_its_model(config: str, metadata_file: Path)
 
     cfg = load_config(ROOT / "configs" / config, [f"data.metadata={metadata_file}", "model.pretrained=false"])
     assert AgeGenderModule(**cfg["model"]).net.distribution == (cfg["model"].get("age_head") == "distribution")
+
+
+def test_cpu_recipe_trains_with_warm_up_then_cosine(metadata_file: Path, tmp_path: Path) -> None:
+    """configs/utkface_cpu.yaml end to end on sample data: augmented batches from memory, AdamW, and the
+    learning rate rising over the warm-up epoch, then falling along a cosine to zero at the last step."""
+    args = ["fit", "--config", "configs/utkface_cpu.yaml", f"data.metadata={metadata_file}", f"logdir={tmp_path}"]
+    args += ["trainer.max_epochs=3", "data.batch_size=32", "data.num_workers=0", "trainer.log_every_n_steps=1"]
+    result = run_cli(*args, "trainer.enable_progress_bar=false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = (tmp_path / "utkface_cpu").iterdir()
+    events = EventAccumulator(str(run)).Reload()
+    lr = [e.value for e in events.Scalars("lr-AdamW")]  # one value per epoch, at its start
+    peak = 0.002
+    assert lr[0] < 0.1 * peak and lr[1] == pytest.approx(peak, rel=0.02), lr  # warm-up over epoch 0
+    assert lr[1] > lr[2] > 0, lr  # the cosine

@@ -27,6 +27,8 @@ from .conftest import assert_one_line_error, run_cli
         ("61_1_20170109142408075.jpg.chip.jpg", Label(61, 1, -1)),
         ("24_0_1_20170116220224657 .jpg.chip.jpg", Label(24, 0, 1)),
         ("55_0_0_20170116232725357jpg.chip.jpg", Label(55, 0, 0)),
+        ("14_0_0_2017011022340900.jpg.chip.jpg", Label(14, 0, 0)),  # a 16-digit time stamp
+        ("28_1_2_201701161846515488.jpg.chip.jpg", Label(28, 1, 2)),  # an 18-digit one
     ],
 )
 def test_parse_name_accepts(name: str, label: Label) -> None:

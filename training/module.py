@@ -7,6 +7,7 @@ age_sigma years) plus, optionally, age_l1_weight x L1 of the expected age.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -21,6 +22,10 @@ from models.network import AgeGenderNet, check_age_head
 
 AGE_LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss}
 STAGES = ("train", "val", "test")
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}  # adamw: weight decay decoupled from Adam
+# plateau: halve the rate when the monitored loss stalls (no fixed length); cosine: linear warm-up over
+# warmup_epochs, then a cosine to zero at trainer.max_epochs, stepped every batch (a fixed budget)
+SCHEDULES = ("plateau", "cosine")
 
 
 class AgeGenderModule(L.LightningModule):
@@ -46,11 +51,17 @@ class AgeGenderModule(L.LightningModule):
         age_head: str = "regression",
         age_sigma: float = 2.0,
         age_l1_weight: float = 0.0,
+        optimizer: str = "adam",
+        schedule: str = "plateau",
+        warmup_epochs: float = 0.0,
     ) -> None:
         super().__init__()
         check_age_head(age_head)
         if age_sigma <= 0 or age_l1_weight < 0:
             raise UserError(f"need model.age_sigma > 0 and model.age_l1_weight >= 0; got {age_sigma}, {age_l1_weight}")
+        for key, value, allowed in (("optimizer", optimizer, OPTIMIZERS), ("schedule", schedule, SCHEDULES)):
+            if value not in allowed:
+                raise UserError(f"unknown model.{key} {value!r}; choose from {', '.join(allowed)}")
         if age_loss not in AGE_LOSSES:
             raise UserError(f"unknown age_loss {age_loss!r}; choose from {', '.join(AGE_LOSSES)}")
         for name, value in (("age_weight", age_weight), ("gender_weight", gender_weight)):
@@ -134,11 +145,23 @@ class AgeGenderModule(L.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        opt = OPTIMIZERS[hp.optimizer](self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.schedule == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            warmup = min(total - 1, int(total * hp.warmup_epochs / max(1, self.trainer.max_epochs)))
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience
+            opt, mode="min", factor=hp.lr_factor, patience=hp.lr_patience
         )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.hparams.monitor}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": hp.monitor}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["training_config"] = self.training_config

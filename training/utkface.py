@@ -6,6 +6,8 @@ The known malformed names in the public archives are handled like this:
   age and gender, which we train on, are intact.
 - a space before the extension (`24_0_1_20170116220224657 .jpg.chip.jpg`): kept, the space is ignored.
 - no dot before `jpg` (`55_0_0_20170116232725357jpg.chip.jpg`): kept, parsed the same.
+- a time stamp of 16 or 18 digits (`14_0_0_2017011022340900`, `28_1_2_201701161846515488`,
+  `38_0_1_201701162330572788`): kept, the labels are intact.
 - an empty field (`53__0_...` in the in-the-wild set): skipped, since it cannot be told whether gender
   or race is missing.
 Every skip is counted by reason and reported.
@@ -42,7 +44,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 COLUMNS = ["path", "age", "gender", "race", "split", "source"]
 SPLITS = ("train", "val", "test")
 _NAME = re.compile(
-    r"^(?P<age>\d+)_(?P<gender>\d+)_(?:(?P<race>\d+)_)?(?P<stamp>\d{17})\s*\.?(?:jpe?g|png)(?:\.chip\.jpg)?$"
+    r"^(?P<age>\d+)_(?P<gender>\d+)_(?:(?P<race>\d+)_)?(?P<stamp>\d{16,18})\s*\.?(?:jpe?g|png)(?:\.chip\.jpg)?$"
 )
 
 
