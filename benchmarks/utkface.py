@@ -30,7 +30,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from models.artifact import MODEL_NAME, stored_model
-from models.faces import CROP_SIZE, alignment
+from models.errors import UserError
+from models.faces import CROP_SIZE, FaceDetector, alignment
 from models.predictor import Predictor
 from training import fingerprint
 from training.utkface import build_metadata, read_metadata
@@ -42,23 +43,26 @@ PAD = 100  # pixels of edge around each 200x200 chip: a 400x400 photo
 CHUNK = 32  # photos per call of the in-process pipeline, crops per /predict_faces request
 
 
-def test_split(args: argparse.Namespace, meta: dict) -> pd.DataFrame:
+def faces_to_measure(args: argparse.Namespace, tag: str) -> pd.DataFrame:
     """The test split of --metadata, or of --data-dir scanned as `python -m training metadata` does; refused
-    where any of its images is one the model was trained on."""
-    if args.metadata:
-        frame = read_metadata(args.metadata)
-    else:
-        out = Path(tempfile.mkdtemp()) / "metadata.csv"
-        frame = build_metadata(args.data_dir, out, balance=args.balance)[0]
-        frame = read_metadata(out)
+    where any of its images is one the model `tag` (when in the local store) was trained on."""
+    if args.data_dir:
+        args.metadata = Path(tempfile.mkdtemp()) / "metadata.csv"
+        build_metadata(args.data_dir, args.metadata, balance=args.balance)
+    frame = read_metadata(args.metadata)
     frame = frame[frame.split == "test"]
     if args.limit and args.limit < len(frame):
         frame = frame.sample(args.limit, random_state=0)
-    recorded = (meta.get("dataset") or {}).get("train_split")
+    try:
+        model = stored_model(tag)
+    except UserError:
+        print(f"{tag} is not in the local store: cannot check that the test split was not trained on")
+        return frame.reset_index(drop=True)
+    recorded = (model.info.metadata.get("dataset") or {}).get("train_split")
     if recorded:
-        trained = fingerprint.read(Path(stored_model(args.model).path) / fingerprint.FILE, recorded)
+        trained = fingerprint.read(Path(model.path) / fingerprint.FILE, recorded)
         fingerprint.check_held_out(
-            trained, frame.path.tolist(), "the benchmark's test split", args.model, "pass the model's own --metadata"
+            trained, frame.path.tolist(), "the benchmark's test split", tag, "pass the model's own --metadata"
         )
     return frame.reset_index(drop=True)
 
@@ -78,13 +82,14 @@ def central(faces: list[dict], size: tuple[int, int]) -> dict | None:
     return min(faces, key=distance, default=None)
 
 
-def framing(predictor: Predictor, frame: pd.DataFrame) -> dict:
+def framing(frame: pd.DataFrame) -> dict:
     """Quartiles of scale, rotation and centre shift (pixels of the 200x200 crop) of the transform from a
     chip to the crop the service cuts from its padded photo."""
     scales, shifts, angles = [], [], []
     centre = np.array([CROP_SIZE / 2, CROP_SIZE / 2])
+    detector = FaceDetector()  # the service's defaults
     for path in tqdm(frame.path, desc="framing", unit="photo"):
-        faces = predictor.finder.detector.detect(padded(path))
+        faces = detector.detect(padded(path))
         if not faces:
             continue
         face = min(faces, key=lambda f: np.hypot(*(np.add(f.box[:2], np.divide(f.box[2:], 2)) - PAD - centre)))
@@ -201,24 +206,26 @@ def main() -> None:
     where.add_argument("--data-dir", type=Path, help="UTKFace chips, split as `python -m training metadata` would")
     where.add_argument("--metadata", type=Path, help="a metadata CSV: its test split")
     p.add_argument("--balance", action="store_true", help="with --data-dir: balance genders (the recipe does not)")
-    p.add_argument("--model", default=f"{MODEL_NAME}:latest", help="store tag (in process; --url serves its own)")
+    p.add_argument("--model", default=f"{MODEL_NAME}:latest", help="store tag (in process; a --url serves its own)")
     p.add_argument("--url", default=None, help="a running service instead of this process")
     p.add_argument("--limit", type=int, default=0, help="a seeded random subset of the test split")
     p.add_argument("--framing-limit", type=int, default=500, help="photos for the framing measurement")
     p.add_argument("--no-peer", dest="peer", action="store_false")
     args = p.parse_args()
 
-    meta = stored_model(args.model).info.metadata
-    frame = test_split(args, meta)
-    predictor = Predictor.from_store(args.model)
+    tag = httpx.post(f"{args.url}/model_info", timeout=30).json()["tag"] if args.url else args.model
+    frame = faces_to_measure(args, tag)
     work = Path(tempfile.mkdtemp(prefix="utkface-photos-"))
     photos = []
     for i, path in enumerate(tqdm(frame.path, desc="photos", unit="photo")):
         photos.append(work / f"{i:05d}.png")
         cv2.imwrite(str(photos[-1]), cv2.cvtColor(padded(path), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    result = {"model": args.model, "n": len(frame), "pad": PAD, "where": args.url or "in process"}
-    result["framing"] = framing(predictor, frame.head(args.framing_limit))
-    ours, chips, ms = ours_over_http(args.url, frame, photos) if args.url else ours_in_process(predictor, frame, photos)
+    result = {"model": tag, "n": len(frame), "pad": PAD, "where": args.url or "in process"}
+    result["framing"] = framing(frame.head(args.framing_limit))
+    if args.url:
+        ours, chips, ms = ours_over_http(args.url, frame, photos)
+    else:
+        ours, chips, ms = ours_in_process(Predictor.from_store(tag), frame, photos)
     result["ms_per_photo"] = {"ours": ms, "ours_kind": "wall, 4 in flight" if args.url else "CPU"}
     found_ours = np.array([a is not None for a in ours])
     result["predict"] = score(frame, ours)
