@@ -163,6 +163,7 @@ def test_cpu_recipe_trains_with_warm_up_then_cosine(metadata_file: Path, tmp_pat
     learning rate rising over the warm-up epoch, then falling along a cosine to zero at the last step."""
     args = ["fit", "--config", "configs/utkface_cpu.yaml", f"data.metadata={metadata_file}", f"logdir={tmp_path}"]
     args += ["trainer.max_epochs=3", "data.batch_size=32", "data.num_workers=0", "trainer.log_every_n_steps=1"]
+    args += ["trainer.limit_train_batches=4", "trainer.limit_val_batches=1"]
     result = run_cli(*args, "trainer.enable_progress_bar=false")
     assert result.returncode == 0, result.stderr[-2000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -170,6 +171,7 @@ def test_cpu_recipe_trains_with_warm_up_then_cosine(metadata_file: Path, tmp_pat
     (run,) = (tmp_path / "utkface_cpu").iterdir()
     events = EventAccumulator(str(run)).Reload()
     lr = [e.value for e in events.Scalars("lr-AdamW")]  # one value per epoch, at its start
-    peak = 0.002
-    assert lr[0] < 0.1 * peak and lr[1] == pytest.approx(peak, rel=0.02), lr  # warm-up over epoch 0
-    assert lr[1] > lr[2] > 0, lr  # the cosine
+    peak, steps = 0.002, 4  # per epoch: limit_train_batches
+    assert lr[0] == pytest.approx(peak / steps, rel=1e-3), lr  # first of the 4 warm-up steps
+    assert lr[1] == pytest.approx(peak, rel=1e-3), lr  # warm-up done after epoch 0
+    assert lr[2] == pytest.approx(peak / 2, rel=1e-3), lr  # the cosine halfway through the 8 steps after it

@@ -27,6 +27,8 @@ from training.augment import Augment
 from training.utkface import SPLITS, read_metadata
 
 DECODE_CHUNK = 256  # images per task of a decoding process: large enough that task overhead is noise
+# a decoding process costs seconds of imports before its first image: below this many, decode in-process
+POOL_MIN_IMAGES = 2000
 
 
 def _decode(task: tuple[list[str], int]) -> np.ndarray:
@@ -47,7 +49,7 @@ def decode_faces(paths: Sequence[str], size: int, workers: int = 0, desc: str = 
     tasks = [(paths[i : i + DECODE_CHUNK], size) for i in range(0, len(paths), DECODE_CHUNK)]
     bar = tqdm(total=len(paths), desc=desc, unit="img", leave=False)
     parts = []
-    if workers > 0 and len(tasks) > 1:
+    if workers > 0 and len(paths) >= POOL_MIN_IMAGES:
         with get_context("spawn").Pool(workers) as pool:
             for part in pool.imap(_decode, tasks):
                 parts.append(part)
