@@ -1,23 +1,34 @@
-# make serve: bring the service up (trains a DEMO model on sample data if the store has none)
-# make test:  run the whole test suite
+# make serve:     bring the service up (trains a DEMO model on sample data if the store has none)
+# make test:      run the whole test suite (lint and type check first)
+# make test-fast: the tests that need no trained model, server or generated data set: the edit loop
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: setup test browser lint serve demo build build-gpu bench soak clean utkface bench-utkface
+.PHONY: setup setup-train test test-fast browser lint serve demo build build-gpu bench soak clean utkface bench-utkface
 
+# serving and training only (make serve, make utkface); `setup` adds the test and lint tools
+setup-train: $(VENV)/.installed-train
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements/serve.txt
+$(VENV)/.installed-train: pyproject.toml requirements/serve.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[train]'
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-train
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
 test: setup browser
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
 
 # the UI test drives Debian's Chromium; where it cannot be installed, pytest reports the skip and why
 browser:
@@ -27,8 +38,9 @@ browser:
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
-demo: setup
+demo: setup-train
 	$(PY) -m training demo --if-missing
 
 serve: demo
@@ -59,20 +71,22 @@ soak: setup
 # A real model: UTKFace's aligned & cropped chips (not downloadable by code: README "Training on UTKFace")
 # under $(UTKFACE) -> metadata -> the one-hour CPU recipe -> the model store; then the real-face benchmark
 UTKFACE ?= data/utkface
-utkface: setup
+utkface: setup-train
 	$(PY) -m training metadata --data-dir $(UTKFACE) --out data/utkface/metadata.csv --no-balance
 	$(PY) -m training fit --config configs/utkface_cpu.yaml --export
 
 bench-utkface: setup
 	$(PY) -m benchmarks.utkface --metadata data/utkface/metadata.csv
 
+# runs/ is kept: it holds training checkpoints (`rm -rf runs` deletes them on purpose)
 clean:
-	rm -rf .cache runs lightning_logs test-artifacts .pytest_cache
+	rm -rf .cache lightning_logs test-artifacts .pytest_cache .mypy_cache
 
 bench: setup
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.train_speed
 	$(PY) -m benchmarks.memory
 	$(PY) -m benchmarks.small_faces
+	$(PY) -m benchmarks.bounds
 	$(PY) -m benchmarks.batch
 	$(PY) -m benchmarks.int8

@@ -38,7 +38,8 @@ from serving import patches
 from serving.annotate import annotate
 from serving.card import ModelCardRoute
 from serving.dependencies import call_dependency
-from serving.guard import FileField, RequestGuard, answers_user_errors
+from serving.edge import ApiKey, RequestId, cors, log_request_ids
+from serving.guard import RequestGuard, answers_user_errors, api_routes
 from serving.heap import return_large_buffers
 from serving.openapi import StandardOpenAPI
 from serving.settings import DETECTOR_WORKERS, SETTINGS
@@ -47,6 +48,7 @@ from serving.settings import DETECTOR_WORKERS, SETTINGS
 _CONNECTION = {"runner_connection": {"max_requests": 2**31 - 1, "max_age": 1e9}}
 patches.apply()  # BentoML 1.4.40: /readyz during worker restarts, per-request timers (serving/patches.py)
 return_large_buffers()  # every service process: batches' buffers go back to the OS when freed (serving/heap.py)
+log_request_ids()  # log lines written while a request is handled carry its X-Request-ID (serving/edge.py)
 
 
 # one detector process per CPU core by default: detection is the CPU-bound step of /predict
@@ -54,7 +56,9 @@ return_large_buffers()  # every service process: batches' buffers go back to the
 class FaceDetection:
     def __init__(self) -> None:
         s = SETTINGS
-        self.finder = FaceFinder(s.detector, s.score_threshold, s.min_face_size, s.max_pixels, s.small_faces)
+        self.finder = FaceFinder(
+            s.detector, s.score_threshold, s.min_face_size, s.max_pixels, s.small_faces, max_faces=s.max_faces
+        )
 
     @bentoml.api
     def detect(self, image: bytes) -> dict:
@@ -117,12 +121,6 @@ class AgeGenderModel:
         }
 
 
-ROUTES = {
-    "/predict": FileField("image", many=False),
-    "/predict_batch": FileField("images", many=True),
-    "/predict_faces": FileField("images", many=True),
-    "/annotate": FileField("image", many=False),
-}
 UI = Path(__file__).resolve().parent / "serving" / "ui"
 
 
@@ -205,7 +203,13 @@ class AgeGender:
         return ModelInfo(**{k: v for k, v in info.items() if k != "gender_classes"})
 
 
+ROUTES, NO_INPUT_ROUTES = api_routes(AgeGender)  # every API the guard covers, from the API signatures
 AgeGender.mount_asgi_app(StaticFiles(directory=UI, html=True), path="/ui", name="ui")
+# BentoML nests middlewares in the order they are added, the first outermost: request IDs and CORS cover
+# every answer, and keys are checked before the guard reads a body
+AgeGender.add_asgi_middleware(RequestId)
+AgeGender.add_asgi_middleware(cors, origins=SETTINGS.cors_origins)
+AgeGender.add_asgi_middleware(ApiKey, key=SETTINGS.api_key)
 AgeGender.add_asgi_middleware(
     RequestGuard,
     routes=ROUTES,
@@ -215,7 +219,7 @@ AgeGender.add_asgi_middleware(
     max_request_pixels=SETTINGS.max_request_pixels,
     idle_timeout=SETTINGS.idle_timeout,
     upload_timeout=SETTINGS.upload_timeout,
-    no_input_routes=("/model_info",),
+    no_input_routes=NO_INPUT_ROUTES,
 )
 AgeGender.add_asgi_middleware(StandardOpenAPI)
 AgeGender.add_asgi_middleware(ModelCardRoute, model=SETTINGS.model)

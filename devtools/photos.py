@@ -4,6 +4,7 @@ from them. The astronaut (Eileen Collins, NASA, public domain) has one face; cof
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,12 @@ def group_photo() -> tuple[Image.Image, list[tuple[float, float]]]:
         scale = size / 512
         centres.append((x + ASTRONAUT_FACE_CENTRE[0] * scale, y + ASTRONAUT_FACE_CENTRE[1] * scale))
     return canvas, centres
+
+
+def face_grid(n: int, cell: int) -> np.ndarray:
+    """An n x n grid of the astronaut's face, each cell x cell px: a photo of n * n faces (RGB array)."""
+    tile = np.asarray(face_template()[0].resize((cell, cell)))
+    return np.tile(tile, (n, n, 1))
 
 
 def save(image: Image.Image, path: Path, fmt: str = "JPEG") -> Path:
@@ -84,3 +91,39 @@ def composite(rng: np.random.Generator, faces: int) -> tuple[np.ndarray, list[tu
         canvas.paste(face, (x, y))
         truth.append((size, x + round(fx * s), y + round(fy * s), round(fw * s), round(fh * s)))
     return np.asarray(canvas), truth
+
+
+def many_scans_jpeg(image: Image.Image, scans: int) -> bytes:
+    """A progressive JPEG of the image whose smallest scan (with the tables before it) is repeated until
+    the file has `scans` scans: a decoder bomb of a few kB per hundred scans (libjpeg warns of the odd
+    progression and decodes every scan)."""
+    data = encode_jpeg(image, progressive=True)
+    starts = [m.start() for m in re.finditer(rb"\xff\xda", data)]  # Pillow writes no thumbnail: all are scans
+    ends = [_entropy_end(data, s) for s in starts]
+    units = [data[e:s2] + data[s2:e2] for e, s2, e2 in zip(ends, starts[1:], ends[1:], strict=False)]
+    smallest = min(units, key=len)  # the tables (DHT) between two scans, then the second scan
+    return data[: ends[-1]] + smallest * (scans - len(starts)) + data[ends[-1] :]
+
+
+def _entropy_end(data: bytes, sos: int) -> int:
+    """Where the scan starting at `sos` ends: the first marker after its entropy-coded data (0xFF followed
+    by neither a stuffed 0x00 nor a restart marker)."""
+    pos = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+    while True:
+        pos = data.index(b"\xff", pos)
+        if data[pos + 1] != 0 and not 0xD0 <= data[pos + 1] <= 0xD7:
+            return pos
+        pos += 2
+
+
+def encode_jpeg(image: Image.Image, **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", **options)
+    return buf.getvalue()
+
+
+def one_bit_png(side: int) -> bytes:
+    """A blank 1-bit PNG of side x side: a few kB for any side (7071: 50 Mpx in ~6 kB)."""
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()

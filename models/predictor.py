@@ -60,7 +60,7 @@ class Predictor:
             try:
                 image = Path(image).read_bytes()
             except OSError as exc:
-                raise UserError(f"cannot read {image}: {exc.strerror}") from None
+                raise UserError(f"cannot read {exc.filename}: {exc.strerror}") from None
         if isinstance(image, bytes):
             return self.finder.find(image)
         if isinstance(image, Image.Image):

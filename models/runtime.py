@@ -23,6 +23,15 @@ from models.errors import UserError
 RUNTIMES = ("auto", "onnx", "onnx-int8", "torch")
 
 
+def cpu_cores() -> int:
+    """Cores this process may use, counted as BentoML's `workers="cpu_count"` counts them: a container's CPU
+    quota (cgroups), else the machine's cores. The service and the batch command size their processes by it:
+    os.cpu_count() would start 64 processes in a 2-CPU container on a 64-core host."""
+    from bentoml._internal.resource import CpuResource
+
+    return max(1, int(CpuResource.from_system()))
+
+
 def visible_gpus() -> int:
     """NVIDIA GPUs this process can see, asked of NVML (a BentoML dependency) so that nothing imports
     torch to find out; 0 without a driver."""

@@ -47,6 +47,11 @@ class PhotoResult(BaseModel):
     width: int
     height: int
     faces: list[DetectedFace] = Field(description="largest face first; empty when no face is found")
+    omitted_faces: int = Field(
+        0,
+        description="faces found beyond the AGE_GENDER_MAX_FACES largest, not answered (0 unless the photo holds "
+        "more faces than that)",
+    )
 
 
 class BatchResult(BaseModel):

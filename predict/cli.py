@@ -9,7 +9,6 @@ again with the same --out and it skips the photos already there. Bad arguments: 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -17,24 +16,36 @@ from tqdm import tqdm
 from models.artifact import INTERVAL_LEVEL, MODEL_NAME
 from models.cli import OneLineParser, exit_code, level
 from models.errors import UserError
-from models.runtime import RUNTIMES
+from models.runtime import RUNTIMES, cpu_cores
 from predict.rows import Output, photos, rows
-from predict.runners import run_local, run_remote
+from predict.runners import RETRY_STATUSES, run_local, run_remote
 
 
 def parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m predict", description=__doc__.splitlines()[0])
+    p = OneLineParser(
+        prog="python -m predict",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # every option's default in --help
+    )
     p.add_argument("inputs", nargs="+", help="photo files, folders (recursive) or @file listing paths")
     p.add_argument("--out", type=Path, required=True, help="results file: .jsonl or .csv (appended; resumes)")
     p.add_argument("--url", default=None, help="send the photos to this running service instead of running locally")
     p.add_argument("--model", default=f"{MODEL_NAME}:latest", help="local mode: store tag or model folder")
     p.add_argument("--runtime", default="auto", choices=RUNTIMES, help="local mode (models/runtime.py)")
     p.add_argument("--detector", default="mtcnn", help="local mode: mtcnn or haar")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="local mode: detection processes")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=cpu_cores(),
+        help="local mode: detection processes (the cores this process may use)",
+    )
     p.add_argument("--level", type=level, default=INTERVAL_LEVEL, help="local mode: age interval level")
     p.add_argument("--concurrency", type=int, default=8, help="--url mode: requests in flight")
     p.add_argument(
-        "--retries", type=int, default=5, help="--url mode: tries after a 429/503/504 or a dropped connection"
+        "--retries",
+        type=int,
+        default=5,
+        help=f"--url mode: tries after a {'/'.join(map(str, RETRY_STATUSES))} or a dropped connection",
     )
     p.add_argument("--timeout", type=float, default=120, help="--url mode: seconds per request")
     return p

@@ -18,7 +18,7 @@ import random
 import threading
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -43,6 +43,7 @@ def _start_worker(options: dict) -> None:
 
 def _detect(path: Path) -> Detection | str:
     """A photo's detection, or the text of whatever went wrong with it (nothing here may stop the run)."""
+    assert _finder is not None, "runs in the pool's processes, which _start_worker set up"
     try:
         return _finder.find(path.read_bytes())
     except UserError as exc:
@@ -58,7 +59,8 @@ def run_local(predictor: Predictor, paths: list[Path], workers: int, finder_opti
     however slow the network is); whenever a few photos are detected their crops go through the network
     together."""
     with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(finder_options,)) as pool:
-        window, pending = deque(), []
+        window: deque[tuple[Path, Future]] = deque()
+        pending: list = []
         for path in paths:
             window.append((path, pool.submit(_detect, path)))
             if len(window) < 4 * workers:

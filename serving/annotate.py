@@ -10,6 +10,9 @@ from PIL import Image, ImageDraw, ImageFont
 from models.schemas import PhotoResult
 
 COLOUR = (255, 45, 85)
+# labels grow with the photo (16 px text on a 640 px photo) up to this factor: 256 px text from 10,240 px
+# on; Pillow's FreeType text refuses sizes in the tens of thousands (a 2,700,000 x 1 photo asked 67,500)
+MAX_LABEL_SCALE = 16
 
 
 def label(face) -> str:
@@ -20,7 +23,7 @@ def annotate(rgb: np.ndarray, result: PhotoResult) -> bytes:
     """(H, W, 3) photo + its /predict result -> PNG bytes of the same size with every face boxed."""
     image = Image.fromarray(rgb)
     draw = ImageDraw.Draw(image)
-    scale = max(image.size) / 640
+    scale = min(max(image.size) / 640, MAX_LABEL_SCALE)
     width = max(2, round(3 * scale))
     font = ImageFont.load_default(size=max(12, round(16 * scale)))  # bundled with Pillow: no font files
     for face in result.faces:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from models.artifact import CARD_FILE
-from serving.guard import Receive, Scope, Send
 
 ROUTE = "/model_card"
 
@@ -33,6 +33,7 @@ class ModelCardRoute:
         if scope["type"] != "http" or scope["path"].rstrip("/") != ROUTE:
             await self.app(scope, receive, send)
             return
+        response: Response
         if scope["method"] not in ("GET", "HEAD"):
             response = JSONResponse({"error": f"{ROUTE} answers GET only"}, status_code=405, headers={"Allow": "GET"})
         else:

@@ -16,20 +16,20 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
+from starlette.types import Message, Receive, Scope, Send
 
 from models.errors import TooLarge, UserError
 from models.images import FORMAT_NAMES, NotAnImage, image_format, open_image
 from serving.multipart import MAX_BOUNDARY, ClientGone, Rejected, TooManyFiles, build_form, label, parse_form
 from serving.settings import SETTINGS
 
-Scope = dict
-Receive = Callable[[], Awaitable[dict]]
-Send = Callable[[dict], Awaitable[None]]
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +37,26 @@ log = logging.getLogger(__name__)
 class FileField:
     name: str
     many: bool
+
+
+def api_routes(service) -> tuple[dict[str, FileField], list[str]]:
+    """A BentoML service's APIs -> (the routes that take files, with their field; the routes that take no
+    input): what the guard must cover, read from the API signatures. An API taking anything else stops
+    the service from starting (TypeError): the guard would not know how to check its requests."""
+    files: dict[str, FileField] = {}
+    empty: list[str] = []
+    for api in service.apis.values():
+        inputs = [(name, kind) for name, kind in typing.get_type_hints(api.func).items() if name != "return"]
+        if not inputs:
+            empty.append(api.route)
+        elif len(inputs) == 1 and inputs[0][1] in (Path, list[Path]):
+            files[api.route] = FileField(inputs[0][0], many=inputs[0][1] != Path)
+        else:
+            raise TypeError(
+                f"{service.name}.{api.name} takes {inputs}: serving/guard.py checks APIs of one file, a list of "
+                "files or no input; teach it this kind of request before adding the API"
+            )
+    return files, empty
 
 
 def error(status: int, message: str, close: bool = False) -> JSONResponse:
@@ -189,7 +209,9 @@ class RequestGuard:
                 with open_image(bytes(part.data), self.max_pixels) as image:  # the header only
                     pixels += image.width * image.height
                 # the format from the magic number: Pillow names a JPEG with extra pictures (phones) MPO
-                files.append((part.data, image_format(bytes(part.data[:16]))))
+                fmt = image_format(bytes(part.data[:16]))
+                assert fmt is not None  # open_image accepted the file: its magic number names a format
+                files.append((part.data, fmt))
             except NotAnImage:
                 declared = part.content_type or "none"
                 raise Rejected(
@@ -230,7 +252,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     """The buffered body as one message; after it, the client's own receive (to see a disconnect)."""
     sent = False
 
-    async def replay() -> dict:
+    async def replay() -> Message:
         nonlocal sent
         if sent:
             return await receive()
@@ -246,7 +268,7 @@ def rewrite_response(send: Send, rewrite: Callable[[int, bytes], bytes], when: C
     start: dict = {}
     chunks: list[bytes] = []
 
-    async def wrapped(message: dict) -> None:
+    async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
             if not when(message["status"]):
                 return await send(message)

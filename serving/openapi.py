@@ -1,14 +1,20 @@
 """The published OpenAPI document, made standard and generator-friendly (openapi-python-client and co.).
 
-`StandardOpenAPI` is an ASGI middleware that rewrites BentoML's `/docs.json` with `standard_openapi`.
+`StandardOpenAPI` is an ASGI middleware that rewrites BentoML's `/docs.json` with `standard_openapi`, and
+serves the docs page at `/` in place of BentoML's, whose template loads Google Tag Manager into the
+service's origin (every visit to a deployment reported to a third party). This page is Swagger UI from the
+assets BentoML serves itself, with Swagger's online validator off: it calls no other host.
 """
 
 from __future__ import annotations
 
 import json
 
+from starlette.responses import HTMLResponse
+from starlette.types import Receive, Scope, Send
+
 from serving import card
-from serving.guard import Receive, Scope, Send, rewrite_response
+from serving.guard import rewrite_response
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -91,13 +97,36 @@ def _openapi_body(status: int, body: bytes) -> bytes:
     return json.dumps(standard_openapi(json.loads(body))).encode()
 
 
+DOCS_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="UTF-8">
+  <title>Age and gender recognition: API</title>
+  <link rel="stylesheet" href="./static_content/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="./static_content/swagger-ui-bundle.js"></script>
+  <script>
+    window.onload = () => {
+      window.ui = SwaggerUIBundle({url: "./docs.json", dom_id: "#swagger-ui", validatorUrl: null, deepLinking: true});
+    };
+  </script>
+</body>
+</html>
+"""
+
+
 class StandardOpenAPI:
-    """ASGI middleware: the OpenAPI document at `path` comes out through standard_openapi()."""
+    """ASGI middleware: the OpenAPI document at `path` comes out through standard_openapi(); `/` is
+    DOCS_PAGE."""
 
     def __init__(self, app, path: str = "/docs.json") -> None:
         self.app, self.path = app, path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
+            return await HTMLResponse(DOCS_PAGE)(scope, receive, send)
         if scope["type"] == "http" and scope["path"] == self.path and scope["method"] == "GET":
             send = rewrite_response(send, _openapi_body, lambda status: status == 200)
         await self.app(scope, receive, send)

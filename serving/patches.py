@@ -4,21 +4,49 @@
 - Every request left a timer alive for the whole traffic timeout (120 s), holding that request's
   context (tracing span, futures): about 4-7 kB per request per process under load, which read as a
   leak in every worker until the timers fired (tests/test_memory.py).
+
+Both replace private BentoML functions, so they are applied only to the BentoML they were written for:
+any other version, or a replaced function whose source changed, stops the service with one line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import inspect
 
 import aiohttp
+import bentoml
 
 # s: the longest the entry service's /readyz waits for one dependency's /readyz (they are asked at once)
 DEPENDENCY_READY_TIMEOUT = 1.0
+BENTOML_VERSION = "1.4.40"  # requirements/serve.txt pins it
+# sha256 of the source of each function replaced here, as BentoML 1.4.40 ships it (first 16 hex digits)
+PATCHED_SOURCES = {"RemoteProxy.is_ready": "5c649680aaac30ec", "TimeoutMiddleware.__call__": "fd8b9e3da28ed2b4"}
+
+
+class IncompatibleBentoML(SystemExit):
+    """The installed BentoML is not the one these patches were written for (exits with its one line)."""
 
 
 def apply() -> None:
+    if bentoml.__version__ != BENTOML_VERSION:
+        raise IncompatibleBentoML(
+            f"error: serving/patches.py replaces private functions of BentoML {BENTOML_VERSION}; BentoML "
+            f"{bentoml.__version__} is installed: install bentoml=={BENTOML_VERSION} (requirements/serve.txt)"
+        )
     bound_dependency_readiness()
     cancel_request_timers()
+
+
+def check_source(function) -> None:
+    """IncompatibleBentoML unless the function about to be replaced is the one the patch was written for."""
+    digest = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
+    if PATCHED_SOURCES[function.__qualname__] != digest:
+        raise IncompatibleBentoML(
+            f"error: BentoML's {function.__qualname__} is not the one serving/patches.py replaces (source "
+            f"{digest}, expected {PATCHED_SOURCES[function.__qualname__]}): review the patch against it"
+        )
 
 
 def bound_dependency_readiness() -> None:
@@ -32,6 +60,7 @@ def bound_dependency_readiness() -> None:
     original = RemoteProxy.is_ready
     if getattr(original, "bounded", False):
         return
+    check_source(original)
 
     async def is_ready(self, timeout: int | None = None) -> bool:
         try:
@@ -39,7 +68,7 @@ def bound_dependency_readiness() -> None:
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
-    is_ready.bounded = True
+    is_ready.bounded = True  # type: ignore[attr-defined]  # the mark that this patch is in place
     RemoteProxy.is_ready = is_ready
 
 
@@ -53,6 +82,7 @@ def cancel_request_timers() -> None:
 
     if getattr(TimeoutMiddleware.__call__, "cancels_timer", False):
         return
+    check_source(TimeoutMiddleware.__call__)
 
     async def call(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -78,5 +108,5 @@ def cancel_request_timers() -> None:
         finally:
             timer.cancel()
 
-    call.cancels_timer = True
-    TimeoutMiddleware.__call__ = call
+    call.cancels_timer = True  # type: ignore[attr-defined]  # the mark that this patch is in place
+    TimeoutMiddleware.__call__ = call  # type: ignore[method-assign]

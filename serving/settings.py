@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from models.artifact import INTERVAL_LEVEL
 from models.errors import UserError
+from models.faces import MAX_FACES
 from models.images import MAX_PIXELS
 from models.outputs import check_level
+from models.runtime import cpu_cores
 
 PREFIX = "AGE_GENDER_"
 
@@ -20,6 +23,7 @@ class Settings:
     score_threshold: float = 0.95  # minimum detector confidence (MTCNN: faces score 0.99-1.0)
     min_face_size: int = 20  # pixels, shorter box side
     small_faces: bool = True  # photos over 640 px: a second detection pass for faces the 640 px copy loses
+    max_faces: int = MAX_FACES  # faces answered per photo, the largest; the answer counts the others
     max_bytes: int = 20 * 1024 * 1024  # per request -> 413
     max_pixels: int = MAX_PIXELS  # per image, checked before decoding -> 413
     max_images: int = 32  # files per request -> 413
@@ -34,6 +38,8 @@ class Settings:
     detector_workers: int = 0  # face-detection processes; 0 = one per CPU core (cgroup limits respected)
     api_workers: int = 1  # processes of the public API (async: one serves many requests)
     interval_level: float = INTERVAL_LEVEL  # level of the central age interval in every answer, 0.5-0.98
+    api_key: str = field(default="", repr=False)  # required of every request but health checks when set
+    cors_origins: str = ""  # comma-separated origins browsers may call the API from (`*`: any); off when empty
 
     def __post_init__(self) -> None:
         try:
@@ -43,15 +49,16 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        values = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
+            default: Any = f.default
             raw = os.environ.get(PREFIX + f.name.upper())
             if raw is None:
                 continue
             try:
-                values[f.name] = _boolean(raw) if isinstance(f.default, bool) else type(f.default)(raw)
+                values[f.name] = _boolean(raw) if isinstance(default, bool) else type(default)(raw)
             except ValueError:
-                raise UserError(f"{PREFIX}{f.name.upper()}={raw!r} is not a valid {type(f.default).__name__}") from None
+                raise UserError(f"{PREFIX}{f.name.upper()}={raw!r} is not a valid {type(default).__name__}") from None
         return cls(**values)
 
 
@@ -64,14 +71,6 @@ def _boolean(raw: str) -> bool:
 
 
 SETTINGS = Settings.from_env()
-
-
-def cpu_cores() -> int:
-    """Cores this process may use: what BentoML's `workers="cpu_count"` counts (a container's CPU quota,
-    else the machine's cores)."""
-    from bentoml._internal.resource import CpuResource
-
-    return max(1, int(CpuResource.from_system()))
 
 
 DETECTOR_WORKERS = SETTINGS.detector_workers or cpu_cores()

@@ -10,11 +10,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import models.faces
 from devtools.launch import smaps_kb
-from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode, group_photo, no_face
+from devtools.photos import (
+    ASTRONAUT_FACE_CENTRE,
+    astronaut,
+    box_centre,
+    encode,
+    encode_jpeg,
+    face_grid,
+    group_photo,
+    many_scans_jpeg,
+    no_face,
+    one_bit_png,
+)
 from models.errors import TooLarge, UserError
-from models.faces import CROP_SIZE, FaceDetector, align_crop, similarity
-from models.images import decode_image
+from models.faces import CROP_SIZE, ONET_PER_FACE, RNET_PER_FACE, FaceDetector, align_crop, similarity
+from models.images import MAX_JPEG_SCANS, MAX_PIXELS, decode_image, jpeg_scans
 
 
 def _centre(face) -> np.ndarray:
@@ -169,3 +181,38 @@ def test_small_faces_in_a_large_photo() -> None:
 
     assert found(FaceDetector(small_faces=False)) == 0
     assert found(FaceDetector()) == len(small) == 3
+
+
+def test_decoding_cost_is_bounded_before_decoding() -> None:
+    """Files whose decoding costs far more CPU than their size suggests are refused from their headers."""
+    with pytest.raises(TooLarge, match="pixels per byte"):
+        decode_image(one_bit_png(7071), MAX_PIXELS)  # 50 Mpx in ~6 kB: 6 s of CPU to decode
+    with pytest.raises(TooLarge, match="progressive scans"):
+        decode_image(many_scans_jpeg(astronaut(), MAX_JPEG_SCANS + 1), MAX_PIXELS)
+    assert decode_image(many_scans_jpeg(astronaut(), MAX_JPEG_SCANS), MAX_PIXELS).shape == (512, 512, 3)
+    # what encoders write passes, and scans are counted only where scans can be
+    assert jpeg_scans(encode_jpeg(astronaut())) == 1
+    assert jpeg_scans(encode_jpeg(astronaut(), progressive=True)) == 10
+    assert jpeg_scans(encode_jpeg(astronaut(), comment=b"\xff\xda" * 500)) == 1  # SOS markers in a comment
+    assert decode_image(encode(Image.new("RGB", (4000, 3000)), "PNG"), MAX_PIXELS).shape == (3000, 4000, 3)
+
+
+def test_face_limit_answers_the_largest_and_counts_the_rest() -> None:
+    photo, centres = group_photo()  # faces of 380, 240 and 170 px photos, largest first
+    faces, found = FaceDetector(max_faces=2).find(np.asarray(photo))
+    assert found == 3 and len(faces) == 2
+    assert all(np.linalg.norm(_centre(f) - c) < 30 for f, c in zip(faces, centres[:2], strict=True))
+    assert len(FaceDetector(max_faces=3).detect(np.asarray(photo))) == 3
+    with pytest.raises(UserError, match="at least 1"):
+        FaceDetector(max_faces=0)
+
+
+def test_work_per_photo_is_bounded_by_the_face_limit(monkeypatch) -> None:
+    """A photo of 144 faces: R-Net and O-Net see at most their share of candidates per face answered."""
+    batches = []
+    run = models.faces._run
+    monkeypatch.setattr(models.faces, "_run", lambda net, x: batches.append(len(x)) or run(net, x))
+    faces, found = FaceDetector(max_faces=10).find(face_grid(12, 60))
+    assert len(faces) == 10 and found > 10
+    *_, rnet, onet = batches  # P-Net's pyramid (one image each), then R-Net's and O-Net's batch; no second pass
+    assert rnet == RNET_PER_FACE * 10 and onet <= ONET_PER_FACE * 10

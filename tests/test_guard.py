@@ -362,3 +362,32 @@ def test_16_bit_greyscale_photo_finds_the_face_like_8_bit() -> None:
     assert np.array_equal(eight, sixteen)
     detector = FaceDetector()
     assert len(detector.detect(eight)) == 1 and len(detector.detect(sixteen)) == 1
+
+
+def test_guard_covers_every_api_from_its_signature() -> None:
+    """The routes the guard checks come from the API signatures; an API of another kind stops the start."""
+    from serving.guard import api_routes
+
+    assert api_routes(StandIn) == (ROUTES, ["/model_info"])
+
+    @bentoml.service
+    class WithText:
+        @bentoml.api
+        def predict(self, image: Path) -> dict:
+            return {}
+
+        @bentoml.api
+        def search(self, text: str) -> dict:  # a JSON body the guard has no rule for
+            return {}
+
+    with pytest.raises(TypeError, match=r"WithText.search takes \[\('text', <class 'str'>\)\]"):
+        api_routes(WithText)
+
+
+def test_the_service_guards_each_of_its_apis() -> None:
+    import service  # no model is loaded at import
+
+    every = {api.route for api in service.AgeGender.apis.values()}
+    assert set(service.ROUTES) | set(service.NO_INPUT_ROUTES) == every
+    assert service.ROUTES["/predict_batch"] == FileField("images", many=True)
+    assert service.NO_INPUT_ROUTES == ["/model_info"]

@@ -1,4 +1,5 @@
-"""The short soak: many requests against the running service must not grow any of its processes' memory.
+"""The short soak: many requests against the running service must not grow any of its processes' memory,
+and large photos must not leave it larger.
 
 Two growths this guards against: the detector used before (yuface 2023.5.1) leaked 23-35 kB per /predict
 inside its C code (2.6 GB an hour under load), and BentoML's request timers kept every request's context
@@ -12,9 +13,10 @@ import asyncio
 import httpx
 
 from devtools.launch import arbiter_pid, descendants, pss_kb, service_name
-from devtools.photos import astronaut, encode, no_face
+from devtools.photos import astronaut, encode, group_photo, no_face
 
 REQUESTS = 300
+RETURNED_MB = 50  # what a process may keep after large photos, of its level before them
 
 
 def _workers(url: str) -> dict[int, str]:
@@ -64,3 +66,21 @@ def test_workers_memory_stays_flat_under_many_requests(server: str) -> None:
     # the public API process: 3.5-12 kB per request over such a short window (0.35-0.55 over 10-minute
     # soaks); BentoML's uncancelled request timers made it 40-150 kB
     assert growth[next(n for n in growth if n.startswith("AgeGender "))] < 25, report
+
+
+def test_memory_returns_after_large_photos(server: str) -> None:
+    """12 Mpx phone-sized photos, alone, two at once and through /annotate: each process needs hundreds of
+    MB while it works on them (decoded RGB is 36 MB, MTCNN's first pyramid level on the photo more) and
+    must give it back. MTCNN's ONNX Runtime sessions kept their arena, 838 MB after four such photos."""
+    asyncio.run(_traffic(server, 40))  # warm-up with small photos
+    workers = _workers(server)
+    before = {pid: pss_kb(pid) for pid in workers}
+    photo, _ = group_photo()
+    phone = encode(photo.resize((4000, 3000)))  # 12 Mpx, ~1 MB
+    for path in ("/predict", "/predict", "/annotate"):
+        assert httpx.post(server + path, files={"image": ("p.jpg", phone, "image/jpeg")}, timeout=60).status_code == 200
+    two = [("images", (f"{i}.jpg", phone, "image/jpeg")) for i in range(2)]
+    assert httpx.post(server + "/predict_batch", files=two, timeout=60).status_code == 200
+    assert _workers(server) == workers, "a worker restarted"
+    grown = {f"{workers[pid]} {pid}": round((pss_kb(pid) - kb) / 1024, 1) for pid, kb in before.items()}
+    assert all(mb < RETURNED_MB for mb in grown.values()), f"PSS MB above the level before: {grown}"

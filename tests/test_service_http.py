@@ -13,8 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
-from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode, group_photo, no_face
+from devtools.photos import (
+    ASTRONAUT_FACE_CENTRE,
+    astronaut,
+    box_centre,
+    encode,
+    face_grid,
+    group_photo,
+    many_scans_jpeg,
+    no_face,
+    one_bit_png,
+)
 from models.artifact import array_preprocess_for
+from models.images import MAX_JPEG_SCANS
 from training.utkface import read_metadata
 
 from .conftest import SERVER_LIMITS, served_graph
@@ -126,7 +137,7 @@ def test_limits_answer_413(server: str) -> None:
     big = np.random.default_rng(0).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)
     r = post(server, "/predict", {"image": ("big.png", encode(Image.fromarray(big), "PNG"), "image/png")})
     assert r.status_code == 413 and "byte limit" in r.json()["error"]
-    bomb = encode(Image.new("RGB", (3000, 3000)), "PNG")  # 9 Mpx in a few kB
+    bomb = encode(Image.new("RGB", (4000, 4000)), "PNG")  # 16 Mpx in 47 kB
     assert len(bomb) < SERVER_LIMITS["AGE_GENDER_MAX_BYTES"]
     r = post(server, "/predict", {"image": ("bomb.png", bomb, "image/png")})
     assert r.status_code == 413 and "pixels" in r.json()["error"]
@@ -136,6 +147,26 @@ def test_limits_answer_413(server: str) -> None:
         r = post(server, "/predict_batch", [("images", (f"{i}.jpg", small, JPEG)) for i in range(n)])
         assert r.status_code == 413 and f"got {n} images; at most {limit}" in r.json()["error"]
     assert len(predict(server, astronaut())["faces"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("one_bit.png", one_bit_png(3500), "pixels per byte"),  # 12 Mpx in 1.5 kB, under the pixel limit
+        ("scans.jpg", many_scans_jpeg(astronaut().resize((2000, 2000)), MAX_JPEG_SCANS + 1), "progressive scans"),
+    ],
+)
+def test_costly_files_answer_413_at_once(server: str, name: str, data: bytes, message: str) -> None:
+    r = post(server, "/predict", {"image": (name, data, "application/octet-stream")})
+    assert r.status_code == 413 and message in r.json()["error"] and r.elapsed.total_seconds() < 2, r.text
+
+
+def test_face_limit_answers_the_largest_and_counts_the_rest(server: str) -> None:
+    limit = SERVER_LIMITS["AGE_GENDER_MAX_FACES"]
+    grid = face_grid(3, 160)  # 9 faces, all of one size
+    body = predict(server, Image.fromarray(grid))
+    assert len(body["faces"]) == limit and body["omitted_faces"] == 9 - limit
+    assert predict(server, group_photo()[0])["omitted_faces"] == 0  # exactly the limit
 
 
 def _unusual_requests() -> dict:
@@ -261,6 +292,7 @@ def test_model_card_route(server: str) -> None:
     r = httpx.get(server + "/model_card")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/markdown")
     assert r.text.startswith("# Model card") and "DEMO MODEL" in r.text and "## Known limits" in r.text
+    assert "(`metadata.csv`)" in r.text and str(Path.home()) not in r.text and "/tmp/" not in r.text  # no paths
     spec = httpx.get(server + "/docs.json").json()
     assert "text/markdown" in spec["paths"]["/model_card"]["get"]["responses"]["200"]["content"]
 
@@ -268,6 +300,11 @@ def test_model_card_route(server: str) -> None:
 def test_health_and_docs(server: str) -> None:
     for path in ("/livez", "/readyz", "/metrics", "/"):
         assert httpx.get(server + path).status_code == 200, path
+    # the docs page: Swagger UI from the service's own assets, no tag manager or any other host
+    page = httpx.get(server + "/").text
+    assert "SwaggerUIBundle" in page and "googletagmanager" not in page and "://" not in page
+    for asset in re.findall(r'(?:src|href)="\./([^"]+)"', page):
+        assert httpx.get(f"{server}/{asset}").status_code == 200, asset
     spec = httpx.get(server + "/docs.json").json()
     text = str(spec)
     assert "'type': 'file'" not in text and "'type': 'tensor'" not in text

@@ -36,10 +36,12 @@ def service(model_tag: str):
 
 def test_detector_returns_aligned_crops(service, monkeypatch) -> None:
     out = service.FaceDetection().detect(encode(astronaut()))
-    assert service.FaceDetection().finder.detector.small_faces is True  # AGE_GENDER_SMALL_FACES reaches it
+    # the detector settings reach the detector: the fixture's environment, then a changed one
+    assert service.FaceDetection().finder.detector.max_faces == SERVER_LIMITS["AGE_GENDER_MAX_FACES"]
     from serving.settings import Settings
 
-    monkeypatch.setattr(service, "SETTINGS", Settings(small_faces=False))
+    monkeypatch.setenv("AGE_GENDER_SMALL_FACES", "false")
+    monkeypatch.setattr(service, "SETTINGS", Settings.from_env())
     assert service.FaceDetection().finder.detector.small_faces is False
     assert (out["width"], out["height"]) == (512, 512)
     assert out["crops"].shape == (1, 200, 200, 3) and out["crops"].dtype == np.uint8
@@ -53,7 +55,7 @@ def test_detector_returns_aligned_crops(service, monkeypatch) -> None:
         (b"", 400, "empty"),
         (b"plain text", 400, "not an image"),
         (encode(astronaut())[:2000], 400, "corrupt or truncated"),
-        (encode(Image.new("RGB", (2500, 2000)), "PNG"), 413, "limit"),
+        (encode(Image.new("RGB", (4000, 4000)), "PNG"), 413, "limit"),
     ],
 )
 def test_detector_errors(service, data: bytes, status: int, message: str) -> None:

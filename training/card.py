@@ -4,6 +4,7 @@ GET /model_card and shown on the page."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from models.artifact import MINOR_AGE
@@ -44,7 +45,9 @@ def render(meta: dict[str, Any], test_report: dict[str, Any]) -> str:
         lines += ["**DEMO MODEL** trained on generated sample data (not faces): its answers on photos mean nothing", ""]
     lines += [
         "## Data",
-        f"- Data set: {data['name']} (`{data['metadata']}`), trained on split(s) {', '.join(data['train_splits'])}.",
+        # the metadata file by name: its folder is a path on the training machine, not for a served page
+        f"- Data set: {data['name']} (`{Path(data['metadata']).name}`), trained on split(s) "
+        f"{', '.join(data['train_splits'])}.",
         f"- Images: {data['n_train']} train, {data['n_val']} validation, {data['n_test']} test.",
         "",
         "## Recipe",

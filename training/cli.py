@@ -12,6 +12,10 @@ from models.artifact import INTERVAL_LEVEL
 from models.cli import OneLineParser, exit_code, level
 from models.runtime import RUNTIMES, format_cost
 
+RESUME_HELP = (
+    "continue the config's latest run (logdir/name/version_N) from its last.ckpt, written every epoch and "
+    "on SIGTERM / SIGINT (a new run where there is none); refused if the config changed"
+)
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
@@ -34,11 +38,11 @@ def cmd_metadata(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in ("train", "val", "test")))
 
 
-def _fit(config: Path, overrides: list[str], export: bool) -> None:
+def _fit(config: Path, overrides: list[str], export: bool, resume: bool = False) -> None:
     from training.config import load_config
     from training.fit import fit
 
-    checkpoint = fit(load_config(config, overrides))
+    checkpoint = fit(load_config(config, overrides), resume=resume)
     if checkpoint is None:  # another process than rank 0 of a multi-process run: rank 0 reports and exports
         return
     print(f"best checkpoint: {checkpoint}")
@@ -54,7 +58,8 @@ def _export(checkpoint: Path, name: str | None = None) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
-    _fit(args.config, args.overrides + (["model.pretrained=false"] if args.no_pretrained else []), args.export)
+    overrides = args.overrides + (["model.pretrained=false"] if args.no_pretrained else [])
+    _fit(args.config, overrides, args.export, args.resume)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -79,7 +84,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 def cmd_production(args: argparse.Namespace) -> None:
     from training.production import production
 
-    tag = production(args.config, args.overrides)
+    tag = production(args.config, args.overrides, args.resume)
     if tag is not None:  # None: not rank 0 of a multi-process run
         print(f"saved model {tag} to the BentoML store")
 
@@ -161,6 +166,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="e.g. model.backbone=resnet18 trainer.max_epochs=5")
     s.add_argument("--no-pretrained", action="store_true", help="train from scratch (no ImageNet weights)")
     s.add_argument("--export", action="store_true", help="export the best checkpoint to the model store")
+    s.add_argument("--resume", action="store_true", help=RESUME_HELP)
     s.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("export", help="save a checkpoint into the BentoML model store")
@@ -183,6 +189,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("production", help="retrain a config on train+val, test, export to the store")
     s.add_argument("--config", type=Path, required=True)
     s.add_argument("overrides", nargs="*")
+    s.add_argument("--resume", action="store_true", help=RESUME_HELP)
     s.set_defaults(func=cmd_production)
 
     s = sub.add_parser("evaluate", help="metrics by age, gender and race, with plots")

@@ -26,6 +26,17 @@ SECTIONS = {
 _NOT_CONFIGURABLE = {"self", "image_size"}
 
 
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"lr": 0.1}} -> {"model.lr": 0.1}: a config as the dotted keys overrides use."""
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def allowed_keys(section: str) -> list[str]:
     params = inspect.signature(SECTIONS[section].__init__).parameters
     skip = _NOT_CONFIGURABLE if section == "data" else {"self"}

@@ -5,6 +5,11 @@ ArrayPreset.resize to the model's input size): (N, 3, S, S) uint8, 12 kB a face 
 of UTKFace fits in memory at any size the recipes use. Batches are augmented (training/augment.py) and
 normalised (models.presets.normalize) after they are drawn, in the training process: an epoch costs the
 network's time and nothing more.
+
+Training draws nothing from the process's history: each epoch's order comes from (seed, epoch), and each
+training step's random numbers (augmentation, dropout) from (seed, step). With the position in the epoch
+kept in checkpoints (state_dict), a run resumed from any checkpoint, even one written mid-epoch
+(training/resume.py), trains on what the uninterrupted run would have, in the same order.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 from tqdm import tqdm
 
 from models.errors import UserError
@@ -29,6 +34,7 @@ from training.utkface import SPLITS, read_metadata
 DECODE_CHUNK = 256  # images per task of a decoding process: large enough that task overhead is noise
 # a decoding process costs seconds of imports before its first image: below this many, decode in-process
 POOL_MIN_IMAGES = 2000
+STEP_SEEDS = 1_000_003  # a run's step seeds are seed * STEP_SEEDS + step: runs of nearby seeds do not share them
 
 
 def _decode(task: tuple[list[str], int]) -> np.ndarray:
@@ -63,6 +69,28 @@ def decode_faces(paths: Sequence[str], size: int, workers: int = 0, desc: str = 
     return torch.from_numpy(faces).permute(0, 3, 1, 2).contiguous()
 
 
+class EpochOrder(Sampler[int]):
+    """The training split's order in each epoch, a permutation drawn from (seed, epoch) alone; the epoch
+    of a mid-epoch checkpoint restarts after the samples it had already trained on."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+        self.resume_at = (-1, 0)  # (epoch, samples already trained in it)
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls it before each epoch
+        self.epoch = epoch
+
+    def start(self, epoch: int) -> int:
+        return self.resume_at[1] if self.resume_at[0] == epoch else 0
+
+    def __len__(self) -> int:
+        return self.size  # a full epoch's: Lightning counts the resumed epoch's batches from where it stopped
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter(order[self.start(self.epoch) :].tolist())
+
+
 class UTKFaceDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -72,9 +100,11 @@ class UTKFaceDataModule(L.LightningDataModule):
         image_size: int = 224,
         train_splits: Sequence[str] = ("train",),
         augment: dict | None = None,
+        seed: int = 0,
     ) -> None:
         """num_workers: processes that decode the images once at start-up (0: this process). augment: the
-        fields of training.augment.Augment to change from their defaults."""
+        fields of training.augment.Augment to change from their defaults. seed: of the order and of every
+        training step's random numbers."""
         super().__init__()
         if batch_size < 1:
             raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
@@ -88,6 +118,8 @@ class UTKFaceDataModule(L.LightningDataModule):
         self.train_splits = list(train_splits)
         self.augment = Augment.from_config(augment)
         self._faces: dict[tuple[str, ...], TensorDataset] = {}
+        self.order = EpochOrder(len(self.split(*self.train_splits)), seed)
+        self.position = (0, 0)  # (epoch, samples trained in it): where a checkpoint written now resumes
 
     def split(self, *names: str) -> pd.DataFrame:
         return self.frame[self.frame.split.isin(names)]
@@ -108,7 +140,8 @@ class UTKFaceDataModule(L.LightningDataModule):
     def _loader(self, names: Sequence[str], train: bool) -> DataLoader:
         dataset = self.dataset(names)
         batch = self.hparams.batch_size
-        return DataLoader(dataset, batch_size=batch, shuffle=train, drop_last=train and len(dataset) > batch)
+        sampler = self.order if train else None
+        return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=train and len(dataset) > batch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_splits, train=True)
@@ -124,8 +157,19 @@ class UTKFaceDataModule(L.LightningDataModule):
         faces, ages, genders = batch
         x = faces.float() / 255
         if self.trainer is not None and self.trainer.training:
+            epoch, step = self.trainer.current_epoch, self.trainer.global_step
+            done = self.position[1] if self.position[0] == epoch else self.order.start(epoch)
+            self.position = (epoch, done + len(faces))  # once per training step, when its batch is used
+            torch.manual_seed(self.hparams.seed * STEP_SEEDS + step)  # this step's augmentation and dropout
             x = self.augment(x)
         return normalize(x), ages, genders
+
+    def state_dict(self) -> dict:
+        epoch, samples = self.position
+        return {"epoch": epoch, "samples": samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.resume_at = self.position = (state["epoch"], state["samples"])
 
     def age_stats(self) -> tuple[float, float]:
         ages = self.split(*self.train_splits).age

@@ -18,13 +18,14 @@ from training.export import export
 from training.fit import fit
 
 
-def production(config: Path, overrides: list[str] = ()) -> bentoml.Tag | None:
-    """-> the exported model's tag; None in the processes other than rank 0 of a multi-process run."""
+def production(config: Path, overrides: list[str] = (), resume: bool = False) -> bentoml.Tag | None:
+    """-> the exported model's tag; None in the processes other than rank 0 of a multi-process run.
+    resume: continue the interrupted production run of this config (training.fit.fit)."""
     cfg = load_config(config, overrides)
     cfg["name"] = f"{cfg['name']}_production"
     cfg["early_stopping_patience"] = None
     cfg["data"] = {**cfg["data"], "train_splits": ["train", "val"]}
     cfg["model"] = {**cfg["model"], "monitor": "train/loss_epoch"}
     cfg["trainer"] = {**cfg["trainer"], "limit_val_batches": 0, "num_sanity_val_steps": 0}
-    checkpoint = fit(cfg)
+    checkpoint = fit(cfg, resume=resume)
     return None if checkpoint is None else export(checkpoint.parent / "last.ckpt")

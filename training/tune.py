@@ -24,9 +24,9 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from models.errors import UserError
+from models.errors import Interrupted, UserError
 from training.atomic import atomic_path
-from training.config import set_key, validate
+from training.config import flatten, set_key, validate
 from training.fit import fit
 from training.utkface import read_metadata
 
@@ -100,21 +100,15 @@ def objective(base: dict, space: dict, study_name: str, baseline_mae: float):
         cfg["trainer"] = {**cfg["trainer"], "enable_checkpointing": True}
         score = Score(baseline_mae)
         trial.set_user_attr("pid", os.getpid())
-        fit(cfg, callbacks=[score, PyTorchLightningPruningCallback(trial, monitor=SCORE)])
+        try:
+            fit(cfg, callbacks=[score, PyTorchLightningPruningCallback(trial, monitor=SCORE)])
+        except Interrupted:  # SIGTERM / SIGINT: the trial fails, marked; run `tune` again for the next one
+            trial.set_user_attr("interrupted", True)
+            raise
         trial.set_user_attr("best_epoch", score.best[1])
         return score.best[0]
 
     return run
-
-
-def _flat(cfg: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _sha256(obj) -> str:
@@ -124,7 +118,7 @@ def _sha256(obj) -> str:
 def identity(base: dict, space: dict) -> dict:
     """The base config (less PLACEMENT; the metadata file by content, not path) and the search space,
     with a SHA-256 of each: trials of one study are only comparable if these are the same."""
-    config = {k: v for k, v in _flat(base).items() if k not in PLACEMENT}
+    config = {k: v for k, v in flatten(base).items() if k not in PLACEMENT}
     config["data.metadata"] = "sha256:" + hashlib.sha256(Path(base["data"]["metadata"]).read_bytes()).hexdigest()
     config = json.loads(json.dumps(config, default=str))  # as the storage gives it back
     space = json.loads(json.dumps(space, default=str))

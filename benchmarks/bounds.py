@@ -1,0 +1,67 @@
+"""`python -m benchmarks.bounds`: what the costliest requests cost one detector process, in process.
+
+Each example goes through FaceFinder.find (decode under the upload rules, detection, alignment), as the
+service's detector process runs it: the decoding bombs that are refused from their headers, photos of
+hundreds of faces (bounded by AGE_GENDER_MAX_FACES), and phone-sized and 50 Mpx photos (the largest the
+default limit takes). Printed: a Markdown table of CPU and wall seconds and the answer, then the peak
+resident memory; results in benchmarks/results/bounds.json.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+
+from PIL import Image
+
+from benchmarks.run import RESULTS
+from devtools.photos import astronaut, encode, face_grid, group_photo, many_scans_jpeg, one_bit_png
+from models.errors import UserError
+from models.pipeline import FaceFinder
+
+
+def examples() -> dict[str, bytes]:
+    photo = group_photo()[0]  # three faces of 170-380 px on a 960x640 canvas
+    return {
+        "1-bit PNG, 7071x7071 (50 Mpx)": one_bit_png(7071),
+        "progressive JPEG, 2,000 scans, 4 Mpx": many_scans_jpeg(astronaut().resize((2000, 2000)), 2000),
+        "progressive JPEG, 100 scans, 4 Mpx": many_scans_jpeg(astronaut().resize((2000, 2000)), 100),
+        "400 faces of 100 px, 2000x2000": encode(Image.fromarray(face_grid(20, 100))),
+        "400 faces of 200 px, 4000x4000": encode(Image.fromarray(face_grid(20, 200))),
+        "group photo, 4000x3000 (12 Mpx)": encode(photo.resize((4000, 3000))),
+        "group photo, 8000x6000 (48 Mpx)": encode(photo.resize((8000, 6000))),
+    }
+
+
+def run(finder: FaceFinder, data: bytes) -> dict:
+    cpu, wall = time.process_time(), time.perf_counter()
+    try:
+        d = finder.find(data)
+        answer = f"{len(d.boxes)} faces answered of {d.found} found"
+    except UserError as exc:
+        answer = f"refused: {str(exc)[:70]}"
+    return {
+        "MB": round(len(data) / 1e6, 2),
+        "cpu_s": round(time.process_time() - cpu, 2),
+        "wall_s": round(time.perf_counter() - wall, 2),
+        "answer": answer,
+    }
+
+
+def main() -> None:
+    finder = FaceFinder()
+    finder.find(encode(astronaut()))  # sessions loaded
+    results = {}
+    print("| request | MB | CPU s | wall s | answer |\n|---|---|---|---|---|")
+    for name, data in examples().items():
+        r = results[name] = run(finder, data)
+        print(f"| {name} | {r['MB']} | {r['cpu_s']} | {r['wall_s']} | {r['answer']} |", flush=True)
+    results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(f"\npeak resident memory: {results['peak_rss_mb']} MB")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bounds.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""What every request meets first (outermost middlewares): its request ID, the API key, CORS.
+
+- X-Request-ID: the client's (1-128 letters, digits, `.`, `_`, `-`), else a new one; answered in the
+  response's X-Request-ID and written in the log lines this project's code writes while handling it.
+- API key (AGE_GENDER_API_KEY, off when empty): every route but the health checks and /metrics needs
+  `Authorization: Bearer <key>` or `X-API-Key: <key>`; 401 `{"error"}` otherwise, before the body is read.
+- CORS (AGE_GENDER_CORS_ORIGINS, off when empty): browsers on those origins may call the API.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import uuid
+from contextvars import ContextVar
+
+from starlette.datastructures import MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
+VALID_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # what is echoed into headers and logs: nothing to inject
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # probes and scrapers carry no key
+
+
+class RequestId:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if VALID_ID.fullmatch(given) else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+
+        async def with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, with_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+
+class ApiKey:
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.key or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        bearer = headers.get(b"authorization", b"")
+        given = bearer[7:] if bearer[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+        if hmac.compare_digest(given, self.key):
+            return await self.app(scope, receive, send)
+        message = "missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
+        await JSONResponse({"error": message}, 401, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+def cors(app: ASGIApp, origins: str) -> ASGIApp:
+    """CORS for a comma-separated list of origins (`*`: any); none: the app as it is."""
+    allowed = [o.strip() for o in origins.split(",") if o.strip()]
+    if not allowed:
+        return app
+    return CORSMiddleware(
+        app,
+        allow_origins=allowed,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type"],
+        expose_headers=["X-Request-ID"],
+    )
+
+
+def log_request_ids() -> None:
+    """Every log record made in this process while a request is handled gets its `request_id` and a
+    `[request ID]` prefix, whichever logger makes it (a record factory: logger filters are not inherited)."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "request_ids", False):
+        return
+
+    def record(*args, **kwargs) -> logging.LogRecord:
+        rec = make(*args, **kwargs)
+        request_id = REQUEST_ID.get()
+        setattr(rec, "request_id", request_id)  # noqa: B010  # an extra field, as logging's `extra=` adds
+        if request_id != "-":
+            rec.msg = f"[request {request_id}] {rec.msg}"
+        return rec
+
+    record.request_ids = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(record)
