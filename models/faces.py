@@ -40,8 +40,9 @@ MTCNN_FACTOR = 0.709  # image pyramid step
 MTCNN_WINDOW = 12  # P-Net's window, in pixels of the shrunk copy: the smallest face found
 MAX_FACES = 100  # faces answered per photo by default (AGE_GENDER_MAX_FACES); the largest are kept
 # Candidates per face that reach R-Net and O-Net, measured on a grid of 400 faces: ~11 and ~5 (after
-# each stage's suppression). Each stage keeps its best-scoring candidates up to these many per face
-# answered, which bounds the work per photo (R-Net ~0.25 ms, O-Net ~1.5 ms a candidate on one core).
+# each stage's suppression). Each stage keeps its best-scoring candidates up to these many per face that
+# may be answered, never fewer than for MAX_FACES (a smaller limit must not change which faces are found),
+# which bounds the work per photo (R-Net ~0.3 ms, O-Net ~1.5 ms a candidate on one core).
 RNET_PER_FACE, ONET_PER_FACE = 12, 6
 SAME_FACE = 0.3  # a second-pass box overlapping a first-pass face this much (of the smaller box) is that face
 # The second pass's copy of the photo, at most this many pixels: P-Net costs ~0.45 us a pixel of it on one
@@ -155,7 +156,8 @@ def _mtcnn(
     known: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """MTCNN on an RGB photo -> boxes (N, 4) as x0, y0, x1, y1; O-Net scores (N,) >= threshold; landmarks
-    (N, 5, 2); whether candidates were cut to bound the work, which is in proportion to max_faces.
+    (N, 5, 2); whether candidates were cut to bound the work, which is in proportion to max_faces (at
+    least MAX_FACES).
     Faces smaller than min_size (>= MTCNN_WINDOW) pixels, larger than max_size, or overlapping the `known`
     boxes (K, 4) are not looked for."""
     pnet, rnet, onet = _mtcnn_nets()
@@ -183,7 +185,8 @@ def _mtcnn(
     boxes = _squares(np.column_stack([boxes[:, :4] + boxes[:, 5:9] * size, boxes[:, 4]]))
     if known is not None and len(known) and len(boxes):
         boxes = boxes[_overlap(boxes, known).max(axis=1) < SAME_FACE]
-    keep, cut = _best(boxes, boxes[:, 4], RNET_PER_FACE * max_faces)
+    budget = max(max_faces, MAX_FACES)
+    keep, cut = _best(boxes, boxes[:, 4], RNET_PER_FACE * budget)
     boxes = boxes[keep]
     if not len(boxes):
         return none
@@ -194,7 +197,7 @@ def _mtcnn(
     keep = _nms(boxes, prob, 0.7)
     boxes, reg, prob = boxes[keep], reg[keep], prob[keep]
     boxes = _squares(np.column_stack([boxes[:, :4] + reg * np.tile(boxes[:, 2:4] - boxes[:, 0:2] + 1, 2), prob]))
-    keep, cut_more = _best(boxes, boxes[:, 4], ONET_PER_FACE * max_faces)
+    keep, cut_more = _best(boxes, boxes[:, 4], ONET_PER_FACE * budget)
     boxes, cut = boxes[keep], cut or cut_more
     if not len(boxes):
         return none

@@ -108,7 +108,7 @@ def test_sigterm_saves_mid_epoch_and_resumes_to_the_same_result(config: Path, un
 
 
 def test_resume_starts_a_missing_run_and_refuses_a_changed_config(config: Path, tmp_path: Path) -> None:
-    started = run_cli("fit", "--config", str(config), f"logdir={tmp_path}", "--resume", "trainer.max_epochs=1")
+    started = run_cli("fit", "--config", str(config), f"logdir={tmp_path}", "trainer.max_epochs=1", "--resume")
     assert started.returncode == 0 and "starting a new run" in started.stdout, started.stderr
-    changed = run_cli("fit", "--config", str(config), f"logdir={tmp_path}", "--resume", "model.lr=0.01")
+    changed = run_cli("fit", "--config", str(config), f"logdir={tmp_path}", "model.lr=0.01", "--resume")
     assert "model.lr: 0.002 -> 0.01" in assert_one_line_error(changed)

@@ -300,6 +300,9 @@ def test_model_card_route(server: str) -> None:
 def test_health_and_docs(server: str) -> None:
     for path in ("/livez", "/readyz", "/metrics", "/"):
         assert httpx.get(server + path).status_code == 200, path
+    # every answer carries a request ID, the guard's own 4xx too (serving/edge.py is outside it)
+    r = httpx.post(server + "/predict", content=b"x", headers={"X-Request-ID": "edge-1", "content-type": "text/plain"})
+    assert r.status_code == 415 and r.headers["X-Request-ID"] == "edge-1"
     # the docs page: Swagger UI from the service's own assets, no tag manager or any other host
     page = httpx.get(server + "/").text
     assert "SwaggerUIBundle" in page and "googletagmanager" not in page and "://" not in page

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from models.artifact import MINOR_AGE
 from models.runtime import format_cost, int8_verdict
 
@@ -38,6 +40,17 @@ def _table(rows: dict[str, dict[str, float]], columns: tuple[str, ...]) -> list[
     return lines
 
 
+def shareable(config: str) -> str:
+    """The training config (YAML) as a served page may show it: files by name, not by their path on the
+    training machine, and no log folder."""
+    cfg = yaml.safe_load(config) or {}
+    cfg.pop("logdir", None)
+    for section, key in (("data", "metadata"), ("model", "weights_path")):
+        if cfg.get(section, {}).get(key):
+            cfg[section][key] = Path(cfg[section][key]).name
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
 def render(meta: dict[str, Any], test_report: dict[str, Any]) -> str:
     data, cal = meta["dataset"], meta.get("calibration", {})
     lines = [f"# Model card: age and gender ({meta['backbone']}, {meta.get('age_head', 'regression')} age head)", ""]
@@ -56,7 +69,7 @@ def render(meta: dict[str, Any], test_report: dict[str, Any]) -> str:
         "- Config:",
         "",
         "```yaml",
-        meta["config"].rstrip(),
+        shareable(meta["config"]).rstrip(),
         "```",
         "",
         "## Metrics",
