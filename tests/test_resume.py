@@ -16,7 +16,7 @@ import yaml
 
 from .conftest import ROOT, TINY, assert_one_line_error, run_cli
 
-EPOCHS = 3
+EPOCHS = 2  # the second epoch is where runs are stopped
 
 
 @pytest.fixture(scope="module")

@@ -102,9 +102,13 @@ def objective(base: dict, space: dict, study_name: str, baseline_mae: float):
         trial.set_user_attr("pid", os.getpid())
         try:
             fit(cfg, callbacks=[score, PyTorchLightningPruningCallback(trial, monitor=SCORE)])
-        except Interrupted:  # SIGTERM / SIGINT: the trial fails, marked; run `tune` again for the next one
+        except Interrupted as exc:  # SIGTERM / SIGINT: the trial fails, marked; `tune` again runs the next one
             trial.set_user_attr("interrupted", True)
-            raise
+            raise Interrupted(
+                f"trial {trial.number} of study {study_name!r} stopped by a signal and marked interrupted; run the "
+                "same tune command again to go on with the next trial",
+                exc.code,
+            ) from exc
         trial.set_user_attr("best_epoch", score.best[1])
         return score.best[0]
 
