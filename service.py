@@ -28,9 +28,10 @@ from PIL import Image
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
+from models.artifact import stored_meta
 from models.errors import UserError, as_data, raised
 from models.images import decode_image
-from models.outputs import answers, calibration
+from models.outputs import answers
 from models.pipeline import Detection, Estimator, FaceFinder, load_crops, photo_results
 from models.runtime import visible_gpus
 from models.schemas import BatchResult, FaceAttributes, FacesResult, ModelInfo, PhotoResult
@@ -55,10 +56,7 @@ log_request_ids()  # log lines written while a request is handled carry its X-Re
 @bentoml.service(workers=DETECTOR_WORKERS, traffic={"timeout": 60}, **_CONNECTION)
 class FaceDetection:
     def __init__(self) -> None:
-        s = SETTINGS
-        self.finder = FaceFinder(
-            s.detector, s.score_threshold, s.min_face_size, s.max_pixels, s.small_faces, max_faces=s.max_faces
-        )
+        self.finder = FaceFinder(SETTINGS.detection, SETTINGS.max_pixels)
 
     @bentoml.api
     def detect(self, image: bytes) -> dict:
@@ -82,7 +80,7 @@ class AgeGenderModel:
     model_ref = bentoml.models.BentoModel(SETTINGS.model)
 
     def __init__(self) -> None:
-        self.meta = self.model_ref.info.metadata
+        self.meta = stored_meta(self.model_ref)
         self.estimator = Estimator.open(self.model_ref.path, self.meta, SETTINGS.runtime, SETTINGS.interval_level)
         runtime = self.estimator.runtime
         fallback = SETTINGS.runtime == "auto" and (runtime.name, runtime.device) == ("onnx", "cpu")  # not INT8
@@ -109,14 +107,14 @@ class AgeGenderModel:
     def info(self) -> dict:
         return {
             "tag": str(self.model_ref.tag),
-            "backbone": self.meta["backbone"],
-            "image_size": self.meta["image_size"],
-            "dataset": self.meta["dataset"]["name"],
-            "demo": self.meta["demo"],
-            "test_metrics": self.meta.get("metrics", {}).get("test", {}),
+            "backbone": self.meta.backbone,
+            "image_size": self.meta.image_size,
+            "dataset": self.meta.dataset.name,
+            "demo": self.meta.demo,
+            "test_metrics": self.meta.metrics.get("test", {}),
             "gender_classes": self.estimator.classes,
-            "age_head": self.meta.get("age_head", "regression"),
-            "gender_temperature": float(calibration(self.meta).get("gender_temperature", 1.0)),
+            "age_head": self.meta.age_head,
+            "gender_temperature": self.meta.calibration.gender_temperature,
             **self.estimator.info(),
         }
 
@@ -164,7 +162,7 @@ class AgeGender:
             try:
                 return Detection(**raised(answer))
             except UserError as exc:
-                raise type(exc)(f"image #{i}: {exc}" if len(paths) > 1 else str(exc)) from None
+                raise type(exc)(f"image #{i}: {exc}" if len(paths) > 1 else str(exc)) from exc
 
         detections = await asyncio.gather(*(detect(i, p) for i, p in enumerate(paths)))
         return photo_results(detections, await self._attributes(np.concatenate([d.crops for d in detections])))

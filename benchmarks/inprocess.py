@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from models.artifact import ModelMeta
 from models.pipeline import Estimator, FaceFinder
 from models.predictor import Predictor
 from models.runtime import OnnxRuntime, TorchRuntime
@@ -26,7 +27,7 @@ def rate(fn: Callable[[], object], items: int, seconds: float = 3.0) -> float:
     return float(np.median(chunks))
 
 
-def runtimes(model_dir: str, meta: dict) -> dict[str, Callable]:
+def runtimes(model_dir: str, meta: ModelMeta) -> dict[str, Callable]:
     return {
         "torch": TorchRuntime.load(model_dir, meta, "cpu"),
         "torch_channels_last": TorchRuntime.load(model_dir, meta, "cpu", channels_last=True),
@@ -43,7 +44,7 @@ def network_rates(runs: dict[str, Callable], size: int, batch_sizes: list[int]) 
     return out
 
 
-def crops_rate(model_dir: str, meta: dict, runtime: str, batch: int) -> float:
+def crops_rate(model_dir: str, meta: ModelMeta, runtime: str, batch: int) -> float:
     """img/s from uint8 200x200 crops through the Estimator (preprocessing, network, answers): what the
     model service does for /predict_faces."""
     estimator = Estimator.open(model_dir, meta, runtime)
@@ -57,7 +58,7 @@ def detector_rate(photo: bytes) -> float:
     return rate(lambda: finder.find(photo), 1)
 
 
-def pipeline_rate(photo: bytes, model_dir: str, meta: dict, runtime: str, batch: int) -> float:
+def pipeline_rate(photo: bytes, model_dir: str, meta: ModelMeta, runtime: str, batch: int) -> float:
     """photos/s of the whole pipeline in one process (the Python API), `batch` photos per predict_many."""
     predictor = Predictor(FaceFinder(), Estimator.open(model_dir, meta, runtime))
     return rate(lambda: predictor.predict_many([photo] * batch), batch)

@@ -7,7 +7,7 @@
 3. The service with AGE_GENDER_RUNTIME=onnx, then onnx-int8: /predict_faces (one 200x200 face) and
    /predict (a photo with one face) at 1 and 16 requests in flight.
 4. Where /predict's CPU goes with INT8: CPU seconds of each service process per request, at 16 in flight.
-Goals (issue 13): /predict_faces with INT8 at >= 2.5x its fp32 throughput; /predict with INT8 at >= 0.8
+Goals (set in 0.2.0): /predict_faces with INT8 at >= 2.5x its fp32 throughput; /predict with INT8 at >= 0.8
 of the INT8 ceiling. Random weights, as in benchmarks/run.py. Results: benchmarks/results/int8.json.
 """
 

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from devtools.photos import astronaut, encode, group_photo
-from models.artifact import architecture, array_preprocess_for
+from models.artifact import Dataset, architecture, array_preprocess_for
 from models.network import AgeGenderNet
 from models.pipeline import FaceFinder
 
@@ -43,11 +43,7 @@ def make_model(backbone: str, image_size: int, int8: bool = False) -> tuple[str,
 
     torch.manual_seed(0)
     net = AgeGenderNet(backbone, head_width=256, dropout=0.2).eval()
-    meta = {
-        **architecture(backbone, 256, 0.2, image_size),
-        "demo": True,
-        "dataset": {"name": "benchmark (random weights)"},
-    }
+    meta = architecture(backbone, 256, 0.2, image_size, demo=True, dataset=Dataset(name="benchmark (random weights)"))
     if not int8:
         tag = save_model(net, meta)
         return str(tag), bentoml.models.get(tag).path, meta

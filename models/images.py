@@ -9,15 +9,28 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from models.errors import TooLarge, UserError
+from models.errors import TooLarge, UserError, debugging
 
-# The upload formats the service takes, recognised from the file's bytes (magic number, then Pillow's
-# reader for that format only), never from the client's declared content type
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# The image formats taken everywhere (uploads, the batch command's folders, training data): Pillow's name ->
+# file name suffixes. A file's format is recognised from its bytes (magic number, then Pillow's reader for
+# that format only), never from a client's declared content type; suffixes only pick files out of folders.
+IMAGE_FORMATS = {
+    "JPEG": (".jpg", ".jpeg"),
+    "PNG": (".png",),
+    "WEBP": (".webp",),
+    "BMP": (".bmp",),
+    "GIF": (".gif",),
+    "TIFF": (".tif", ".tiff"),
+}
+IMAGE_SUFFIXES = tuple(suffix for suffixes in IMAGE_FORMATS.values() for suffix in suffixes)
+FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF or TIFF"  # IMAGE_FORMATS for people
 MAX_PIXELS = 50_000_000  # default limit per photo, read from its header before decoding
 # Decoding costs CPU in proportion to pixels, not bytes: a 6 kB 1-bit PNG of 7071x7071 took 6 s. Photos
 # compress to 1-20 pixels per byte; an even colour as a 12 Mpx PNG ~350 (deflate's ceiling is ~1,032:1 on
@@ -27,7 +40,6 @@ MAX_PIXELS_PER_BYTE = 1_000
 # 6 (greyscale) or 10 (libjpeg's and mozjpeg's progressive scripts for colour) scans; 2,000 crafted scans
 # cost 0.48 s at 4 Mpx, growing with pixels x scans. 100 leaves encoders ten times their need.
 MAX_JPEG_SCANS = 100
-FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"),
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -41,6 +53,10 @@ _MAGIC = (
 )
 STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xDA)])  # TEM, RST0-7, SOI, EOI: no length field
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# what Pillow's decoders raise on truncated or corrupt data (OSError: truncated; SyntaxError: a broken PNG
+# chunk or TIFF tag; zlib.error, struct.error: broken compressed or packed fields)
+CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+log = logging.getLogger(__name__)
 
 
 class NotAnImage(UserError):
@@ -64,10 +80,12 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise NotAnImage(f"the file is not an image in an accepted format (send {FORMAT_NAMES})")
     try:
         image = Image.open(io.BytesIO(data), formats=[fmt])
-    except Image.DecompressionBombError:
-        raise TooLarge(f"the image has far more pixels than the limit of {max_pixels}") from None
-    except Exception:
-        raise NotAnImage(f"the file starts like {fmt} but is not an image PIL can read (send {FORMAT_NAMES})") from None
+    except Image.DecompressionBombError as exc:
+        raise TooLarge(f"the image has far more pixels than the limit of {max_pixels}") from exc
+    except CORRUPT as exc:
+        raise NotAnImage(f"the file starts like {fmt} but is not an image PIL can read (send {FORMAT_NAMES})") from exc
+    except Exception as exc:
+        raise unexpected(exc, f"reading a {fmt} header") from exc
     pixels = image.width * image.height
     if pixels > max_pixels:  # checked before decoding: decompression bombs stop here
         raise TooLarge(f"the image is {image.width}x{image.height} pixels; the limit is {max_pixels} pixels")
@@ -117,11 +135,23 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     image = open_image(data, max_pixels)
     try:
         image.load()  # the first frame
-        with contextlib.suppress(Exception):  # an unreadable EXIF block: keep the pixels as stored
+        with contextlib.suppress(Exception):  # EXIF is optional: whatever fails reading it, keep the pixels
             ImageOps.exif_transpose(image, in_place=True)
         return _to_rgb(image)
+    except CORRUPT as exc:
+        raise UserError(f"the image is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
     except Exception as exc:
-        raise UserError(f"the image is corrupt or truncated ({type(exc).__name__})") from None
+        raise unexpected(exc, f"decoding a {image.format} image of {image.width}x{image.height}") from exc
+
+
+def unexpected(exc: Exception, doing: str) -> UserError:
+    """A decoder failure that no known file fault explains: logged with its traceback where the server's
+    operator sees it; the client is told it could not be decoded. Out of memory (the server's trouble, not
+    the file's) and debugging: raised as it is."""
+    log.error("%s failed", doing, exc_info=exc)
+    if isinstance(exc, MemoryError) or debugging():
+        raise exc
+    return UserError(f"the image could not be decoded ({type(exc).__name__}); try another format")
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

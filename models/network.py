@@ -10,13 +10,12 @@ Plain PyTorch, imported by training and by the service alike. Two age heads:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torchvision import models as tvm
 
-from models.artifact import AGE_HEADS, AGE_RANGE, GENDER_CLASSES, WEIGHTS_FILE
+from models.artifact import AGE_HEADS, AGE_RANGE, GENDER_CLASSES, WEIGHTS_FILE, ModelMeta
 from models.errors import UserError
 
 # name -> (constructor, ImageNet weights enum); resnet34 was the original project's best.
@@ -63,7 +62,7 @@ def _load_trunk(backbone: str, pretrained: bool, weights_path: str | None) -> nn
                 f"cannot download ImageNet weights for {backbone} ({type(exc).__name__}); "
                 f"train from scratch with --no-pretrained (model.pretrained=false), or fetch {weights.url} "
                 f"yourself and put it at {cache} or pass model.weights_path=FILE"
-            ) from None
+            ) from exc
     return trunk
 
 
@@ -108,17 +107,12 @@ class AgeGenderNet(nn.Module):
         return age_out.softmax(1) @ ages
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, Any]) -> AgeGenderNet:
+    def from_metadata(cls, meta: ModelMeta) -> AgeGenderNet:
         """Rebuild the architecture that a stored model describes (weights are loaded separately)."""
-        return cls(
-            backbone=meta["backbone"],
-            head_width=meta["head_width"],
-            dropout=meta["dropout"],
-            age_head=meta.get("age_head", "regression"),
-        )
+        return cls(backbone=meta.backbone, head_width=meta.head_width, dropout=meta.dropout, age_head=meta.age_head)
 
 
-def load_network(model_dir: str | Path, meta: dict[str, Any], device: str | torch.device = "cpu") -> AgeGenderNet:
+def load_network(model_dir: str | Path, meta: ModelMeta, device: str | torch.device = "cpu") -> AgeGenderNet:
     """A stored model folder -> the network in eval mode on `device`."""
     net = AgeGenderNet.from_metadata(meta)
     net.load_state_dict(torch.load(Path(model_dir) / WEIGHTS_FILE, map_location="cpu", weights_only=True))

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from models.artifact import AGE_RANGE, MINOR_AGE
+from models.artifact import MINOR_AGE, ModelMeta
 
 PERCENTILES = np.arange(1, 100) / 100  # where a regression model's residual quantiles are stored
 COLUMNS = ("age", "age_low", "age_high", "minor_probability")  # then one probability per gender class
@@ -28,10 +28,6 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def calibration(meta: dict[str, Any]) -> dict[str, Any]:
-    return meta.get("calibration") or {}
-
-
 def check_level(level: float) -> float:
     # a regression model's residuals are stored at percentiles 1..99: a central interval up to 98 %
     if not 0.5 <= level <= 0.98:
@@ -39,9 +35,8 @@ def check_level(level: float) -> float:
     return level
 
 
-def _age_from_distribution(logits: np.ndarray, meta: dict[str, Any], level: float) -> tuple[np.ndarray, ...]:
-    temperature = float(calibration(meta).get("age_temperature", 1.0))
-    p = softmax(logits.astype(np.float64) / temperature)  # (B, K) over years 0..K-1
+def _age_from_distribution(logits: np.ndarray, meta: ModelMeta, level: float) -> tuple[np.ndarray, ...]:
+    p = softmax(logits.astype(np.float64) / meta.calibration.age_temperature)  # (B, K) over years 0..K-1
     cdf = np.cumsum(p, 1)
     age = p @ np.arange(p.shape[1])
     # each year's mass spread evenly over [year - 0.5, year + 0.5]: the interval's ends are read off the
@@ -53,8 +48,8 @@ def _age_from_distribution(logits: np.ndarray, meta: dict[str, Any], level: floa
     return age, low, high, cdf[:, MINOR_AGE - 1]  # P(age <= 17)
 
 
-def _age_from_regression(age: np.ndarray, meta: dict[str, Any], level: float) -> tuple[np.ndarray, ...]:
-    quantiles = calibration(meta).get("residual_quantiles")
+def _age_from_regression(age: np.ndarray, meta: ModelMeta, level: float) -> tuple[np.ndarray, ...]:
+    quantiles = meta.calibration.residual_quantiles
     if quantiles is None:  # exported before residuals were measured
         nan = np.full(len(age), np.nan)
         return age, nan, nan, nan
@@ -66,16 +61,15 @@ def _age_from_regression(age: np.ndarray, meta: dict[str, Any], level: float) ->
     return age, low, high, minor
 
 
-def decode(age_out: np.ndarray, gender_logits: np.ndarray, meta: dict[str, Any], level: float) -> np.ndarray:
+def decode(age_out: np.ndarray, gender_logits: np.ndarray, meta: ModelMeta, level: float) -> np.ndarray:
     """Runtime outputs for B faces -> (B, 4 + C) float32 in COLUMNS order, then P(class) for the model's
     gender classes. Unknown values (an old regression model's interval and P(minor)) are NaN."""
-    lo, hi = meta.get("age_range", AGE_RANGE)
-    if meta.get("age_head", "regression") == "distribution":
+    lo, hi = meta.age_range
+    if meta.age_head == "distribution":
         age, low, high, minor = _age_from_distribution(age_out, meta, level)
     else:
         age, low, high, minor = _age_from_regression(np.clip(age_out.astype(np.float64), lo, hi), meta, level)
-    temperature = float(calibration(meta).get("gender_temperature", 1.0))
-    gender = softmax(gender_logits.astype(np.float64) / temperature)  # (B, C)
+    gender = softmax(gender_logits.astype(np.float64) / meta.calibration.gender_temperature)  # (B, C)
     columns = [np.clip(age, lo, hi), np.clip(low, lo, hi), np.clip(high, lo, hi), minor]
     return np.concatenate([np.stack(columns, 1), gender], 1).astype(np.float32)
 

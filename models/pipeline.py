@@ -19,9 +19,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from models.artifact import INTERVAL_LEVEL, array_preprocess_for
+from models.artifact import INTERVAL_LEVEL, ModelMeta, array_preprocess_for
 from models.errors import UserError
-from models.faces import CROP_SIZE, MAX_FACES, FaceDetector, align_crop
+from models.faces import CROP_SIZE, DetectorConfig, FaceDetector, align_crop
 from models.images import MAX_PIXELS, decode_image
 from models.outputs import answers, decode
 from models.runtime import open_runtime
@@ -39,18 +39,8 @@ class Detection:
 
 
 class FaceFinder:
-    def __init__(
-        self,
-        detector: str = "mtcnn",
-        score_threshold: float = 0.95,
-        min_face_size: int = 20,
-        max_pixels: int = MAX_PIXELS,
-        small_faces: bool = True,
-        max_faces: int = MAX_FACES,
-    ) -> None:
-        self.detector = FaceDetector(
-            detector, score_threshold, min_face_size, small_faces=small_faces, max_faces=max_faces
-        )
+    def __init__(self, config: DetectorConfig = DetectorConfig(), max_pixels: int = MAX_PIXELS) -> None:
+        self.detector = FaceDetector(config)
         self.max_pixels = max_pixels
 
     @property
@@ -83,7 +73,7 @@ def load_crops(images: list[bytes], max_pixels: int = MAX_PIXELS) -> np.ndarray:
         try:
             rgb = decode_image(data, max_pixels)
         except UserError as exc:
-            raise type(exc)(f"image #{i}: {exc}") from None
+            raise type(exc)(f"image #{i}: {exc}") from exc
         if rgb.shape[:2] != (CROP_SIZE, CROP_SIZE):
             rgb = cv2.resize(rgb, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA)
         crops.append(rgb)
@@ -93,14 +83,14 @@ def load_crops(images: list[bytes], max_pixels: int = MAX_PIXELS) -> np.ndarray:
 class Estimator:
     """Aligned crops -> answers, with one stored model's preprocessing, runtime and calibration."""
 
-    def __init__(self, runtime, meta: dict[str, Any], level: float = INTERVAL_LEVEL, why: str = "given") -> None:
+    def __init__(self, runtime, meta: ModelMeta, level: float = INTERVAL_LEVEL, why: str = "given") -> None:
         """`why`: why this runtime (models.runtime.open_runtime), for the log and /model_info."""
         self.runtime, self.meta, self.level, self.why = runtime, meta, level, why
         self.preprocess = array_preprocess_for(meta)  # numpy: no torch needed for ONNX Runtime
-        self.classes: list[str] = list(meta["gender_classes"])
+        self.classes = meta.gender_classes
 
     @classmethod
-    def open(cls, model_dir: str | Path, meta: dict[str, Any], runtime: str = "auto", level: float = INTERVAL_LEVEL):
+    def open(cls, model_dir: str | Path, meta: ModelMeta, runtime: str = "auto", level: float = INTERVAL_LEVEL):
         chosen, why = open_runtime(runtime, model_dir, meta)
         return cls(chosen, meta, level, why)
 
@@ -127,7 +117,7 @@ class Estimator:
             "runtime_reason": self.why,
             "device": self.runtime.device,
             "interval_level": self.level,
-            "int8_cost": (self.meta.get("int8") or {}).get("cost") or None,
+            "int8_cost": (self.meta.int8.cost or None) if self.meta.int8 else None,
         }
 
 

@@ -18,8 +18,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from models.artifact import INTERVAL_LEVEL, MODEL_NAME, stored_model
+from models.artifact import INTERVAL_LEVEL, MODEL_NAME, ModelMeta, stored_model
 from models.errors import UserError
+from models.faces import DetectorConfig
 from models.outputs import check_level
 from models.pipeline import Detection, Estimator, FaceFinder, load_crops, photo_results
 from models.schemas import FaceAttributes, PhotoResult
@@ -37,17 +38,16 @@ class Predictor:
         path: str | Path,
         runtime: str = "auto",
         level: float = INTERVAL_LEVEL,
-        detector: str = "mtcnn",
-        **finder_options: Any,
+        detection: DetectorConfig = DetectorConfig(),
     ) -> Predictor:
-        """A stored model's folder (it holds model.yaml); finder_options go to FaceFinder."""
+        """A stored model's folder (it holds model.yaml), found faces as `detection` says."""
         path = Path(path)
         try:
-            meta = yaml.safe_load((path / "model.yaml").read_text())["metadata"]
-        except (OSError, KeyError, TypeError, yaml.YAMLError):
-            raise UserError(f"{path} is not a stored model folder (no readable model.yaml)") from None
+            raw = yaml.safe_load((path / "model.yaml").read_text())["metadata"]
+        except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
+            raise UserError(f"{path} is not a stored model folder (no readable model.yaml)") from exc
         check_level(level)
-        return cls(FaceFinder(detector, **finder_options), Estimator.open(path, meta, runtime, level))
+        return cls(FaceFinder(detection), Estimator.open(path, ModelMeta.load(raw), runtime, level))
 
     @classmethod
     def from_store(cls, tag: str = f"{MODEL_NAME}:latest", **options: Any) -> Predictor:
@@ -60,7 +60,7 @@ class Predictor:
             try:
                 image = Path(image).read_bytes()
             except OSError as exc:
-                raise UserError(f"cannot read {exc.filename}: {exc.strerror}") from None
+                raise UserError(f"cannot read {exc.filename}: {exc.strerror}") from exc
         if isinstance(image, bytes):
             return self.finder.find(image)
         if isinstance(image, Image.Image):

@@ -10,14 +10,14 @@ is chosen: the CPU image has no torch.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from models.artifact import HIGHER_IS_BETTER, INT8_FILE, INT8_MAX_COST, ONNX_FILE
-from models.errors import UserError
+from models.artifact import HIGHER_IS_BETTER, INT8_FILE, INT8_MAX_COST, ONNX_FILE, ModelMeta
+from models.errors import UserError, debugging
 
 # auto: the fastest that is accurate enough (below); onnx: the fp32 graph; onnx-int8: the quantised graph
 RUNTIMES = ("auto", "onnx", "onnx-int8", "torch")
@@ -37,13 +37,20 @@ def visible_gpus() -> int:
     torch to find out; 0 without a driver."""
     try:
         import pynvml
-
+    except ImportError:
+        return 0
+    try:
         pynvml.nvmlInit()
         try:
             return pynvml.nvmlDeviceGetCount()
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # no library, no driver, no device: all mean no GPU
+    except (pynvml.NVMLError_LibraryNotFound, pynvml.NVMLError_DriverNotLoaded):
+        return 0  # no NVIDIA driver: a machine without a GPU
+    except pynvml.NVMLError as exc:  # a driver that fails: say so, or a GPU machine silently runs on its CPU
+        if debugging():
+            raise
+        logging.getLogger("bentoml").warning("NVIDIA's driver is there but failed (%s): running on the CPU", exc)
         return 0
 
 
@@ -62,11 +69,11 @@ class TorchRuntime:
             self.net = self.net.to(memory_format=torch.channels_last)
 
     @classmethod
-    def load(cls, model_dir: str | Path, meta: dict[str, Any], device: str, channels_last: bool = False):
+    def load(cls, model_dir: str | Path, meta: ModelMeta, device: str, channels_last: bool = False):
         try:
             from models.network import load_network
-        except ImportError:
-            raise UserError("runtime 'torch' needs PyTorch, which this image does not have; use 'onnx'") from None
+        except ImportError as exc:
+            raise UserError("runtime 'torch' needs PyTorch, which this image does not have; use 'onnx'") from exc
         return cls(load_network(model_dir, meta, device), device, channels_last)
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,13 +108,13 @@ class OnnxRuntime:
         return age_out, logits
 
 
-def int8_verdict(meta: dict[str, Any]) -> tuple[bool, str]:
+def int8_verdict(meta: ModelMeta) -> tuple[bool, str]:
     """Is the model's INT8 graph accurate enough to serve by default? Its cost (INT8 minus fp32) was
     measured at export on every held-out split (metadata "int8"); the bound is INT8_MAX_COST.
     Returns (yes, why) for the log and /model_info."""
-    if not meta.get("int8"):
+    if meta.int8 is None:
         return False, "this model has no INT8 graph (exported before INT8 graphs were written)"
-    cost = meta["int8"].get("cost")
+    cost = meta.int8.cost
     if not cost:
         return False, "its INT8 graph's cost was not measured (no held-out split at export); runtime onnx-int8 runs it"
     worse = []
@@ -126,7 +133,7 @@ def format_cost(cost: dict[str, dict[str, float]], metrics=tuple(INT8_MAX_COST))
     return "; ".join(f"{s}: " + ", ".join(f"{m} {d[m]:+.4f}" for m in metrics if m in d) for s, d in cost.items())
 
 
-def open_runtime(name: str, model_dir: str | Path, meta: dict[str, Any]):
+def open_runtime(name: str, model_dir: str | Path, meta: ModelMeta):
     """The runtime to serve with, and why (one line, for the log and /model_info). `auto`: on a GPU the
     runtime that can use it; on CPU the INT8 graph when int8_verdict allows it, else the fp32 graph."""
     if name not in RUNTIMES:

@@ -14,8 +14,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from models.artifact import INTERVAL_LEVEL, MODEL_NAME
-from models.cli import OneLineParser, exit_code, level
+from models.cli import Debug, OneLineParser, exit_code, level
 from models.errors import UserError
+from models.faces import DetectorConfig
 from models.runtime import RUNTIMES, cpu_cores
 from predict.rows import Output, photos, rows
 from predict.runners import RETRY_STATUSES, run_local, run_remote
@@ -28,26 +29,43 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # every option's default in --help
     )
     p.add_argument("inputs", nargs="+", help="photo files, folders (recursive) or @file listing paths")
-    p.add_argument("--out", type=Path, required=True, help="results file: .jsonl or .csv (appended; resumes)")
-    p.add_argument("--url", default=None, help="send the photos to this running service instead of running locally")
+    out = "results file: .jsonl or .csv (appended; resumes)"
+    p.add_argument("--out", type=Path, required=True, default=argparse.SUPPRESS, help=out)
+    p.add_argument(
+        "--url",
+        default=None,
+        help="send the photos to this running service's /predict (e.g. http://localhost:3000); without it they "
+        "run in this process",
+    )
     p.add_argument("--model", default=f"{MODEL_NAME}:latest", help="local mode: store tag or model folder")
-    p.add_argument("--runtime", default="auto", choices=RUNTIMES, help="local mode (models/runtime.py)")
-    p.add_argument("--detector", default="mtcnn", help="local mode: mtcnn or haar")
+    p.add_argument(
+        "--runtime", default="auto", choices=RUNTIMES, help="local mode: how the network runs, as AGE_GENDER_RUNTIME"
+    )
+    p.add_argument("--detector", default=DetectorConfig.detector, help="local mode: mtcnn or haar")
     p.add_argument(
         "--workers",
         type=int,
         default=cpu_cores(),
         help="local mode: detection processes (the cores this process may use)",
     )
-    p.add_argument("--level", type=level, default=INTERVAL_LEVEL, help="local mode: age interval level")
+    p.add_argument(
+        "--level", type=level, default=INTERVAL_LEVEL, help="local mode: level of the age interval, 0.5-0.98"
+    )
     p.add_argument("--concurrency", type=int, default=8, help="--url mode: requests in flight")
     p.add_argument(
         "--retries",
         type=int,
         default=5,
-        help=f"--url mode: tries after a {'/'.join(map(str, RETRY_STATUSES))} or a dropped connection",
+        help=f"--url mode: retries, with exponential backoff, after HTTP {'/'.join(map(str, RETRY_STATUSES))}, "
+        "a refused or dropped connection, or a timeout",
     )
-    p.add_argument("--timeout", type=float, default=120, help="--url mode: seconds per request")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120,
+        help="--url mode: seconds to wait to connect, to send, and for each read of the answer",
+    )
+    p.add_argument("--debug", action=Debug)
     return p
 
 
@@ -65,11 +83,12 @@ def run(args: argparse.Namespace) -> dict[str, int]:
         outcomes = run_remote(args.url, todo_new, max(1, args.concurrency), max(0, args.retries), args.timeout)
     else:
         model = Path(args.model)
-        options = {"runtime": args.runtime, "level": args.level, "detector": args.detector}
+        detection = DetectorConfig(detector=args.detector)
+        options = {"runtime": args.runtime, "level": args.level, "detection": detection}
         predictor = (
             Predictor.from_folder(model, **options) if model.is_dir() else Predictor.from_store(args.model, **options)
         )
-        outcomes = run_local(predictor, todo_new, max(1, args.workers), {"detector": args.detector})
+        outcomes = run_local(predictor, todo_new, max(1, args.workers), detection)
     with out, tqdm(total=len(todo_new), unit="photo", desc="predict") as bar:
         for path, result, error in outcomes:
             out.write(rows(str(path), result, error))

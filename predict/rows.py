@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import UserError
+from models.images import IMAGE_SUFFIXES
 from models.schemas import PhotoResult
 from predict.runners import TRANSIENT
 
 # a folder is searched for these (case-insensitive); files named on the command line are always tried
-SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FIELDS = (
     "file",
     "face",
@@ -35,8 +35,8 @@ FORMATS = ("jsonl", "csv")
 
 
 def photos(inputs: list[str]) -> list[Path]:
-    """Files, folders (searched recursively for SUFFIXES) and @list files (one path per line) -> photos,
-    in order, each once."""
+    """Files, folders (searched recursively for models.images.IMAGE_SUFFIXES) and @list files (one path per
+    line) -> photos, in order, each once."""
     found: list[Path] = []
     for item in inputs:
         if item.startswith("@"):
@@ -44,10 +44,10 @@ def photos(inputs: list[str]) -> list[Path]:
             try:
                 lines = listing.read_text().splitlines()
             except OSError as exc:
-                raise UserError(f"cannot read the list file {listing}: {exc.strerror}") from None
+                raise UserError(f"cannot read the list file {listing}: {exc.strerror}") from exc
             found += [Path(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
         elif Path(item).is_dir():
-            found += sorted(p for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+            found += sorted(p for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         elif Path(item).exists():
             found.append(Path(item))
         else:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import cv2
 
-from models.errors import UserError
+from models.errors import UserError, debugging
+from models.faces import DetectorConfig
 from models.pipeline import Detection, FaceFinder
 from models.predictor import Predictor
 from models.schemas import PhotoResult
@@ -31,14 +32,21 @@ from models.schemas import PhotoResult
 Outcome = tuple[Path, PhotoResult | None, str | None]
 RETRY_STATUSES = (429, 502, 503, 504)
 TRANSIENT = "gave up after"  # how a remote photo's error starts when every retry was busy or dropped
+# Local mode's flow control. Photos in flight per detection process: enough that a process never waits
+# for its next photo while the network runs, few enough that decoded photos (up to 150 MB each at 50 Mpx)
+# stay bounded however slow the network is.
+IN_FLIGHT_PER_WORKER = 4
+# Detected photos per network call, per detection process, when their faces do not fill a batch first:
+# photos of one or two faces still reach the network in batches, and answers are not held back long.
+ANSWER_EVERY_PER_WORKER = 2
 
 _finder: FaceFinder | None = None  # one per worker process
 
 
-def _start_worker(options: dict) -> None:
+def _start_worker(config: DetectorConfig) -> None:
     global _finder
     cv2.setNumThreads(1)  # one detection per core: no thread teams on top
-    _finder = FaceFinder(**options)
+    _finder = FaceFinder(config)
 
 
 def _detect(path: Path) -> Detection | str:
@@ -51,19 +59,21 @@ def _detect(path: Path) -> Detection | str:
     except OSError as exc:
         return f"cannot read the file: {exc.strerror}"
     except Exception as exc:  # a bug or a library failure on one odd photo: that photo's error row
+        if debugging():
+            raise
         return f"{type(exc).__name__}: {exc}"
 
 
-def run_local(predictor: Predictor, paths: list[Path], workers: int, finder_options: dict) -> Iterator[Outcome]:
-    """Detection in `workers` processes, at most 4 photos per process in flight (memory stays bounded
-    however slow the network is); whenever a few photos are detected their crops go through the network
-    together."""
-    with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(finder_options,)) as pool:
+def run_local(predictor: Predictor, paths: list[Path], workers: int, detection: DetectorConfig) -> Iterator[Outcome]:
+    """Detection in `workers` processes, at most IN_FLIGHT_PER_WORKER photos per process in flight; whenever a
+    batch of faces or ANSWER_EVERY_PER_WORKER photos per process are detected, their crops go through the
+    network together."""
+    with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(detection,)) as pool:
         window: deque[tuple[Path, Future]] = deque()
         pending: list = []
         for path in paths:
             window.append((path, pool.submit(_detect, path)))
-            if len(window) < 4 * workers:
+            if len(window) < IN_FLIGHT_PER_WORKER * workers:
                 continue
             yield from _collect(predictor, window.popleft(), pending, workers)
         while window:
@@ -78,7 +88,8 @@ def _collect(predictor: Predictor, item, pending: list, workers: int) -> Iterato
         yield path, None, detection
         return
     pending.append((path, detection))
-    if sum(len(d.boxes) for _, d in pending) >= predictor.batch_size or len(pending) >= 2 * workers:
+    faces = sum(len(d.boxes) for _, d in pending)
+    if faces >= predictor.batch_size or len(pending) >= ANSWER_EVERY_PER_WORKER * workers:
         yield from _answer(predictor, pending)
         pending.clear()
 
@@ -120,6 +131,8 @@ async def _send_all(url: str, paths: list[Path], concurrency: int, retries: int,
                 try:
                     put((path, *await _send(client, url, path, retries)))
                 except Exception as exc:  # e.g. a 200 that is not our JSON (a proxy's page): that photo's error
+                    if debugging():
+                        raise
                     put((path, None, f"{type(exc).__name__}: {exc}"))
 
         await asyncio.gather(*(one(p) for p in paths))

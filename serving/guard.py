@@ -25,7 +25,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from models.errors import TooLarge, UserError
+from models.errors import TooLarge, UserError, debugging
 from models.images import FORMAT_NAMES, NotAnImage, image_format, open_image
 from serving.multipart import MAX_BOUNDARY, ClientGone, Rejected, TooManyFiles, build_form, label, parse_form
 from serving.settings import SETTINGS
@@ -145,6 +145,8 @@ class RequestGuard:
         except Rejected as exc:
             return await error(exc.status, exc.message)(scope, receive, send)
         except Exception as exc:  # a request this guard did not foresee is still the client's: never a 500
+            if debugging():
+                raise
             log.warning("request guard: unexpected %s on %s", type(exc).__name__, path, exc_info=True)
             return await error(400, f"malformed request ({type(exc).__name__})")(scope, receive, send)
         del body
@@ -161,10 +163,10 @@ class RequestGuard:
             left = deadline - loop.time()
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(0.0, min(self.idle_timeout, left)))
-            except TimeoutError:
+            except TimeoutError as exc:
                 if left <= self.idle_timeout:
-                    raise Rejected(408, f"the request body took longer than {self.upload_timeout:g} s") from None
-                raise Rejected(408, f"no request body bytes for {self.idle_timeout:g} s") from None
+                    raise Rejected(408, f"the request body took longer than {self.upload_timeout:g} s") from exc
+                raise Rejected(408, f"no request body bytes for {self.idle_timeout:g} s") from exc
             if message["type"] == "http.disconnect":
                 raise ClientGone
             body += message.get("body", b"")
@@ -189,12 +191,12 @@ class RequestGuard:
             parts = parse_form(body, boundary, max_files=self.max_images if field.many else 1)
         except TooManyFiles as exc:
             if field.many:
-                raise Rejected(413, f"got {exc.count} images; at most {self.max_images} per request") from None
+                raise Rejected(413, f"got {exc.count} images; at most {self.max_images} per request") from exc
             raise Rejected(
                 400, f"got {exc.count} files in {field.name!r}; this endpoint takes one (use /predict_batch)"
-            ) from None
+            ) from exc
         except Rejected as exc:
-            raise Rejected(exc.status, f"malformed multipart form: {exc.message}; {hint}") from None
+            raise Rejected(exc.status, f"malformed multipart form: {exc.message}; {hint}") from exc
         unknown = sorted({p.name for p in parts} - {field.name})
         if unknown:
             raise Rejected(400, f"unknown field {unknown[0]!r}; {hint}")
@@ -212,15 +214,15 @@ class RequestGuard:
                 fmt = image_format(bytes(part.data[:16]))
                 assert fmt is not None  # open_image accepted the file: its magic number names a format
                 files.append((part.data, fmt))
-            except NotAnImage:
+            except NotAnImage as exc:
                 declared = part.content_type or "none"
                 raise Rejected(
                     415, f"file {name} is not an image (declared content type {declared}); send {FORMAT_NAMES}"
-                ) from None
+                ) from exc
             except TooLarge as exc:
-                raise Rejected(413, f"file {name}: {exc}") from None
+                raise Rejected(413, f"file {name}: {exc}") from exc
             except UserError as exc:
-                raise Rejected(400, f"file {name}: {exc}") from None
+                raise Rejected(400, f"file {name}: {exc}") from exc
             if pixels > self.max_request_pixels:
                 raise Rejected(
                     413,

@@ -8,7 +8,7 @@ from typing import Any
 
 from models.artifact import INTERVAL_LEVEL
 from models.errors import UserError
-from models.faces import MAX_FACES
+from models.faces import DetectorConfig
 from models.images import MAX_PIXELS
 from models.outputs import check_level
 from models.runtime import cpu_cores
@@ -19,11 +19,12 @@ PREFIX = "AGE_GENDER_"
 @dataclass(frozen=True)
 class Settings:
     model: str = "age_gender:latest"  # store tag the bento pins at build time
-    detector: str = "mtcnn"  # mtcnn | haar (models/faces.py)
-    score_threshold: float = 0.95  # minimum detector confidence (MTCNN: faces score 0.99-1.0)
-    min_face_size: int = 20  # pixels, shorter box side
-    small_faces: bool = True  # photos over 640 px: a second detection pass for faces the 640 px copy loses
-    max_faces: int = MAX_FACES  # faces answered per photo, the largest; the answer counts the others
+    # face detection: models.faces.DetectorConfig says what each means and why its default
+    detector: str = DetectorConfig.detector
+    score_threshold: float = DetectorConfig.score_threshold
+    min_face_size: int = DetectorConfig.min_face_size
+    small_faces: bool = DetectorConfig.small_faces
+    max_faces: int = DetectorConfig.max_faces
     max_bytes: int = 20 * 1024 * 1024  # per request -> 413
     max_pixels: int = MAX_PIXELS  # per image, checked before decoding -> 413
     max_images: int = 32  # files per request -> 413
@@ -41,11 +42,15 @@ class Settings:
     api_key: str = field(default="", repr=False)  # required of every request but health checks when set
     cors_origins: str = ""  # comma-separated origins browsers may call the API from (`*`: any); off when empty
 
+    @property
+    def detection(self) -> DetectorConfig:
+        return DetectorConfig(self.detector, self.score_threshold, self.min_face_size, self.small_faces, self.max_faces)
+
     def __post_init__(self) -> None:
         try:
             check_level(self.interval_level)
         except ValueError as exc:
-            raise UserError(f"{PREFIX}INTERVAL_LEVEL: {exc}") from None
+            raise UserError(f"{PREFIX}INTERVAL_LEVEL: {exc}") from exc
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -57,8 +62,8 @@ class Settings:
                 continue
             try:
                 values[f.name] = _boolean(raw) if isinstance(default, bool) else type(default)(raw)
-            except ValueError:
-                raise UserError(f"{PREFIX}{f.name.upper()}={raw!r} is not a valid {type(default).__name__}") from None
+            except ValueError as exc:
+                raise UserError(f"{PREFIX}{f.name.upper()}={raw!r} is not a valid {type(default).__name__}") from exc
         return cls(**values)
 
 

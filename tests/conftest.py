@@ -50,7 +50,7 @@ TINY = {
 }
 
 
-def served_graph(model_dir: str, meta: dict, x):
+def served_graph(model_dir: str, meta, x):
     """The raw outputs, as torch tensors, of the graph the service runs by default on this machine
     (runtime `auto`; on CPU the INT8 graph while its cost is in bound), from a session of our own: age
     output, gender logits. QDQ graphs sum int8 products exactly in int32, so the served numbers match
@@ -69,6 +69,17 @@ def run_cli(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedPro
     return subprocess.run([sys.executable, "-m", "training", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
+def older_release(raw: dict):
+    """Metadata that `save_model` stores exactly as `raw`: a model as an older release wrote it."""
+    from models.artifact import ModelMeta
+
+    class AsWritten(ModelMeta):
+        def stored(self) -> dict:
+            return raw
+
+    return AsWritten.model_validate(ModelMeta.load(raw).model_dump())
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess) -> str:
     """A CLI failure: exit code 2, exactly one `error:` line, no traceback (progress bars may precede it)."""
     assert result.returncode == 2, result.stderr
@@ -85,9 +96,13 @@ SLOW_CALLS = ("run_cli(", "running_service(", "getfixturevalue(")  # the last: s
 
 
 def pytest_collection_modifyitems(config, items) -> None:
+    slow_files = {}  # test file -> does it call any of SLOW_CALLS
     for item in items:
-        source = Path(item.fspath).read_text()
-        if SLOW_FIXTURES & set(item.fixturenames) or any(call in source for call in SLOW_CALLS):
+        path = Path(item.fspath)
+        if path not in slow_files:
+            source = path.read_text()
+            slow_files[path] = any(call in source for call in SLOW_CALLS)
+        if slow_files[path] or SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
 
 

@@ -1,4 +1,4 @@
-"""Issue 11 on generated sample data: the distribution age head against regression (same data, recipe and
+"""On generated sample data: the distribution age head against regression (same data, recipe and
 budget), age intervals, P(minor), temperature-scaled gender, evaluation plots, the model card, models
 stored before any of this, and `fit` on two processes (DDP, gloo)."""
 
@@ -14,19 +14,20 @@ import bentoml
 import numpy as np
 import pytest
 
-from models.artifact import CARD_FILE, INTERVAL_LEVEL
+from models.artifact import CARD_FILE, INTERVAL_LEVEL, ModelMeta, stored_meta
 from models.network import load_network
 from models.pipeline import Estimator
 from training import calibration
-from training.evaluate import load_model, predict
+from training.checkpoint import load_model
+from training.scoring import predict
 from training.utkface import read_metadata
 
-from .conftest import run_cli
+from .conftest import older_release, run_cli
 
 
-def stored(tag: str) -> tuple[str, dict]:
+def stored(tag: str) -> tuple[str, ModelMeta]:
     model = bentoml.models.get(tag)
-    return model.path, model.info.metadata
+    return model.path, stored_meta(model)
 
 
 def test_distribution_head_learns_at_least_as_well_as_regression(
@@ -36,8 +37,8 @@ def test_distribution_head_learns_at_least_as_well_as_regression(
     test = frame[frame.split == "test"]
     mean_mae = (test.age - frame[frame.split == "train"].age.mean()).abs().mean()  # predicting the mean
     dist, reg = stored(model_tag)[1], stored(regression_tag)[1]
-    assert (dist["age_head"], reg["age_head"]) == ("distribution", "regression")
-    dist_mae, reg_mae = dist["metrics"]["test"]["age_mae"], reg["metrics"]["test"]["age_mae"]
+    assert (dist.age_head, reg.age_head) == ("distribution", "regression")
+    dist_mae, reg_mae = dist.metrics["test"]["age_mae"], reg.metrics["test"]["age_mae"]
     print(f"\ntest age MAE: distribution {dist_mae:.2f}, regression {reg_mae:.2f}, predicting the mean {mean_mae:.2f}")
     assert dist_mae <= reg_mae * 1.05  # no worse, within 5 % run-to-run noise on 90 test images
     assert dist_mae < 0.5 * mean_mae and reg_mae < 0.5 * mean_mae
@@ -46,7 +47,7 @@ def test_distribution_head_learns_at_least_as_well_as_regression(
 @pytest.mark.parametrize("which", ["distribution", "regression"])
 def test_interval_coverage_is_near_its_level(which: str, model_tag: str, regression_tag: str) -> None:
     meta = stored(model_tag if which == "distribution" else regression_tag)[1]
-    test = meta["metrics"]["test"]
+    test = meta.metrics["test"]
     assert test["interval_level"] == INTERVAL_LEVEL
     assert abs(test["interval_coverage"] - INTERVAL_LEVEL) <= 0.10, test
     assert test["minor_auc"] > 0.9, test
@@ -93,19 +94,19 @@ def test_temperature_scaling_lowers_ece_on_an_overconfident_split(model_tag: str
 
 def test_export_stores_calibration_and_a_model_card(model_tag: str, metadata_file: Path) -> None:
     path, meta = stored(model_tag)
-    assert meta["calibration"]["split"] == "val" and meta["calibration"]["gender_temperature"] > 0
+    assert meta.calibration.split == "val" and meta.calibration.gender_temperature > 0
     # temperature scaling minimises the NLL on val (ECE may move either way by a little; the over-confident
     # split test below checks that it falls where it should)
     estimator, _, _ = load_model(model_tag, "onnx")
     val = read_metadata(metadata_file).query("split == 'val'")
     logits = predict(estimator, val)[1]
-    labels, temperature = val.gender.to_numpy(), meta["calibration"]["gender_temperature"]
+    labels, temperature = val.gender.to_numpy(), meta.calibration.gender_temperature
     assert calibration.nll(logits, labels, temperature) <= calibration.nll(logits, labels, 1.0) + 1e-6
     # the stored ECEs are those of these answers, before and after the temperature
     for key, t in (("gender_ece_uncalibrated", 1.0), ("gender_ece", temperature)):
         probs = calibration.softmax(logits.astype(np.float64) / t)
         expected = calibration.ece(probs.max(1), probs.argmax(1) == labels)
-        assert meta["metrics"]["val"][key] == pytest.approx(expected, abs=1e-3), key
+        assert meta.metrics["val"][key] == pytest.approx(expected, abs=1e-3), key
     card = (Path(path) / CARD_FILE).read_text()
     for needed in (
         "DEMO MODEL",
@@ -137,19 +138,21 @@ def test_evaluate_reports_and_plots_the_new_numbers(model_tag: str, metadata_fil
 
 @pytest.fixture(scope="module")
 def old_tag(regression_tag: str) -> str:
-    """A model as `export` stored them before this issue: regression head, no `age_head` key, no calibration,
+    """A model as `export` stored them in 0.1.0 (metadata schema 1): regression head, no `age_head` key, no calibration,
     the older metric keys, no model card, no INT8 graph (its weights are the regression model's)."""
     from training import fingerprint
     from training.export import save_model
 
-    path, meta = stored(regression_tag)
+    model = bentoml.models.get(regression_tag)
+    path, meta = model.path, model.info.metadata
     trained = fingerprint.read(Path(path) / fingerprint.FILE, meta["dataset"]["train_split"])
-    old = {k: v for k, v in meta.items() if k not in ("age_head", "calibration", "int8")}
+    old = {k: v for k, v in meta.items() if k not in ("schema_version", "age_head", "calibration", "int8")}
     old["metrics"] = {
         s: {k: v for k, v in m.items() if k in ("age_mae", "age_rmse", "age_mse", "gender_acc", "loss")}
         for s, m in meta["metrics"].items()
     }
-    return str(save_model(load_network(path, meta), old, name="age_gender_old", train_split=sorted(trained)))
+    net = load_network(path, ModelMeta.load(meta))
+    return str(save_model(net, older_release(old), name="age_gender_old", train_split=sorted(trained)))
 
 
 def test_a_model_stored_before_this_change_serves_and_evaluates(old_tag: str, metadata_file: Path, tmp_path: Path):
@@ -212,7 +215,7 @@ def test_fit_on_two_processes_with_ddp_exports_a_model_that_serves(metadata_file
     from models.outputs import decode
     from models.runtime import OnnxRuntime
 
-    meta = yaml.safe_load((model / "model.yaml").read_text())["metadata"]
+    meta = ModelMeta.load(yaml.safe_load((model / "model.yaml").read_text())["metadata"])
     crops = np.random.default_rng(0).integers(0, 256, (3, 200, 200, 3), dtype=np.uint8)
     rows = decode(
         *OnnxRuntime(model, ["CPUExecutionProvider"])(array_preprocess_for(meta)(crops)), meta, INTERVAL_LEVEL

@@ -126,6 +126,13 @@ def test_bad_arguments_fail_in_one_line(args: list[str], message: str, bentoml_h
     assert message in assert_one_line_error(run_predict(*args))
 
 
+def test_debug_raises_with_the_cause(bentoml_home: Path) -> None:
+    result = run_predict("--out", "x.jsonl", "--model", "age_gender:nope", ".", AGE_GENDER_DEBUG="1")
+    assert result.returncode == 1 and "Traceback" in result.stderr
+    assert "The above exception was the direct cause of the following exception" in result.stderr  # NotFound
+    assert "UserError: model 'age_gender:nope' is not in the BentoML store" in result.stderr
+
+
 def test_url_mode_retries_busy_answers(photo_dir: Path, tmp_path: Path) -> None:
     """A stand-in for an overloaded service: 503, then 429, then the answer; the row is the answer."""
     answer = {"width": 512, "height": 512, "faces": []}

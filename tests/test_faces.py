@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import models.images
 import models.mtcnn
 from devtools.launch import smaps_kb
 from devtools.photos import (
@@ -25,7 +26,7 @@ from devtools.photos import (
     one_bit_png,
 )
 from models.errors import TooLarge, UserError
-from models.faces import CROP_SIZE, MAX_FACES, FaceDetector, align_crop, similarity
+from models.faces import CROP_SIZE, MAX_FACES, DetectorConfig, FaceDetector, align_crop, similarity
 from models.images import MAX_JPEG_SCANS, MAX_PIXELS, decode_image, jpeg_scans
 from models.mtcnn import ONET_PER_FACE, RNET_PER_FACE
 
@@ -36,7 +37,7 @@ def _centre(face) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["mtcnn", "haar"])
 def test_astronaut_found_by_both_detectors(name: str) -> None:
-    detector = FaceDetector(name)
+    detector = FaceDetector(DetectorConfig(name))
     assert detector.name == name
     (face,) = detector.detect(np.asarray(astronaut()))
     assert np.linalg.norm(_centre(face) - ASTRONAUT_FACE_CENTRE) < 20
@@ -61,28 +62,28 @@ def test_jpeg_artefacts_are_not_faces_at_the_default_threshold(quality: int) -> 
     astronaut().save(out, format="JPEG", quality=quality)
     (face,) = FaceDetector().detect(decode_image(out.getvalue(), 10**8))
     assert np.linalg.norm(_centre(face) - ASTRONAUT_FACE_CENTRE) < 20
-    assert len(FaceDetector(score_threshold=0.5).detect(decode_image(out.getvalue(), 10**8))) == 2
+    assert len(FaceDetector(DetectorConfig(score_threshold=0.5)).detect(decode_image(out.getvalue(), 10**8))) == 2
 
 
 def test_min_face_size_and_threshold_are_applied() -> None:
     photo = np.asarray(group_photo()[0])
-    assert len(FaceDetector(min_face_size=60).detect(photo)) == 1  # only the largest face is >= 60 px
+    assert len(FaceDetector(DetectorConfig(min_face_size=60)).detect(photo)) == 1  # only the largest face is >= 60 px
     # MTCNN's scores for clear faces are all close to 1: put the threshold between the two lowest
     scores = sorted(face.score for face in FaceDetector().detect(photo))
     assert len(scores) == 3 and 0.5 <= scores[0] < scores[1] <= 1
-    above = [f.score for f in FaceDetector(score_threshold=(scores[0] + scores[1]) / 2).detect(photo)]
+    above = [f.score for f in FaceDetector(DetectorConfig(score_threshold=(scores[0] + scores[1]) / 2)).detect(photo)]
     assert sorted(above) == scores[1:]
-    assert FaceDetector(score_threshold=1.01).detect(photo) == []
+    assert FaceDetector(DetectorConfig(score_threshold=1.01)).detect(photo) == []
 
 
 @pytest.mark.parametrize("name", ["mtcnn", "haar"])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 640), (640, 1), (2, 5000), (5000, 2), (11, 400), (0, 300), (12, 12)])
 def test_thin_and_tiny_images_give_no_faces(name: str, shape: tuple[int, int]) -> None:
     rgb = np.full((*shape, 3), 128, np.uint8)
-    assert FaceDetector(name).detect(rgb) == []
+    assert FaceDetector(DetectorConfig(name)).detect(rgb) == []
     # the same with a real photo squeezed into the shape: still no face, no crash
     squeezed = np.asarray(astronaut().resize((max(shape[1], 1), max(shape[0], 1))))[: shape[0], : shape[1]]
-    assert FaceDetector(name).detect(squeezed) == []
+    assert FaceDetector(DetectorConfig(name)).detect(squeezed) == []
 
 
 def _pss() -> int:
@@ -97,7 +98,7 @@ def test_detector_does_not_leak() -> None:
     """yuface, the previous detector, kept ~35 kB per call (its arrays had an extra reference): 50 MB here."""
     cx, cy = ASTRONAUT_FACE_CENTRE
     head = np.asarray(astronaut().crop((cx - 80, cy - 80, cx + 80, cy + 80)).resize((120, 120)))
-    detector = FaceDetector(min_face_size=50)  # a small photo and few pyramid levels: fast calls
+    detector = FaceDetector(DetectorConfig(min_face_size=50))  # a small photo and few pyramid levels: fast calls
     assert len(detector.detect(head)) == 1
     for _ in range(100):
         detector.detect(head)
@@ -112,7 +113,7 @@ def test_detector_does_not_leak() -> None:
 
 def test_unknown_detector_names_choices() -> None:
     with pytest.raises(UserError, match="unknown detector 'retina'; choose from mtcnn, haar"):
-        FaceDetector("retina")
+        FaceDetector(DetectorConfig("retina"))
 
 
 # Where MTCNN finds the five points (eyes, nose, mouth corners) on UTKFace's aligned chips, in chip pixels:
@@ -131,7 +132,9 @@ def test_served_crop_frames_a_real_face_as_utkface_chips_are_framed() -> None:
     rgb = np.asarray(astronaut())
     crop = align_crop(rgb, FaceDetector().detect(rgb)[0])
     assert crop.shape == (CROP_SIZE, CROP_SIZE, 3) and crop.dtype == np.uint8
-    again = FaceDetector(min_face_size=10).detect(np.pad(crop, ((100, 100), (100, 100), (0, 0)), mode="edge"))
+    again = FaceDetector(DetectorConfig(min_face_size=10)).detect(
+        np.pad(crop, ((100, 100), (100, 100), (0, 0)), mode="edge")
+    )
     points = again[0].landmarks - 100  # (5, 2) in crop pixels
     m = similarity(points, UTKFACE_CHIP_POINTS)  # crop -> chip framing
     scale = float(np.hypot(*m[:, 0]))
@@ -166,6 +169,29 @@ def test_decode_rotates_by_exif_and_rejects_bad_files() -> None:
         decode_image(encode(Image.new("RGB", (100, 100)), "PNG"), 9_999)
 
 
+@pytest.mark.parametrize("failure", [RuntimeError("a decoder bug"), MemoryError()])
+def test_unexpected_decode_failures_are_logged_and_kept_apart(failure: Exception, monkeypatch, caplog) -> None:
+    """A failure no file fault explains is logged with its traceback and answered as undecodable (not as
+    "corrupt"); running out of memory is the server's trouble and goes on up; AGE_GENDER_DEBUG=1 re-raises."""
+
+    def broken(image):
+        raise failure
+
+    monkeypatch.setattr(models.images, "_to_rgb", broken)
+    photo = encode(astronaut())
+    if isinstance(failure, MemoryError):
+        with pytest.raises(MemoryError):
+            decode_image(photo, 10**7)
+        return
+    with caplog.at_level("ERROR", logger="models.images"), pytest.raises(UserError, match="could not be decoded"):
+        decode_image(photo, 10**7)
+    (record,) = caplog.records
+    assert "decoding a JPEG image of 512x512 failed" in record.getMessage() and record.exc_info[1] is failure
+    monkeypatch.setenv("AGE_GENDER_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="a decoder bug"):
+        decode_image(photo, 10**7)
+
+
 def test_small_faces_in_a_large_photo() -> None:
     """Faces 24-48 px wide in a 4000x3000 photo: lost on the 640 px copy alone, found by the second pass."""
     from devtools.photos import composite
@@ -180,7 +206,7 @@ def test_small_faces_in_a_large_photo() -> None:
             for _, x, y, w, h in small
         )
 
-    assert found(FaceDetector(small_faces=False)) == 0
+    assert found(FaceDetector(DetectorConfig(small_faces=False))) == 0
     assert found(FaceDetector()) == len(small) == 3
 
 
@@ -200,12 +226,12 @@ def test_decoding_cost_is_bounded_before_decoding() -> None:
 
 def test_face_limit_answers_the_largest_and_counts_the_rest() -> None:
     photo, centres = group_photo()  # faces of 380, 240 and 170 px photos, largest first
-    faces, found = FaceDetector(max_faces=2).find(np.asarray(photo))
+    faces, found = FaceDetector(DetectorConfig(max_faces=2)).find(np.asarray(photo))
     assert found == 3 and len(faces) == 2
     assert all(np.linalg.norm(_centre(f) - c) < 30 for f, c in zip(faces, centres[:2], strict=True))
-    assert len(FaceDetector(max_faces=3).detect(np.asarray(photo))) == 3
+    assert len(FaceDetector(DetectorConfig(max_faces=3)).detect(np.asarray(photo))) == 3
     with pytest.raises(UserError, match="at least 1"):
-        FaceDetector(max_faces=0)
+        FaceDetector(DetectorConfig(max_faces=0))
 
 
 def test_work_per_photo_is_bounded_by_the_face_limit(monkeypatch) -> None:
@@ -214,7 +240,7 @@ def test_work_per_photo_is_bounded_by_the_face_limit(monkeypatch) -> None:
     batches = []
     run = models.mtcnn._run
     monkeypatch.setattr(models.mtcnn, "_run", lambda net, x: batches.append(len(x)) or run(net, x))
-    faces, found = FaceDetector(max_faces=10).find(face_grid(20, 100))
+    faces, found = FaceDetector(DetectorConfig(max_faces=10)).find(face_grid(20, 100))
     assert len(faces) == 10 and found > MAX_FACES
     *_, rnet, onet = batches  # P-Net's pyramid (one image each), then R-Net's and O-Net's batch; no second pass
     assert rnet == RNET_PER_FACE * MAX_FACES and onet <= ONET_PER_FACE * MAX_FACES

@@ -7,6 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
+from models.artifact import SCHEMA_VERSION, Calibration, ModelMeta, architecture
+from models.errors import UserError
 from models.outputs import answers, decode
 from training import calibration
 
@@ -15,7 +17,7 @@ LOGITS = np.array([[2.0, 0.0], [0.0, 1.0]])
 
 
 def test_distribution_decoding() -> None:
-    meta = {"age_head": "distribution", "age_range": [0, 116]}
+    meta = architecture("resnet18", 16, 0.0, 32, "distribution")
     peaked = np.full((1, 117), -50.0)
     peaked[0, 30] = 0.0  # all mass on year 30
     uniform = np.zeros((1, 117))
@@ -33,10 +35,10 @@ def test_distribution_decoding() -> None:
 
 def test_age_temperature_widens_the_interval() -> None:
     logits = -0.5 * ((np.arange(117) - 40) / 3.0) ** 2  # a Gaussian of 3 years around 40
-    narrow = decode(logits[None], LOGITS[:1], {"age_head": "distribution"}, 0.8)[0]
-    wide = decode(logits[None], LOGITS[:1], {"age_head": "distribution", "calibration": {"age_temperature": 4.0}}, 0.8)[
-        0
-    ]
+    meta = architecture("resnet18", 16, 0.0, 32, "distribution")
+    narrow = decode(logits[None], LOGITS[:1], meta, 0.8)[0]
+    hot = meta.model_copy(update={"calibration": Calibration(age_temperature=4.0)})
+    wide = decode(logits[None], LOGITS[:1], hot, 0.8)[0]
     assert narrow[0] == pytest.approx(40, abs=0.01) and wide[0] == pytest.approx(40, abs=0.01)
     assert narrow[2] - narrow[1] == pytest.approx(2 * 1.2816 * 3, abs=0.2)  # 80 % of a normal: +-1.28 sd
     assert wide[2] - wide[1] == pytest.approx(2 * (narrow[2] - narrow[1]), rel=0.05)  # T = 4: sd x 2
@@ -45,12 +47,12 @@ def test_age_temperature_widens_the_interval() -> None:
 def test_regression_decoding_with_and_without_residuals() -> None:
     residuals = np.random.default_rng(0).normal(0, 5, 10_000)  # true - predicted, sd 5
     quantiles = calibration.residual_quantiles(np.zeros_like(residuals), residuals)
-    meta = {"age_head": "regression", "age_range": [0, 116], "calibration": {"residual_quantiles": quantiles}}
+    meta = architecture("resnet18", 16, 0.0, 32, "regression", calibration=Calibration(residual_quantiles=quantiles))
     rows = decode(np.array([-3.0, 17.5, 60.0]), np.zeros((3, 2)), meta, 0.8)
     assert rows[0, 0] == 0  # clamped to the age range
     assert rows[1, 2] - rows[1, 1] == pytest.approx(2 * 1.2816 * 5, rel=0.05)
     assert rows[1, 3] == pytest.approx(0.5, abs=0.03) and rows[0, 3] > 0.99 and rows[2, 3] < 0.01
-    old = decode(np.array([30.0]), np.zeros((1, 2)), {"age_range": [0, 116]}, 0.8)  # stored before residuals
+    old = decode(np.array([30.0]), np.zeros((1, 2)), architecture("resnet18", 16, 0.0, 32), 0.8)  # no residuals
     (answer,) = answers(old, CLASSES, 0.8)
     assert answer["age"] == 30 and answer["age_interval"] is None and answer["minor_probability"] is None
 
@@ -120,3 +122,17 @@ def test_bad_settings_name_the_variable(monkeypatch, env: dict, message: str) ->
         monkeypatch.setenv(k, v)
     with pytest.raises(UserError, match=message):
         Settings.from_env()
+
+
+def test_model_metadata_round_trips_and_migrates() -> None:
+    meta = architecture("resnet18", 16, 0.0, 32, "distribution", calibration=Calibration(split="val"))
+    assert ModelMeta.load(meta.stored()) == meta
+    assert None not in meta.stored().values()  # BentoML's metadata allows no None
+    v1 = {k: v for k, v in meta.stored().items() if k not in ("schema_version", "age_head", "calibration")}
+    old = ModelMeta.load(v1)  # stored before the schema version and the distribution head
+    assert old.schema_version == SCHEMA_VERSION and old.age_head == "regression"
+    assert old.calibration == Calibration() and old.int8 is None
+    with pytest.raises(UserError, match="schema 3, newer than this release reads; upgrade"):
+        ModelMeta.load({**meta.stored(), "schema_version": 3})
+    with pytest.raises(UserError, match="metadata is not readable"):
+        ModelMeta.load({**meta.stored(), "age_head": "ordinal"})

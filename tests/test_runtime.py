@@ -9,7 +9,7 @@ import bentoml
 import numpy as np
 import pytest
 
-from models.artifact import ONNX_FILE, WEIGHTS_FILE
+from models.artifact import ONNX_FILE, WEIGHTS_FILE, stored_meta
 from models.errors import UserError
 from models.runtime import OnnxRuntime, TorchRuntime, open_runtime
 
@@ -17,9 +17,9 @@ from models.runtime import OnnxRuntime, TorchRuntime, open_runtime
 @pytest.mark.parametrize("head", ["distribution", "regression"])
 def test_onnx_and_torch_agree(head: str, request: pytest.FixtureRequest) -> None:
     stored = bentoml.models.get(request.getfixturevalue("model_tag" if head == "distribution" else "regression_tag"))
-    meta = stored.info.metadata
+    meta = stored_meta(stored)
     assert (Path(stored.path) / ONNX_FILE).is_file() and (Path(stored.path) / WEIGHTS_FILE).is_file()
-    size = meta["image_size"]
+    size = meta.image_size
     x = np.random.default_rng(0).standard_normal((7, 3, size, size), dtype=np.float32)  # a batch size never seen
     onnx, _ = open_runtime("onnx", stored.path, meta)
     torch_rt, _ = open_runtime("torch", stored.path, meta)
@@ -35,20 +35,43 @@ def test_onnx_and_torch_agree(head: str, request: pytest.FixtureRequest) -> None
 def test_runtime_errors(model_tag: str, tmp_path: Path) -> None:
     stored = bentoml.models.get(model_tag)
     with pytest.raises(UserError, match="unknown runtime 'tensorrt'; choose from auto, onnx, onnx-int8, torch"):
-        open_runtime("tensorrt", stored.path, stored.info.metadata)
+        open_runtime("tensorrt", stored.path, stored_meta(stored))
     shutil.copy(Path(stored.path) / WEIGHTS_FILE, tmp_path)
     for runtime in ("onnx", "auto"):
         with pytest.raises(UserError, match="exported without ONNX; use 'torch'"):
-            open_runtime(runtime, tmp_path, stored.info.metadata)
+            open_runtime(runtime, tmp_path, stored_meta(stored))
     with pytest.raises(UserError, match="exported before INT8 graphs were written; use runtime 'onnx'"):
-        open_runtime("onnx-int8", tmp_path, stored.info.metadata)
+        open_runtime("onnx-int8", tmp_path, stored_meta(stored))
 
 
 def test_auto_serves_fp32_when_the_int8_file_is_missing(model_tag: str, tmp_path: Path) -> None:
     """Metadata that describes an INT8 graph (within bound) next to a folder without one: fp32, and why."""
     stored = bentoml.models.get(model_tag)
     shutil.copy(Path(stored.path) / ONNX_FILE, tmp_path)
-    runtime, why = open_runtime("auto", tmp_path, stored.info.metadata)
+    runtime, why = open_runtime("auto", tmp_path, stored_meta(stored))
     assert runtime.name == "onnx" and why.endswith("has no model.int8.onnx; serving the fp32 graph")
-    runtime, why = open_runtime("auto", stored.path, stored.info.metadata)
+    runtime, why = open_runtime("auto", stored.path, stored_meta(stored))
     assert runtime.name == "onnx-int8"
+
+
+def test_a_failing_gpu_driver_is_reported_not_silent(monkeypatch, caplog) -> None:
+    import pynvml
+
+    from models.runtime import visible_gpus
+
+    def failing(error):
+        def init():
+            raise error()
+
+        return init
+
+    monkeypatch.setattr(pynvml, "nvmlInit", failing(pynvml.NVMLError_DriverNotLoaded))
+    with caplog.at_level("WARNING", logger="bentoml"):
+        assert visible_gpus() == 0 and not caplog.records  # no driver: a CPU machine, nothing to say
+    monkeypatch.setattr(pynvml, "nvmlInit", failing(pynvml.NVMLError_GpuIsLost))
+    with caplog.at_level("WARNING", logger="bentoml"):
+        assert visible_gpus() == 0
+    assert "driver is there but failed" in caplog.text and "running on the CPU" in caplog.text
+    monkeypatch.setenv("AGE_GENDER_DEBUG", "1")
+    with pytest.raises(pynvml.NVMLError_GpuIsLost):
+        visible_gpus()

@@ -24,7 +24,7 @@ from devtools.photos import (
     no_face,
     one_bit_png,
 )
-from models.artifact import array_preprocess_for
+from models.artifact import array_preprocess_for, stored_meta
 from models.images import MAX_JPEG_SCANS
 from training.utkface import read_metadata
 
@@ -85,16 +85,16 @@ def test_predict_faces_matches_in_process_model(server: str, model_tag: str, met
     assert r.status_code == 200, r.text
     served = r.json()["predictions"]
     stored = bentoml.models.get(model_tag)
-    meta = stored.info.metadata
+    meta = stored_meta(stored)
     crops = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
     age_logits, logits = served_graph(stored.path, meta, array_preprocess_for(meta)(crops))
-    calibration = meta["calibration"]
-    age = (age_logits / calibration["age_temperature"]).softmax(1) @ torch.arange(117.0)  # expected age, years
-    probs = (logits / calibration["gender_temperature"]).softmax(1)
+    calibration = meta.calibration
+    age = (age_logits / calibration.age_temperature).softmax(1) @ torch.arange(117.0)  # expected age, years
+    probs = (logits / calibration.gender_temperature).softmax(1)
     for s, a, p in zip(served, age.tolist(), probs, strict=True):
         k = int(p.argmax())
         assert s["age"] == pytest.approx(a, abs=0.02)
-        assert s["gender"] == meta["gender_classes"][k]
+        assert s["gender"] == meta.gender_classes[k]
         assert s["gender_probability"] == pytest.approx(float(p[k]), abs=1e-3)
 
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, box_centre, encode
-from models.artifact import array_preprocess_for
+from models.artifact import array_preprocess_for, stored_meta
 
 from .conftest import SERVER_LIMITS, served_graph
 
@@ -76,14 +76,14 @@ def test_model_service_matches_the_network(service, model_tag: str) -> None:
     out = model.predict(crops)  # age, interval low, high, P(minor), P(male), P(female)
     assert out.shape == (5, 6) and np.allclose(out[:, 4:].sum(1), 1, atol=1e-5)
     stored = bentoml.models.get(model_tag)
-    meta = stored.info.metadata
+    meta = stored_meta(stored)
     age_logits, logits = served_graph(stored.path, meta, array_preprocess_for(meta)(crops))
-    calibration = meta["calibration"]
-    p_age = (age_logits / calibration["age_temperature"]).softmax(1)  # (5, 117) over years 0..116
+    calibration = meta.calibration
+    p_age = (age_logits / calibration.age_temperature).softmax(1)  # (5, 117) over years 0..116
     assert np.allclose(out[:, 0], (p_age @ torch.arange(117.0)).numpy(), atol=1e-3)
     assert np.all((out[:, 1] <= out[:, 0]) & (out[:, 0] <= out[:, 2]))
     assert np.allclose(out[:, 3], p_age[:, :18].sum(1).numpy(), atol=1e-4)
-    assert np.allclose(out[:, 4:], (logits / calibration["gender_temperature"]).softmax(1).numpy(), atol=1e-5)
+    assert np.allclose(out[:, 4:], (logits / calibration.gender_temperature).softmax(1).numpy(), atol=1e-5)
     assert model.info()["tag"] == model_tag
 
 

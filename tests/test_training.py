@@ -8,11 +8,11 @@ import bentoml
 import pytest
 import torch
 
-from models.artifact import MODEL_NAME
+from models.artifact import MODEL_NAME, SCHEMA_VERSION, stored_meta
 from models.network import load_network
 from models.presets import normalize
+from training.checkpoint import load_module
 from training.data import decode_faces
-from training.export import load_module
 from training.synth import MARKER
 from training.utkface import parse_name, read_metadata
 
@@ -71,16 +71,17 @@ def test_checkpoint_and_logs_are_written(checkpoint: Path) -> None:
 
 def test_export_then_load_gives_identical_outputs(model_tag: str, checkpoint: Path, metadata_file: Path) -> None:
     model = bentoml.models.get(model_tag)
-    meta = model.info.metadata
+    meta = model.info.metadata  # as stored: plain JSON of models.artifact.ModelMeta
     for key in ("backbone", "age_head", "head_width", "image_size", "normalisation", "gender_classes", "age_range"):
         assert key in meta
+    assert meta["schema_version"] == SCHEMA_VERSION
     assert meta["demo"] is True and model.info.labels["demo"] == "true"
     assert meta["dataset"]["name"] == "sample" and meta["dataset"]["n_test"] > 0
     assert set(meta["metrics"]) == {"val", "test"}
     assert meta["metrics"]["test"]["age_mse"] == pytest.approx(meta["metrics"]["test"]["age_rmse"] ** 2)
 
     module = load_module(checkpoint)
-    net = load_network(model.path, meta)
+    net = load_network(model.path, stored_meta(model))
     frame, age, logits = _predict(module, metadata_file)
     x = normalize(decode_faces(frame.path, meta["image_size"]))
     with torch.inference_mode():
@@ -119,6 +120,17 @@ def test_export_cli_rejects_non_checkpoints(tmp_path: Path) -> None:
     fake.write_text("not a checkpoint")
     assert "is not a checkpoint" in assert_one_line_error(run_cli("export", "--checkpoint", str(fake)))
     assert "does not exist" in assert_one_line_error(run_cli("export", "--checkpoint", str(tmp_path / "no.ckpt")))
+
+
+def test_debug_raises_with_the_cause(tmp_path: Path) -> None:
+    """--debug after the command's name (python -m predict checks AGE_GENDER_DEBUG=1: tests/test_batch.py)."""
+    fake = tmp_path / "model.ckpt"
+    fake.write_text("not a checkpoint")
+    result = run_cli("export", "--checkpoint", str(fake), "--debug")
+    assert result.returncode == 1 and "Traceback" in result.stderr
+    # the one-line error, chained to what caused it (torch could not read the file)
+    assert "The above exception was the direct cause of the following exception" in result.stderr
+    assert "UserError:" in result.stderr and "is not a checkpoint" in result.stderr
 
 
 def test_seeded_runs_are_reproducible(tiny_config: dict, tmp_path: Path) -> None:

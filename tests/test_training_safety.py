@@ -20,7 +20,7 @@ from models.errors import UserError
 from training import fingerprint
 from training.atomic import atomic_dir, atomic_path
 
-from .conftest import assert_one_line_error, run_cli
+from .conftest import assert_one_line_error, older_release, run_cli
 
 SPACE = {"model.lr": {"low": 1.0e-3, "high": 3.0e-3, "log": True}, "model.head_width": {"choices": [32, 64]}}
 
@@ -79,12 +79,12 @@ def _store_snapshot(home: Path, name: str) -> dict[str, set]:
 
 @pytest.mark.parametrize("stage", ["writing the ONNX graph", "copying into the store"])
 def test_interrupted_export_leaves_nothing(stage: str, bentoml_home: Path, monkeypatch) -> None:
-    from models.artifact import architecture
+    from models.artifact import Dataset, architecture
     from models.network import AgeGenderNet
     from training import export
 
     net = AgeGenderNet("resnet18", 16, 0.0, pretrained=False)
-    meta = {**architecture("resnet18", 16, 0.0, 32), "demo": True, "dataset": {"name": "sample"}}
+    meta = architecture("resnet18", 16, 0.0, 32, demo=True, dataset=Dataset(name="sample"))
     if stage == "writing the ONNX graph":
 
         def interrupted_onnx(net, image_size, path):
@@ -153,7 +153,7 @@ def test_synth_metadata_and_store_get_ordinary_permissions(tmp_path: Path, safet
 
 
 def test_export_records_the_training_split(quick_checkpoint: Path, safety_model: str, metadata_file: Path) -> None:
-    from training.export import load_module
+    from training.checkpoint import load_module
     from training.utkface import read_metadata
 
     frame = read_metadata(metadata_file)
@@ -190,6 +190,7 @@ def test_export_refuses_a_metadata_file_resplit_since_training(
 def test_models_without_a_recorded_split_still_evaluate(
     safety_model: str, metadata_file: Path, tmp_path: Path, capsys, umask_022
 ) -> None:
+    from models.artifact import stored_meta
     from models.network import load_network
     from training.evaluate import evaluate
     from training.export import save_model
@@ -197,7 +198,7 @@ def test_models_without_a_recorded_split_still_evaluate(
     model = bentoml.models.get(safety_model)
     meta = dict(model.info.metadata)
     meta["dataset"] = {k: v for k, v in meta["dataset"].items() if k != "train_split"}  # as exported before
-    old = str(save_model(load_network(model.path, meta), meta, "safety_old_model"))
+    old = str(save_model(load_network(model.path, stored_meta(model)), older_release(meta), "safety_old_model"))
     capsys.readouterr()
     report = evaluate(old, metadata_file, tmp_path / "report", batch_size=128)
     assert report["overall"]["n"] > 0

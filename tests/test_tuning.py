@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from training.config import load_config
-from training.evaluate import RACES, age_group
+from training.scoring import RACES, age_group
 
 from .conftest import assert_one_line_error, run_cli
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from models.artifact import INTERVAL_LEVEL
+from models.artifact import INTERVAL_LEVEL, Calibration, ModelMeta
 from models.outputs import PERCENTILES, decode, softmax
 
 ECE_BINS = 15
@@ -73,13 +73,14 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def fit(meta: dict[str, Any], age_out: np.ndarray, logits: np.ndarray, true_age: np.ndarray, gender: np.ndarray):
+def fit(meta: ModelMeta, age_out: np.ndarray, logits: np.ndarray, true_age: np.ndarray, gender: np.ndarray):
     """-> the metadata's `calibration` entry (without the split's name), fitted on one held-out split's raw
     network outputs: age output (as the network's forward), gender logits (N, C)."""
     out: dict[str, Any] = {"gender_temperature": round(fit_temperature(logits, gender), 4)}
-    if meta.get("age_head", "regression") == "distribution":
+    if meta.age_head == "distribution":
         out["age_temperature"] = round(fit_temperature(age_out, np.rint(true_age).astype(int)), 4)
     else:
-        served = decode(age_out, logits, {**meta, "calibration": {}}, INTERVAL_LEVEL)[:, 0]  # clamped, as served
+        uncalibrated = meta.model_copy(update={"calibration": Calibration()})
+        served = decode(age_out, logits, uncalibrated, INTERVAL_LEVEL)[:, 0]  # clamped, as served
         out["residual_quantiles"] = residual_quantiles(served, true_age)
     return out

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from models.artifact import MINOR_AGE
+from models.artifact import MINOR_AGE, ModelMeta
 from models.runtime import format_cost, int8_verdict
 
 LIMITS = """\
@@ -51,60 +51,60 @@ def shareable(config: str) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-def render(meta: dict[str, Any], test_report: dict[str, Any]) -> str:
-    data, cal = meta["dataset"], meta.get("calibration", {})
-    lines = [f"# Model card: age and gender ({meta['backbone']}, {meta.get('age_head', 'regression')} age head)", ""]
-    if meta["demo"]:
+def render(meta: ModelMeta, test_report: dict[str, Any]) -> str:
+    data, cal = meta.dataset, meta.calibration
+    lines = [f"# Model card: age and gender ({meta.backbone}, {meta.age_head} age head)", ""]
+    if meta.demo:
         lines += ["**DEMO MODEL** trained on generated sample data (not faces): its answers on photos mean nothing", ""]
     lines += [
         "## Data",
         # the metadata file by name: its folder is a path on the training machine, not for a served page
-        f"- Data set: {data['name']} (`{Path(data['metadata']).name}`), trained on split(s) "
-        f"{', '.join(data['train_splits'])}.",
-        f"- Images: {data['n_train']} train, {data['n_val']} validation, {data['n_test']} test.",
+        f"- Data set: {data.name} (`{Path(data.metadata or '?').name}`), trained on split(s) "
+        f"{', '.join(data.train_splits)}.",
+        f"- Images: {data.n_train} train, {data.n_val} validation, {data.n_test} test.",
         "",
         "## Recipe",
-        f"- Network: torchvision {meta['backbone']} trunk, input {meta['image_size']} px, two heads of width "
-        f"{meta['head_width']}; age head `{meta.get('age_head', 'regression')}`.",
+        f"- Network: torchvision {meta.backbone} trunk, input {meta.image_size} px, two heads of width "
+        f"{meta.head_width}; age head `{meta.age_head}`.",
         "- Config:",
         "",
         "```yaml",
-        shareable(meta["config"]).rstrip(),
+        shareable(meta.config).rstrip(),
         "```",
         "",
         "## Metrics",
     ]
-    for split, values in meta.get("metrics", {}).items():
+    for split, values in meta.metrics.items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if k != "n")
         lines.append(f"- {split} ({values['n']} faces): {shown}")
     lines += ["", "## Calibration"]
-    if cal:
+    if cal.split is not None:
         lines.append(
-            f"- Gender: temperature {cal['gender_temperature']} fitted on the {cal['split']} split; "
+            f"- Gender: temperature {cal.gender_temperature} fitted on the {cal.split} split; "
             "expected calibration error (ECE) before and after is in the metrics above."
         )
-        if cal["split"] == "test":
+        if cal.split == "test":
             lines.append("- The test split is also where it was fitted (val was trained on): test ECE is optimistic.")
         lines.append(
             f"- Age interval and P(age < {MINOR_AGE}): read from the age distribution, its temperature "
-            f"{cal['age_temperature']} fitted on the {cal['split']} split."
-            if meta.get("age_head") == "distribution"
-            else f"- Age interval and P(age < {MINOR_AGE}): from residual quantiles on the {cal['split']} split."
+            f"{cal.age_temperature} fitted on the {cal.split} split."
+            if meta.age_head == "distribution"
+            else f"- Age interval and P(age < {MINOR_AGE}): from residual quantiles on the {cal.split} split."
         )
     else:
         lines.append("- None: this model had no held-out split to fit a calibration on.")
-    if meta.get("int8"):
-        q = meta["int8"]
-        crops = q["calibration_crops"]
+    if meta.int8 is not None:
+        q = meta.int8
+        crops = q.calibration_crops
         lines += [
             "",
             "## INT8 graph",
-            f"- `{q['file']}`: {q['format']}; activation ranges (min-max) from {crops['n']} crops of split(s) "
+            f"- `{q.file}`: {q.format}; activation ranges (min-max) from {crops['n']} crops of split(s) "
             f"{', '.join(crops['splits'])} (seed {crops['seed']}).",
         ]
-        if q["cost"]:
+        if q.cost:
             lines.append("- Its cost, INT8 minus fp32 (the weights as trained):")
-            lines += [f"  - {format_cost({split: diffs}, tuple(diffs))}" for split, diffs in q["cost"].items()]
+            lines += [f"  - {format_cost({split: diffs}, tuple(diffs))}" for split, diffs in q.cost.items()]
         runs, why = int8_verdict(meta)
         lines.append(f"- On CPU, `AGE_GENDER_RUNTIME=auto` {'runs it' if runs else 'serves the fp32 graph'}: {why}.")
     for name, title in (("age_group", "age group"), ("gender", "gender"), ("race", "race")):

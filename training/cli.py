@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from models.artifact import INTERVAL_LEVEL
-from models.cli import OneLineParser, exit_code, level
+from models.cli import Debug, OneLineParser, exit_code, level
 from models.runtime import RUNTIMES, format_cost
 
 RESUME_HELP = (
@@ -215,6 +215,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=None, help="override configs/demo.yaml's max_epochs")
     s.add_argument("--if-missing", action="store_true", help="do nothing if the store has an age_gender model")
     s.set_defaults(func=cmd_demo)
+    for command in (p, *sub.choices.values()):  # before or after the command's name
+        command.add_argument("--debug", action=Debug)
     return p
 
 

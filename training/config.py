@@ -77,7 +77,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(cfg, dict):
         raise UserError(f"{path} must hold a mapping of config sections")
     for item in overrides:

@@ -15,99 +15,48 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import bentoml
 import torch
-import torchvision
-import yaml
 
-from models.artifact import CARD_FILE, INT8_FILE, INTERVAL_LEVEL, MODEL_NAME, ONNX_FILE, WEIGHTS_FILE, architecture
-from models.errors import UserError
+from models.artifact import (
+    CARD_FILE,
+    INT8_FILE,
+    INTERVAL_LEVEL,
+    MODEL_NAME,
+    ONNX_FILE,
+    WEIGHTS_FILE,
+    Calibration,
+    ModelMeta,
+)
 from models.network import export_onnx
 from models.pipeline import Estimator
 from models.runtime import TorchRuntime
 from training import calibration, card, fingerprint, quantize
 from training.atomic import atomic_path, ordinary_permissions
+from training.checkpoint import datamodule_for, describe, held_out_splits, load_module, train_split_of
 from training.data import UTKFaceDataModule
-from training.evaluate import build_report, metrics, predict, with_answers
-from training.module import AgeGenderModule
+from training.scoring import build_report, metrics, predict, with_answers
 
 
-def load_module(checkpoint: str | Path) -> AgeGenderModule:
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        # pretrained=False: the checkpoint holds every weight, nothing to download
-        module = AgeGenderModule.load_from_checkpoint(path, map_location="cpu", pretrained=False, weights_path=None)
-    except Exception as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"{path} is not a checkpoint of this project's training ({reason})") from None
-    if module.training_config is None:
-        raise UserError(f"{path} has no training config; was it written by `python -m training fit`?")
-    return module.eval()
-
-
-def datamodule_for(module: AgeGenderModule) -> UTKFaceDataModule:
-    """The data the checkpoint was trained on, as its config describes it."""
-    return UTKFaceDataModule(**module.training_config["data"], image_size=module.hparams.image_size)
-
-
-def held_out_splits(datamodule: UTKFaceDataModule) -> list[str]:
-    return [s for s in ("val", "test") if s not in datamodule.train_splits and not datamodule.split(s).empty]
-
-
-def calibrate_and_measure(net: torch.nn.Module, meta: dict[str, Any], datamodule: UTKFaceDataModule) -> dict:
+def calibrate_and_measure(net: torch.nn.Module, meta: ModelMeta, datamodule: UTKFaceDataModule) -> dict:
     """Fit the calibration on the first held-out split, then score every held-out split with it. Sets
-    meta["calibration"] and meta["metrics"]; returns the test split's report (the model card's tables)."""
+    meta.calibration and meta.metrics; returns the test split's report (the model card's tables)."""
     held_out = held_out_splits(datamodule)
     estimator = Estimator(TorchRuntime(net), meta)  # the served pipeline; the torch runtime: the weights as trained
     outputs = {s: predict(estimator, datamodule.split(s)) for s in held_out}
     if held_out:  # without held-out data: no temperature (1.0) and no regression intervals
         first = datamodule.split(held_out[0])
         fitted = calibration.fit(meta, *outputs[held_out[0]], first.age.to_numpy(), first.gender.to_numpy())
-        meta["calibration"] = {"split": held_out[0], **fitted}
+        meta.calibration = Calibration(split=held_out[0], **fitted)
     frames = {s: with_answers(datamodule.split(s), *outputs[s], meta, INTERVAL_LEVEL) for s in held_out}
-    meta["metrics"] = {s: metrics(frame) for s, frame in frames.items()}
-    return build_report(frames["test"], meta["gender_classes"]) if "test" in frames else {}
-
-
-def train_split_of(module: AgeGenderModule, datamodule: UTKFaceDataModule) -> tuple[list[str], str]:
-    """The hashes of the images the checkpoint trained on, and who recorded them: `fit`, or (for checkpoints
-    written before `fit` recorded them) `export`, from the metadata file as it is now."""
-    if module.train_split is not None:
-        return list(module.train_split), "fit"
-    return fingerprint.image_hashes(datamodule.split(*datamodule.train_splits).path), "export"
-
-
-def describe(
-    module: AgeGenderModule, datamodule: UTKFaceDataModule, checkpoint: Path, train_split: tuple[list[str], str]
-) -> dict[str, Any]:
-    hp = module.hparams
-    sources = sorted(datamodule.frame.source.unique())
-    dataset = "sample" if sources == ["sample"] else "utkface"
-    counts = datamodule.frame.split.value_counts()
-    return {
-        **architecture(hp.backbone, hp.head_width, hp.dropout, hp.image_size, hp.age_head),
-        "demo": dataset == "sample",
-        "dataset": {
-            "name": dataset,
-            "metadata": str(Path(datamodule.hparams.metadata).resolve()),
-            "train_splits": list(datamodule.train_splits),
-            **{f"n_{s}": int(counts.get(s, 0)) for s in ("train", "val", "test")},
-            # the training images' fingerprint; their hashes are in the model folder (training.fingerprint)
-            "train_split": {**fingerprint.summary(train_split[0]), "recorded_by": train_split[1]},
-        },
-        "checkpoint": str(checkpoint.resolve()),
-        "config": yaml.safe_dump(module.training_config, sort_keys=False),  # store metadata allows no None
-        "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
-    }
+    meta.metrics = {s: metrics(frame) for s, frame in frames.items()}
+    return build_report(frames["test"], meta.gender_classes) if "test" in frames else {}
 
 
 def save_model(
     net: torch.nn.Module,
-    meta: dict[str, Any],
+    meta: ModelMeta,
     name: str = MODEL_NAME,
     train_split: Sequence[str] | None = None,
     model_card: str | None = None,
@@ -126,16 +75,18 @@ def save_model(
     from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml._internal.models.model import ModelStore
 
-    labels = {"dataset": meta["dataset"]["name"], "demo": str(meta["demo"]).lower(), "backbone": meta["backbone"]}
+    labels = {"dataset": meta.dataset.name, "demo": str(meta.demo).lower(), "backbone": meta.backbone}
     store_dir = Path(BentoMLContainer.model_store_dir.get())
     staging_root = Path(BentoMLContainer.tmp_bento_store_dir.get())
     staging_root.mkdir(parents=True, exist_ok=True)
     staging, ref = Path(tempfile.mkdtemp(prefix=f"export-{name}-", dir=staging_root)), None
     try:
-        with bentoml.models.create(name, labels=labels, metadata=meta, _model_store=ModelStore(staging)) as ref:
+        with bentoml.models.create(
+            name, labels=labels, metadata=meta.stored(), _model_store=ModelStore(staging)
+        ) as ref:
             torch.save(net.state_dict(), ref.path_of(WEIGHTS_FILE))
             if graphs is None:
-                export_onnx(net, meta["image_size"], ref.path_of(ONNX_FILE))
+                export_onnx(net, meta.image_size, ref.path_of(ONNX_FILE))
             else:
                 shutil.copyfile(graphs / ONNX_FILE, ref.path_of(ONNX_FILE))  # required
                 if (graphs / INT8_FILE).is_file():
@@ -183,5 +134,5 @@ def export(checkpoint: str | Path, name: str = MODEL_NAME) -> bentoml.Tag:
     with tempfile.TemporaryDirectory() as graphs:
         held_out = {s: datamodule.split(s) for s in held_out_splits(datamodule)}
         train = datamodule.split(*datamodule.train_splits)
-        meta["int8"] = quantize.quantize_and_measure(module.net, Path(graphs), meta, train, held_out)
+        meta.int8 = quantize.quantize_and_measure(module.net, Path(graphs), meta, train, held_out)
         return save_model(module.net, meta, name, train_split[0], card.render(meta, test_report), Path(graphs))

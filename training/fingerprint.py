@@ -31,7 +31,7 @@ def image_hash(path: str | Path) -> str:
         with open(path, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()[:HASH_CHARS]
     except OSError as exc:
-        raise UserError(f"cannot read image {path} listed in the metadata ({exc.strerror})") from None
+        raise UserError(f"cannot read image {path} listed in the metadata ({exc.strerror})") from exc
 
 
 def image_hashes(paths: Iterable[str | Path]) -> list[str]:
@@ -61,8 +61,8 @@ def read(path: str | Path, expected: dict[str, Any]) -> set[str]:
     path = Path(path)
     try:
         hashes = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
-    except OSError:
-        raise UserError(f"the model folder lacks {path.name} that its metadata names; export the model again") from None
+    except OSError as exc:
+        raise UserError(f"the model folder lacks {path.name} that its metadata names; export the model again") from exc
     if len(hashes) != expected.get("n_images") or digest(hashes) != expected.get("sha256"):
         raise UserError(f"{path} does not match the model's metadata (edited or damaged); export the model again")
     return set(hashes)

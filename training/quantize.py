@@ -4,7 +4,7 @@ Static quantisation (ONNX Runtime's QDQ format: int8 weights per output channel,
 needs the range of every activation, read here from a few hundred crops of the training split through
 the served preprocessing (models.pipeline.load_crops, then the eval preset), chosen with a fixed seed
 that the metadata records. Dynamic quantisation was measured 5x slower than fp32 on this CPU (6.3 vs 30
-img/s, ResNet-34 at 224 px, in the measurement that opened issue 13), so only static is offered. The
+img/s, ResNet-34 at 224 px, BENCHMARKS.md "INT8 on CPU"), so only static is offered. The
 INT8 graph is then scored on every held-out split with the served answers and the fp32 graph's
 calibration, and the differences from the fp32 numbers of export (the weights as trained, which the fp32
 graph matches within float error) go into the metadata, where the service reads them to decide which
@@ -15,22 +15,22 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from models.artifact import INT8_FILE, INTERVAL_LEVEL, ONNX_FILE, array_preprocess_for
+from models.artifact import INT8_FILE, INTERVAL_LEVEL, ONNX_FILE, Int8, ModelMeta, array_preprocess_for
+from models.network import export_onnx
 from models.pipeline import Estimator, load_crops
 from models.runtime import OnnxRuntime
-from training.evaluate import differences, metrics, predict, with_answers
+from training.scoring import differences, metrics, predict, with_answers
 
 CALIBRATION_CROPS = 300  # training crops whose activations set the INT8 ranges
 CALIBRATION_SEED = 0
 CALIBRATION_BATCH = 32
 
 
-def calibration_batch(train: pd.DataFrame, meta: dict[str, Any], n: int, seed: int) -> np.ndarray:
+def calibration_batch(train: pd.DataFrame, meta: ModelMeta, n: int, seed: int) -> np.ndarray:
     """(n, 3, S, S) float32: n seeded training crops as the served pipeline feeds them to the network."""
     chosen = train.sample(n=min(n, len(train)), random_state=seed).path
     crops = load_crops([Path(p).read_bytes() for p in chosen])
@@ -66,26 +66,24 @@ def quantize(fp32: Path, int8: Path, batch: np.ndarray) -> None:
 
 def write_graphs(net, image_size: int, folder: Path, batch: np.ndarray) -> None:
     """An AgeGenderNet -> folder/ONNX_FILE and folder/INT8_FILE, INT8 ranges from `batch` (N, 3, S, S)."""
-    from models.network import export_onnx
-
     export_onnx(net, image_size, folder / ONNX_FILE)
     quantize(folder / ONNX_FILE, folder / INT8_FILE, batch)
 
 
 def quantize_and_measure(
-    net, folder: Path, meta: dict[str, Any], train: pd.DataFrame, held_out: dict[str, pd.DataFrame]
-) -> dict[str, Any]:
+    net, folder: Path, meta: ModelMeta, train: pd.DataFrame, held_out: dict[str, pd.DataFrame]
+) -> Int8:
     """Write both graphs of `net` into folder; score the INT8 one on the held-out splits against
-    meta["metrics"] (the fp32 numbers, with meta's calibration). Returns meta["int8"]: how it was made,
-    its metrics, its cost."""
+    meta.metrics (the fp32 numbers, with meta's calibration). Returns meta.int8: how it was made, its
+    metrics, its cost."""
     batch = calibration_batch(train, meta, CALIBRATION_CROPS, CALIBRATION_SEED)
-    write_graphs(net, meta["image_size"], folder, batch)
+    write_graphs(net, meta.image_size, folder, batch)
     estimator = Estimator(OnnxRuntime(folder, ["CPUExecutionProvider"], int8=True), meta)
     scores = {s: metrics(with_answers(f, *predict(estimator, f), meta, INTERVAL_LEVEL)) for s, f in held_out.items()}
-    return {
-        "file": INT8_FILE,
-        "format": "QDQ, int8 weights per channel, uint8 activations",
-        "calibration_crops": {"splits": sorted(train.split.unique()), "n": len(batch), "seed": CALIBRATION_SEED},
-        "metrics": scores,
-        "cost": {s: differences(meta["metrics"][s], scores[s]) for s in held_out},  # INT8 minus fp32
-    }
+    return Int8(
+        file=INT8_FILE,
+        format="QDQ, int8 weights per channel, uint8 activations",
+        calibration_crops={"splits": sorted(train.split.unique()), "n": len(batch), "seed": CALIBRATION_SEED},
+        metrics=scores,
+        cost={s: differences(meta.metrics[s], scores[s]) for s in held_out},  # INT8 minus fp32
+    )

@@ -96,7 +96,8 @@ def run_to_resume(logdir: str | Path, name: str) -> tuple[int | None, Path | Non
 
 def check_same_config(checkpoint: Path, cfg: dict) -> None:
     """UserError naming what differs between the config a checkpoint was trained with and cfg."""
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=False).get("training_config") or {}
+    # mmap: only the pickled dicts are read here; the weights stay on disk until Lightning loads them to resume
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("training_config") or {}
     old, new = flatten(stored), flatten(cfg)
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]

@@ -177,7 +177,7 @@ def open_study(name: str, storage: str) -> optuna.Study:
         raise UserError(
             f"cannot open Optuna storage {storage!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
             "use sqlite:///path/to/study.db or postgresql://user:password@host/database"
-        ) from None
+        ) from exc
 
 
 def _worker(base: dict, space: dict, name: str, storage: str, n_trials: int, baseline_mae: float) -> None:

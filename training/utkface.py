@@ -32,15 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
 from models.artifact import AGE_RANGE
 from models.errors import UserError
+from models.images import IMAGE_SUFFIXES, MAX_PIXELS, decode_image
 from training.atomic import atomic_path
 from training.synth import MARKER
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 COLUMNS = ["path", "age", "gender", "race", "split", "source"]
 SPLITS = ("train", "val", "test")
 _NAME = re.compile(
@@ -88,10 +87,9 @@ class ScanReport:
 
 
 def _pixel_hash(path: Path) -> str:
-    with Image.open(path) as im:
-        im.load()  # full decode: truncated or corrupt files raise here
-        rgb = im.convert("RGB")
-    return hashlib.sha1(rgb.tobytes() + repr(rgb.size).encode()).hexdigest()
+    """The image's pixels as training and serving decode them (models.images.decode_image), hashed."""
+    rgb = decode_image(path.read_bytes(), MAX_PIXELS)  # (H, W, 3) uint8; UserError if unreadable
+    return hashlib.sha1(rgb.tobytes() + repr(rgb.shape).encode()).hexdigest()
 
 
 def scan(data_dir: Path) -> tuple[pd.DataFrame, ScanReport]:
@@ -111,7 +109,7 @@ def scan(data_dir: Path) -> tuple[pd.DataFrame, ScanReport]:
             continue
         try:
             digest = _pixel_hash(path)
-        except Exception:  # PIL raises many types for broken files
+        except (UserError, OSError):  # OSError: the file itself cannot be read
             report.skipped["unreadable or corrupt image"] += 1
             continue
         if digest in seen:
