@@ -43,6 +43,7 @@ from PIL import Image
 from devtools.launch import smaps_kb
 from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, group_photo, no_face
 
+# models.faces.MAX_SIDE, not imported: each candidate's process loads its own libraries only
 MAX_SIDE = 640
 THRESHOLD = 0.5
 ASTRONAUT_FACE = 95  # px: width of the astronaut's face box in the 512x512 original
@@ -202,10 +203,10 @@ def _haar(args) -> Detect:
 
 
 def _service(args) -> Detect:
-    """models.faces.FaceDetector as the service runs it (MTCNN; it shrinks photos to MAX_SIDE itself)."""
+    """models.faces.FaceDetector as the service runs it (MTCNN; it shrinks photos to its MAX_SIDE itself)."""
     from models.faces import DetectorConfig, FaceDetector
 
-    det = FaceDetector(DetectorConfig(score_threshold=THRESHOLD), max_side=MAX_SIDE)
+    det = FaceDetector(DetectorConfig(score_threshold=THRESHOLD))
 
     def detect(rgb):
         return [(np.array(f.box, np.float32), f.score, f.landmarks) for f in det.detect(rgb)]

@@ -26,14 +26,14 @@ import torch
 from PIL import Image
 
 from devtools.photos import astronaut, encode, group_photo
-from models.artifact import Dataset, architecture, array_preprocess_for
+from models.artifact import Dataset, ModelMeta, architecture, array_preprocess_for
 from models.network import AgeGenderNet
 from models.pipeline import FaceFinder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def make_model(backbone: str, image_size: int, int8: bool = False) -> tuple[str, str, dict]:
+def make_model(backbone: str, image_size: int, int8: bool = False) -> tuple[str, str, ModelMeta]:
     """A random-weights model in the store; with int8 also its INT8 graph, ranges from real face crops
     (the benchmark's photos, mirrored and shifted: speed depends on neither weights nor ranges)."""
     import bentoml  # here, not at the top: main() points BENTOML_HOME at a temporary store first

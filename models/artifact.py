@@ -36,7 +36,8 @@ INT8_MAX_COST = {"age_mae": 0.1, "gender_acc": 0.003}
 HIGHER_IS_BETTER = {"gender_acc"}  # of INT8_MAX_COST's metrics; the others are errors (lower is better)
 
 
-# the metadata's format; 1: everything stored before the version was recorded (ModelMeta.load migrates it)
+# the metadata's format; 1: every model stored before the version was recorded (0.1.0's and 0.2.0's
+# development models alike; ModelMeta.load migrates them)
 SCHEMA_VERSION = 2
 Metrics = dict[str, int | float]  # metric name -> value; "n" (images) is an int
 
@@ -109,7 +110,9 @@ class ModelMeta(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            raise UserError(f"the model's metadata is not readable: {exc.errors()[0]['msg']}") from exc
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise UserError(f"the model's metadata is not readable: {where}: {first['msg']}") from exc
 
     def stored(self) -> dict[str, Any]:
         """What BentoML stores: JSON types, no None (its metadata allows none)."""
@@ -149,7 +152,8 @@ def architecture(
 
 
 def preprocess_for(meta: ModelMeta):
-    """The torch eval preset (training, evaluation) with this model's input size and normalisation."""
+    """The torch eval preset with this model's input size and normalisation (a torch serving path:
+    benchmarks/seed.py)."""
     return eval_preset(meta.image_size, meta.normalisation.mean, meta.normalisation.std)
 
 

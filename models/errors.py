@@ -10,8 +10,9 @@ DEBUG_ENV = "AGE_GENDER_DEBUG"
 
 
 def debugging() -> bool:
-    """AGE_GENDER_DEBUG=1: errors are re-raised with their traceback where they would be answered."""
-    return os.environ.get(DEBUG_ENV, "") == "1"
+    """AGE_GENDER_DEBUG=1 (or true, yes, on): errors are re-raised with their traceback where they would be
+    answered."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class UserError(Exception):

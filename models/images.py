@@ -30,7 +30,8 @@ IMAGE_FORMATS = {
     "TIFF": (".tif", ".tiff"),
 }
 IMAGE_SUFFIXES = tuple(suffix for suffixes in IMAGE_FORMATS.values() for suffix in suffixes)
-FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF or TIFF"  # IMAGE_FORMATS for people
+_SHOWN = [{"WEBP": "WebP"}.get(name, name) for name in IMAGE_FORMATS]
+FORMAT_NAMES = ", ".join(_SHOWN[:-1]) + " or " + _SHOWN[-1]  # "JPEG, PNG, WebP, BMP, GIF or TIFF"
 MAX_PIXELS = 50_000_000  # default limit per photo, read from its header before decoding
 # Decoding costs CPU in proportion to pixels, not bytes: a 6 kB 1-bit PNG of 7071x7071 took 6 s. Photos
 # compress to 1-20 pixels per byte; an even colour as a 12 Mpx PNG ~350 (deflate's ceiling is ~1,032:1 on
@@ -133,15 +134,19 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     transparent pixels (alpha channel or a transparent palette entry / colour key) are composited on white,
     CMYK, 1-bit, greyscale and palette images are converted by Pillow."""
     image = open_image(data, max_pixels)
+    doing = f"decoding a {image.format} image of {image.width}x{image.height}"
     try:
         image.load()  # the first frame
-        with contextlib.suppress(Exception):  # EXIF is optional: whatever fails reading it, keep the pixels
-            ImageOps.exif_transpose(image, in_place=True)
-        return _to_rgb(image)
     except CORRUPT as exc:
         raise UserError(f"the image is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
     except Exception as exc:
-        raise unexpected(exc, f"decoding a {image.format} image of {image.width}x{image.height}") from exc
+        raise unexpected(exc, doing) from exc
+    with contextlib.suppress(Exception):  # EXIF is optional: whatever fails reading it, keep the pixels
+        ImageOps.exif_transpose(image, in_place=True)
+    try:
+        return _to_rgb(image)  # the pixels are loaded: a failure here is ours, not the file's
+    except Exception as exc:
+        raise unexpected(exc, doing) from exc
 
 
 def unexpected(exc: Exception, doing: str) -> UserError:

@@ -21,6 +21,7 @@ from PIL import Image
 from models.artifact import INTERVAL_LEVEL, MODEL_NAME, ModelMeta, stored_model
 from models.errors import UserError
 from models.faces import DetectorConfig
+from models.images import MAX_PIXELS
 from models.outputs import check_level
 from models.pipeline import Detection, Estimator, FaceFinder, load_crops, photo_results
 from models.schemas import FaceAttributes, PhotoResult
@@ -39,15 +40,17 @@ class Predictor:
         runtime: str = "auto",
         level: float = INTERVAL_LEVEL,
         detection: DetectorConfig = DetectorConfig(),
+        max_pixels: int = MAX_PIXELS,
     ) -> Predictor:
-        """A stored model's folder (it holds model.yaml), found faces as `detection` says."""
+        """A stored model's folder (it holds model.yaml); faces found as `detection` says, in photos of at
+        most max_pixels pixels (the service's AGE_GENDER_MAX_PIXELS)."""
         path = Path(path)
         try:
             raw = yaml.safe_load((path / "model.yaml").read_text())["metadata"]
         except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
             raise UserError(f"{path} is not a stored model folder (no readable model.yaml)") from exc
         check_level(level)
-        return cls(FaceFinder(detection), Estimator.open(path, ModelMeta.load(raw), runtime, level))
+        return cls(FaceFinder(detection, max_pixels), Estimator.open(path, ModelMeta.load(raw), runtime, level))
 
     @classmethod
     def from_store(cls, tag: str = f"{MODEL_NAME}:latest", **options: Any) -> Predictor:

@@ -50,7 +50,7 @@ def visible_gpus() -> int:
     except pynvml.NVMLError as exc:  # a driver that fails: say so, or a GPU machine silently runs on its CPU
         if debugging():
             raise
-        logging.getLogger("bentoml").warning("NVIDIA's driver is there but failed (%s): running on the CPU", exc)
+        logging.getLogger(__name__).warning("NVIDIA's driver is there but failed (%s): running on the CPU", exc)
         return 0
 
 

@@ -44,7 +44,13 @@ class Settings:
 
     @property
     def detection(self) -> DetectorConfig:
-        return DetectorConfig(self.detector, self.score_threshold, self.min_face_size, self.small_faces, self.max_faces)
+        return DetectorConfig(
+            detector=self.detector,
+            score_threshold=self.score_threshold,
+            min_face_size=self.min_face_size,
+            small_faces=self.small_faces,
+            max_faces=self.max_faces,
+        )
 
     def __post_init__(self) -> None:
         try:

@@ -138,8 +138,9 @@ def test_evaluate_reports_and_plots_the_new_numbers(model_tag: str, metadata_fil
 
 @pytest.fixture(scope="module")
 def old_tag(regression_tag: str) -> str:
-    """A model as `export` stored them in 0.1.0 (metadata schema 1): regression head, no `age_head` key, no calibration,
-    the older metric keys, no model card, no INT8 graph (its weights are the regression model's)."""
+    """A model as `export` stored them before the metadata had a schema version (schema 1) and the
+    distribution head: regression head, no `age_head` key, no calibration, the older metric keys, no model
+    card, no INT8 graph (its weights are the regression model's)."""
     from training import fingerprint
     from training.export import save_model
 

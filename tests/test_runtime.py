@@ -66,10 +66,10 @@ def test_a_failing_gpu_driver_is_reported_not_silent(monkeypatch, caplog) -> Non
         return init
 
     monkeypatch.setattr(pynvml, "nvmlInit", failing(pynvml.NVMLError_DriverNotLoaded))
-    with caplog.at_level("WARNING", logger="bentoml"):
+    with caplog.at_level("WARNING", logger="models.runtime"):
         assert visible_gpus() == 0 and not caplog.records  # no driver: a CPU machine, nothing to say
     monkeypatch.setattr(pynvml, "nvmlInit", failing(pynvml.NVMLError_GpuIsLost))
-    with caplog.at_level("WARNING", logger="bentoml"):
+    with caplog.at_level("WARNING", logger="models.runtime"):
         assert visible_gpus() == 0
     assert "driver is there but failed" in caplog.text and "running on the CPU" in caplog.text
     monkeypatch.setenv("AGE_GENDER_DEBUG", "1")

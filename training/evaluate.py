@@ -56,8 +56,8 @@ def evaluate(
         "runtime": estimator.runtime.name,
         "runtime_reason": estimator.why,
         "age_head": meta.age_head,
-        "calibration": meta.calibration.model_dump(exclude_none=True),
-        "int8_cost_at_export": meta.int8.cost if meta.int8 else None,
+        "calibration": meta.calibration.model_dump(exclude_none=True) if meta.calibration.split else {},
+        "int8_cost_at_export": (meta.int8.cost or None) if meta.int8 else None,
         **build_report(frame, meta.gender_classes),
     }
     if estimator.runtime.name == "onnx-int8":  # re-measure its cost here: the fp32 graph on the same images

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from models.artifact import MINOR_AGE
+from models.artifact import MINOR_AGE, ModelMeta
 from models.outputs import COLUMNS, decode, softmax
 from models.pipeline import Estimator, load_crops
 from training import calibration
@@ -38,7 +38,7 @@ def predict(
     return np.concatenate(ages), np.concatenate(logits)
 
 
-def with_answers(frame: pd.DataFrame, age_out: np.ndarray, logits: np.ndarray, meta: dict, level: float):
+def with_answers(frame: pd.DataFrame, age_out: np.ndarray, logits: np.ndarray, meta: ModelMeta, level: float):
     """The frame plus the served answers for its images (models/outputs.decode) and the uncalibrated
     probability of the predicted gender."""
     rows = decode(age_out, logits, meta, level)

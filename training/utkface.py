@@ -42,8 +42,9 @@ from training.synth import MARKER
 
 COLUMNS = ["path", "age", "gender", "race", "split", "source"]
 SPLITS = ("train", "val", "test")
+_SUFFIX = "|".join(suffix[1:] for suffix in IMAGE_SUFFIXES)  # jpg|jpeg|png|...: models.images.IMAGE_FORMATS
 _NAME = re.compile(
-    r"^(?P<age>\d+)_(?P<gender>\d+)_(?:(?P<race>\d+)_)?(?P<stamp>\d{16,18})\s*\.?(?:jpe?g|png)(?:\.chip\.jpg)?$"
+    rf"^(?P<age>\d+)_(?P<gender>\d+)_(?:(?P<race>\d+)_)?(?P<stamp>\d{{16,18}})\s*\.?(?:{_SUFFIX})(?:\.chip\.jpg)?$"
 )
 
 
