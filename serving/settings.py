@@ -44,13 +44,7 @@ class Settings:
 
     @property
     def detection(self) -> DetectorConfig:
-        return DetectorConfig(
-            detector=self.detector,
-            score_threshold=self.score_threshold,
-            min_face_size=self.min_face_size,
-            small_faces=self.small_faces,
-            max_faces=self.max_faces,
-        )
+        return DetectorConfig(**{f.name: getattr(self, f.name) for f in fields(DetectorConfig)})
 
     def __post_init__(self) -> None:
         try:

@@ -70,18 +70,24 @@ def decode_faces(paths: Sequence[str], size: int, workers: int = 0, desc: str = 
 
 
 class EpochOrder(Sampler[int]):
-    """The training split's order in each epoch, a permutation drawn from (seed, epoch) alone; the epoch
-    of a mid-epoch checkpoint restarts after the samples it had already trained on."""
+    """The training split's order in each epoch, a permutation drawn from (seed, epoch) alone, and how far
+    training has gone in it: the epoch of a mid-epoch checkpoint restarts after the samples it had already
+    trained on."""
 
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
-        self.resume_at = (-1, 0)  # (epoch, samples already trained in it)
+        self.position = (0, 0)  # (epoch, samples trained in it): where a checkpoint written now resumes
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls it before each epoch
         self.epoch = epoch
 
     def start(self, epoch: int) -> int:
-        return self.resume_at[1] if self.resume_at[0] == epoch else 0
+        """Samples of `epoch` already trained on: those of a checkpoint's epoch when resuming into it, else 0."""
+        return self.position[1] if self.position[0] == epoch else 0
+
+    def advance(self, epoch: int, samples: int) -> None:
+        """A training step of `epoch` used `samples` more."""
+        self.position = (epoch, self.start(epoch) + samples)
 
     def __len__(self) -> int:
         return self.size  # a full epoch's: Lightning counts the resumed epoch's batches from where it stopped
@@ -119,7 +125,6 @@ class UTKFaceDataModule(L.LightningDataModule):
         self.augment = Augment.from_config(augment)
         self._faces: dict[tuple[str, ...], TensorDataset] = {}
         self.order = EpochOrder(len(self.split(*self.train_splits)), seed)
-        self.position = (0, 0)  # (epoch, samples trained in it): where a checkpoint written now resumes
 
     def split(self, *names: str) -> pd.DataFrame:
         return self.frame[self.frame.split.isin(names)]
@@ -157,19 +162,18 @@ class UTKFaceDataModule(L.LightningDataModule):
         faces, ages, genders = batch
         x = faces.float() / 255
         if self.trainer is not None and self.trainer.training:
-            epoch, step = self.trainer.current_epoch, self.trainer.global_step
-            done = self.position[1] if self.position[0] == epoch else self.order.start(epoch)
-            self.position = (epoch, done + len(faces))  # once per training step, when its batch is used
+            step = self.trainer.global_step
+            self.order.advance(self.trainer.current_epoch, len(faces))  # once per step, when its batch is used
             torch.manual_seed(self.hparams.seed * STEP_SEEDS + step)  # this step's augmentation and dropout
             x = self.augment(x)
         return normalize(x), ages, genders
 
     def state_dict(self) -> dict:
-        epoch, samples = self.position
+        epoch, samples = self.order.position
         return {"epoch": epoch, "samples": samples}
 
     def load_state_dict(self, state: dict) -> None:
-        self.order.resume_at = self.position = (state["epoch"], state["samples"])
+        self.order.position = (state["epoch"], state["samples"])
 
     def age_stats(self) -> tuple[float, float]:
         ages = self.split(*self.train_splits).age
