@@ -37,10 +37,11 @@ from models.runtime import visible_gpus
 from models.schemas import BatchResult, FaceAttributes, FacesResult, ModelInfo, PhotoResult
 from serving import patches
 from serving.annotate import annotate
+from serving.answers import answers_user_errors
 from serving.card import ModelCardRoute
-from serving.dependencies import call_dependency
+from serving.dependencies import ByteBudget, call_dependency
 from serving.edge import ApiKey, RequestId, cors, log_request_ids
-from serving.guard import RequestGuard, answers_user_errors, api_routes
+from serving.guard import RequestGuard, api_routes
 from serving.heap import return_large_buffers
 from serving.openapi import StandardOpenAPI
 from serving.settings import DETECTOR_WORKERS, SETTINGS
@@ -122,7 +123,9 @@ class AgeGenderModel:
 UI = Path(__file__).resolve().parent / "serving" / "ui"
 
 
-@bentoml.service(workers=SETTINGS.api_workers, traffic={"timeout": 120, "max_concurrency": 128})
+# no BentoML max_concurrency: it counts requests from before their bodies are read, so slow uploads took
+# every slot; the request guard keeps two limits of its own (AGE_GENDER_MAX_UPLOADS, _MAX_CONCURRENCY)
+@bentoml.service(workers=SETTINGS.api_workers, traffic={"timeout": 120})
 class AgeGender:
     detector = bentoml.depends(FaceDetection)
     model = bentoml.depends(AgeGenderModel)
@@ -130,6 +133,10 @@ class AgeGender:
     def __init__(self) -> None:
         self._info: dict | None = None
         self._info_lock = asyncio.Lock()  # the first burst of requests asks the dependencies once
+        # files on their way to the detectors, over all requests: two per detector process keep each one
+        # busy, and at most a largest upload's worth of bytes per detector process (ByteBudget says why)
+        self._sending = asyncio.Semaphore(2 * DETECTOR_WORKERS)
+        self._bytes = ByteBudget(DETECTOR_WORKERS * SETTINGS.max_bytes)
 
     async def _model_info(self) -> dict:
         async with self._info_lock:
@@ -157,7 +164,7 @@ class AgeGender:
         slots = asyncio.Semaphore(DETECTOR_WORKERS)
 
         async def detect(i: int, path: Path) -> Detection:
-            async with slots:
+            async with slots, self._sending, self._bytes.hold(path.stat().st_size):
                 answer = await call_dependency(self.detector.to_async.detect, await asyncio.to_thread(path.read_bytes))
             try:
                 return Detection(**raised(answer))
@@ -183,7 +190,9 @@ class AgeGender:
     @answers_user_errors
     async def predict_faces(self, images: list[Path]) -> FacesResult:
         """Already-cropped faces (e.g. UTKFace crops), no detection; multipart field `images`."""
-        loaded = raised(await call_dependency(self.detector.to_async.load_crops, [p.read_bytes() for p in images]))
+        async with self._sending, self._bytes.hold(sum(p.stat().st_size for p in images)):
+            data = [p.read_bytes() for p in images]
+            loaded = raised(await call_dependency(self.detector.to_async.load_crops, data))
         return FacesResult(predictions=[FaceAttributes(**a) for a in await self._attributes(loaded["crops"])])
 
     @bentoml.api
@@ -217,6 +226,9 @@ AgeGender.add_asgi_middleware(
     max_request_pixels=SETTINGS.max_request_pixels,
     idle_timeout=SETTINGS.idle_timeout,
     upload_timeout=SETTINGS.upload_timeout,
+    min_upload_rate=SETTINGS.min_upload_rate,
+    max_uploads=SETTINGS.max_uploads,
+    max_concurrency=SETTINGS.max_concurrency,
     no_input_routes=NO_INPUT_ROUTES,
 )
 AgeGender.add_asgi_middleware(StandardOpenAPI)

@@ -1,7 +1,13 @@
 """Calls from the public API service to its dependency services: retried once, then a 503 (never a 500)
-when a dependency's worker dies (tests/test_faults.py kills them under load)."""
+when a dependency's worker dies (tests/test_faults.py kills them under load); the bytes they carry at
+once bounded (ByteBudget)."""
 
 from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import aiohttp
 import bentoml
@@ -30,3 +36,45 @@ async def call_dependency(method, *args):
         return await method(*args)
     except (*BROKEN, TimeoutError) as exc:
         raise DependencyUnavailable("a backend service is temporarily unavailable, retry") from exc
+
+
+class ByteBudget:
+    """At most `limit` bytes held at once, granted first come first served; a single holder may exceed
+    the limit alone (a file larger than the budget still goes, by itself).
+
+    For files on their way to the detectors: each is in the API process's memory twice while its call is
+    in flight (read from BentoML's temporary file, and pickled by BentoML's client), however many
+    requests wait for a detector."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._waiting: deque[tuple[int, asyncio.Future]] = deque()
+
+    @asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        if not self._waiting and self._fits(size):
+            self.used += size
+        else:
+            granted = asyncio.get_running_loop().create_future()
+            self._waiting.append((size, granted))
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():  # granted just as its request was cancelled
+                    self._release(size)
+                raise
+        try:
+            yield
+        finally:
+            self._release(size)
+
+    def _fits(self, size: int) -> bool:
+        return self.used == 0 or self.used + size <= self.limit
+
+    def _release(self, size: int) -> None:
+        self.used -= size
+        while self._waiting and (self._waiting[0][1].cancelled() or self._fits(self._waiting[0][0])):
+            size, granted = self._waiting.popleft()
+            if not granted.cancelled():
+                self.used += size
+                granted.set_result(None)

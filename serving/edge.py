@@ -1,7 +1,9 @@
 """What every request meets first (outermost middlewares): its request ID, the API key, CORS.
 
 - X-Request-ID: the client's (1-128 letters, digits, `.`, `_`, `-`), else a new one; answered in the
-  response's X-Request-ID and written in the log lines this project's code writes while handling it.
+  response's X-Request-ID and written in every log line of the request, in the API process and in the
+  detector and model processes its calls reach (carried to them as W3C baggage, which BentoML's client
+  sends with its trace context and BentoML's server restores).
 - API key (AGE_GENDER_API_KEY, off when empty): every route but the health checks and /metrics needs
   `Authorization: Bearer <key>` or `X-API-Key: <key>`; 401 `{"error"}` otherwise, before the body is read.
 - CORS (AGE_GENDER_CORS_ORIGINS, off when empty): browsers on those origins may call the API.
@@ -15,6 +17,8 @@ import re
 import uuid
 from contextvars import ContextVar
 
+from opentelemetry import baggage
+from opentelemetry import context as otel
 from starlette.datastructures import MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
@@ -22,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 VALID_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # what is echoed into headers and logs: nothing to inject
+CARRIED = "age_gender.request_id"  # the baggage entry
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # probes and scrapers carry no key
 
 
@@ -35,6 +40,7 @@ class RequestId:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if VALID_ID.fullmatch(given) else uuid.uuid4().hex
         token = REQUEST_ID.set(request_id)
+        carried = otel.attach(baggage.set_baggage(CARRIED, request_id))
 
         async def with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -44,6 +50,7 @@ class RequestId:
         try:
             await self.app(scope, receive, with_id)
         finally:
+            otel.detach(carried)
             REQUEST_ID.reset(token)
 
 
@@ -77,6 +84,16 @@ def cors(app: ASGIApp, origins: str) -> ASGIApp:
     )
 
 
+def request_id() -> str:
+    """The ID of the request being handled: set by RequestId in the API process, carried as baggage into
+    the dependency services' processes; `-` outside any request."""
+    given = REQUEST_ID.get()
+    if given != "-":
+        return given
+    carried = baggage.get_baggage(CARRIED)
+    return carried if isinstance(carried, str) and VALID_ID.fullmatch(carried) else "-"
+
+
 def log_request_ids() -> None:
     """Every log record made in this process while a request is handled gets its `request_id` and a
     `[request ID]` prefix, whichever logger makes it (a record factory: logger filters are not inherited)."""
@@ -86,10 +103,10 @@ def log_request_ids() -> None:
 
     def record(*args, **kwargs) -> logging.LogRecord:
         rec = make(*args, **kwargs)
-        request_id = REQUEST_ID.get()
-        setattr(rec, "request_id", request_id)  # noqa: B010  # an extra field, as logging's `extra=` adds
-        if request_id != "-":
-            rec.msg = f"[request {request_id}] {rec.msg}"
+        current = request_id()
+        setattr(rec, "request_id", current)  # noqa: B010  # an extra field, as logging's `extra=` adds
+        if current != "-":
+            rec.msg = f"[request {current}] {rec.msg}"
         return rec
 
     record.request_ids = True  # type: ignore[attr-defined]

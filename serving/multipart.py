@@ -7,6 +7,7 @@ not folded, the body ends with the closing boundary, and parsing takes time line
 
 from __future__ import annotations
 
+import mmap
 import re
 import secrets
 from dataclasses import dataclass
@@ -36,32 +37,37 @@ class ClientGone(Exception):
     pass
 
 
+Buffer = bytes | mmap.mmap  # a whole body: in memory, or its spool file mapped (serving/uploads.py)
+Segment = bytes | tuple[int, int]  # of a body written from another one: bytes of its own, or (start, end) of it
+
+
 @dataclass(frozen=True)
 class Part:
     name: str
     filename: str | None  # None: a text field
     content_type: str
-    data: memoryview
+    start: int  # its data is body[start:end]
+    end: int
 
 
-def parse_form(body: bytes, boundary: bytes, max_files: int) -> list[Part]:
+def parse_form(body: Buffer, boundary: bytes, max_files: int) -> list[Part]:
     """multipart/form-data (RFC 7578) -> its parts, strictly and in time linear in the bytes read: each
     part needs a Content-Disposition with a name, headers must not be folded, the body must end with the
     closing boundary. Rejected(400) says what is wrong; TooManyFiles once a part past max_files is seen
-    (with the number of parts the body holds, counted without parsing them)."""
+    (with the number of parts the body holds, counted without parsing them). Only find() and slicing
+    are used on the body (an mmap has no startswith or count)."""
     delimiter = b"--" + boundary
-    if body.startswith(delimiter):
+    if _at(body, 0, delimiter):
         pos = len(delimiter)
     else:  # a preamble before the first boundary is allowed (RFC 2046)
         found = body.find(b"\r\n" + delimiter)
         if found < 0:
             raise Rejected(400, "the body does not contain the boundary given in Content-Type (wrong boundary?)")
         pos = found + 2 + len(delimiter)
-    view = memoryview(body)
     parts: list[Part] = []
     files = fields = 0
     while True:
-        if body.startswith(b"--", pos):  # the closing boundary; an epilogue after it is ignored
+        if _at(body, pos, b"--"):  # the closing boundary; an epilogue after it is ignored
             return parts
         line_end = _LINE_END.match(body, pos)
         if line_end is None:
@@ -92,9 +98,20 @@ def parse_form(body: bytes, boundary: bytes, max_files: int) -> list[Part]:
         else:
             files += 1
             if files > max_files:  # each part after this one ends with a boundary, the last with the closing one
-                raise TooManyFiles(files + body.count(b"\r\n" + delimiter, end + 2))
-        parts.append(Part(name, filename, content_type, view[start:end]))
+                raise TooManyFiles(files + _count(body, b"\r\n" + delimiter, end + 2))
+        parts.append(Part(name, filename, content_type, start, end))
         pos = end + 2 + len(delimiter)
+
+
+def _at(body: Buffer, pos: int, text: bytes) -> bool:
+    return body[pos : pos + len(text)] == text
+
+
+def _count(body: Buffer, text: bytes, pos: int) -> int:
+    count = 0
+    while (pos := body.find(text, pos)) >= 0:
+        count, pos = count + 1, pos + len(text)
+    return count
 
 
 def _part_headers(block: bytes) -> tuple[str, str | None, str]:
@@ -131,19 +148,20 @@ def label(filename: str | None, index: int) -> str:
     return repr(filename if len(filename) <= 60 else f"{filename[:40]}...{filename[-12:]}")
 
 
-def build_form(name: str, files: list[tuple[memoryview, str]], avoid: bytes) -> tuple[bytes, bytes]:
-    """(data, format) files -> (canonical multipart body, its boundary): short safe file names, detected
-    content types. The boundary is one that does not occur in `avoid` (the original body holds every file)."""
+def build_form(name: str, files: list[tuple[Part, str]], body: Buffer) -> tuple[list[Segment], bytes]:
+    """(part, format) files of `body` -> (the canonical multipart body as segments of `body`, its
+    boundary): short safe file names, detected content types. The boundary is one that does not occur
+    in `body` (which holds every file)."""
     while True:
         boundary = secrets.token_hex(16).encode()
-        if boundary not in avoid:
+        if body.find(boundary) < 0:
             break
-    chunks: list[bytes | memoryview] = []
-    for i, (data, fmt) in enumerate(files):
+    segments: list[Segment] = []
+    for i, (part, fmt) in enumerate(files):
         disposition = f'form-data; name="{name}"; filename="image-{i}.{_SUFFIX[fmt]}"'
         head = (
             f"--{boundary.decode()}\r\nContent-Disposition: {disposition}\r\nContent-Type: image/{fmt.lower()}\r\n\r\n"
         )
-        chunks += [head.encode(), data, b"\r\n"]
-    chunks.append(b"--" + boundary + b"--\r\n")
-    return b"".join(chunks), boundary
+        segments += [head.encode(), (part.start, part.end), b"\r\n"]
+    segments.append(b"--" + boundary + b"--\r\n")
+    return segments, boundary

@@ -14,7 +14,7 @@ from starlette.responses import HTMLResponse
 from starlette.types import Receive, Scope, Send
 
 from serving import card
-from serving.guard import rewrite_response
+from serving.answers import rewrite_response
 
 ERROR_SCHEMA = {
     "type": "object",

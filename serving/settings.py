@@ -33,6 +33,13 @@ class Settings:
     max_request_pixels: int = 100_000_000
     idle_timeout: float = 10.0  # seconds without a byte of the request body -> 408 (slow or stalled clients)
     upload_timeout: float = 60.0  # seconds to receive a whole request body -> 408
+    # after idle_timeout seconds, a body arriving slower than this on average -> 408: clients that hold an
+    # upload open with a byte now and then; 1 KiB/s is far below any phone network (2G: ~10 KiB/s)
+    min_upload_rate: float = 1024.0
+    # per API process (serving/guard.py): bodies being received at once, and requests being handled
+    # (counted from a complete, checked body) -> 429 past either
+    max_uploads: int = 256
+    max_concurrency: int = 128
     runtime: str = "auto"  # auto | onnx | onnx-int8 | torch (models/runtime.py)
     max_batch_size: int = 32  # adaptive batching upper bound; 1 turns batching off
     max_latency_ms: int = 20000  # adaptive batching: a request that would queue longer gets 503

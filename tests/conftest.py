@@ -91,7 +91,16 @@ def assert_one_line_error(result: subprocess.CompletedProcess) -> str:
 
 # `make test-fast` (pytest -m "not slow"): the edit loop's tests. Slow: those that need a trained model, a
 # server or the generated data set (session fixtures), and those that train or serve in subprocesses.
-SLOW_FIXTURES = {"sample_dir", "metadata_file", "tiny_config", "checkpoint", "model_tag", "regression_tag", "server"}
+SLOW_FIXTURES = {
+    "sample_dir",
+    "metadata_file",
+    "tiny_config",
+    "checkpoint",
+    "model_tag",
+    "regression_tag",
+    "server",
+    "server_log",
+}
 SLOW_CALLS = ("run_cli(", "running_service(", "getfixturevalue(")  # the last: slow fixtures asked for by name
 
 
@@ -160,6 +169,12 @@ def regression_tag(tiny_config: dict, bentoml_home: Path, tmp_path_factory) -> s
     cfg = {**tiny_config, "model": {**tiny_config["model"], "age_head": "regression"}}
     cfg["logdir"] = str(tmp_path_factory.mktemp("runs-regression"))
     return str(export(fit(cfg)))
+
+
+@pytest.fixture(scope="session")
+def server_log(server: str, tmp_path_factory) -> Path:
+    """The log of the `server` fixture's `bentoml serve`, every process's lines."""
+    return next(tmp_path_factory.getbasetemp().glob("server*/serve.log"))
 
 
 # small limits so that the limit tests stay small (a 12 Mpx phone photo still passes); the defaults are

@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 
 import pytest
+from opentelemetry import context as otel
+from opentelemetry import propagate
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from serving.edge import ApiKey, RequestId, cors, log_request_ids
+from serving.edge import ApiKey, RequestId, cors, log_request_ids, request_id
 
 KEY = "s3cret-key"
 ORIGIN = "https://app.example"
@@ -60,6 +62,30 @@ def test_request_id_is_taken_or_made_and_answered(client, caplog) -> None:
     for given in ({}, {"X-Request-ID": "evil\r\nid"}, {"X-Request-ID": "x" * 129}):
         made = client.post("/model_info", headers=given).headers["X-Request-ID"]  # a 401 carries one too
         assert len(made) == 32 and int(made, 16) >= 0, given
+
+
+def test_request_id_is_carried_to_the_dependency_services(client, caplog) -> None:
+    """Calls made while a request is handled carry its ID as baggage (BentoML's client injects it with
+    the trace context); a process whose request context came from such a call logs the ID too."""
+    log_request_ids()
+    injected: dict = {}
+
+    async def call_dependency(request) -> JSONResponse:
+        propagate.inject(injected)  # what BentoML's client does for each call to a dependency
+        return JSONResponse({})
+
+    app = RequestId(Starlette(routes=[Route("/call", call_dependency, methods=["POST"])]))
+    with TestClient(app) as c:
+        c.post("/call", headers={"X-Request-ID": "order-43"})
+    assert "age_gender.request_id=order-43" in injected.get("baggage", ""), injected
+    restored = otel.attach(propagate.extract(injected))  # what BentoML's server does with the call
+    try:
+        with caplog.at_level(logging.INFO, logger="bentoml"):
+            logging.getLogger("bentoml").info("detecting")
+    finally:
+        otel.detach(restored)
+    assert "[request order-43] detecting" in caplog.messages, caplog.messages
+    assert request_id() == "-"
 
 
 def test_cors_only_for_the_configured_origins(client) -> None:

@@ -8,6 +8,7 @@ stalled clients are played by hand-written ASGI receive() functions.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import bentoml
 import numpy as np
 import pytest
 from PIL import Image
+from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
 from devtools.photos import astronaut, encode
@@ -23,6 +25,7 @@ from models.faces import FaceDetector
 from models.images import decode_image, image_format
 from serving.guard import FileField, RequestGuard
 from serving.openapi import StandardOpenAPI
+from serving.uploads import SPOOL_BYTES
 
 MAX_IMAGES = 4
 LIMITS = {
@@ -32,6 +35,7 @@ LIMITS = {
     "max_request_pixels": 3_000_000,
     "idle_timeout": 0.3,
     "upload_timeout": 1.0,
+    "min_upload_rate": 100,
 }
 ROUTES = {"/predict": FileField("image", many=False), "/predict_batch": FileField("images", many=True)}
 B = b"b0undary"
@@ -44,7 +48,8 @@ class StandIn:
 
     @bentoml.api
     def predict(self, image: Path) -> dict:
-        return {"name": image.name, "format": image_format(image.read_bytes()), "size": image.stat().st_size}
+        data = image.read_bytes()
+        return {"name": image.name, "format": image_format(data), "size": len(data), "sha": _sha(data)}
 
     @bentoml.api
     def predict_batch(self, images: list[Path]) -> dict:
@@ -63,6 +68,10 @@ StandIn.add_asgi_middleware(StandardOpenAPI)
 def client():
     with TestClient(StandIn.to_asgi(), raise_server_exceptions=False) as c:
         yield c
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def part(name: bytes | None, data: bytes, filename: bytes | None = b"a.png", ctype: bytes = b"image/png") -> bytes:
@@ -152,6 +161,17 @@ def test_images_are_recognised_from_their_bytes(client) -> None:
         r, _ = post(client, "/predict", form(part(b"image", data, ctype=b"image/jpeg")))
         message = error_of(r, 415)
         assert "not an image" in message and "JPEG, PNG, WebP, BMP, GIF or TIFF" in message, message
+
+
+def test_large_files_arrive_whole_through_the_spool(client) -> None:
+    """Bodies past SPOOL_BYTES are kept in a temporary file and handed on in chunks: every byte arrives."""
+    noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    png = encode(Image.fromarray(noise), "PNG")
+    assert len(png) > 10 * SPOOL_BYTES
+    r, _ = post(client, "/predict", form(part(b"image", png)))
+    assert r.status_code == 200 and r.json()["size"] == len(png) and r.json()["sha"] == _sha(png), r.text
+    r, _ = post(client, "/predict_batch", form(part(b"images", png), part(b"images", PNG), part(b"images", png)))
+    assert r.status_code == 200 and r.json()["sizes"] == [len(png), len(PNG), len(png)], r.text
 
 
 def test_many_parts_are_rejected_without_parsing_them(client) -> None:
@@ -254,16 +274,40 @@ def test_stalled_body_answers_408_after_the_idle_timeout() -> None:
     assert headers[b"connection"] == b"close" and time.perf_counter() - start < 1
 
 
-def test_trickling_body_answers_408_at_the_upload_deadline() -> None:
+def test_slow_body_answers_408_at_the_upload_deadline() -> None:
     async def receive() -> dict:
-        await asyncio.sleep(0.05)  # never idle long enough for the idle timeout
-        return {"type": "http.request", "body": b"x", "more_body": True}
+        await asyncio.sleep(0.05)  # never idle long enough for the idle timeout, 1,000 bytes/s
+        return {"type": "http.request", "body": b"x" * 50, "more_body": True}
 
     start = time.perf_counter()
     sent, reached = asyncio.run(_call_guard(receive))
     status, _, message = _answer(sent)
     assert status == 408 and "longer than 1 s" in message and not reached
     assert time.perf_counter() - start < 2
+
+
+def test_trickling_body_is_cut_once_its_rate_is_below_the_minimum() -> None:
+    async def receive() -> dict:
+        await asyncio.sleep(0.05)  # a byte now and then: never idle, 20 bytes/s
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    start = time.perf_counter()
+    sent, reached = asyncio.run(_call_guard(receive))
+    status, headers, message = _answer(sent)
+    assert status == 408 and "under the minimum of 100 bytes/s" in message and not reached
+    assert headers[b"connection"] == b"close" and 0.3 <= time.perf_counter() - start < 0.6
+
+
+def test_declared_oversized_body_answers_413_before_reading() -> None:
+    async def receive() -> dict:
+        await asyncio.Event().wait()  # nothing is read: the declared length decides
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=" + B), (b"content-length", b"%d" % 10**9)]
+    start = time.perf_counter()
+    sent, reached = asyncio.run(_call_guard(receive, headers))
+    status, headers_out, message = _answer(sent)
+    assert status == 413 and "byte limit" in message and not reached and headers_out[b"connection"] == b"close"
+    assert time.perf_counter() - start < 0.2
 
 
 def test_client_gone_mid_body_is_not_served() -> None:
@@ -274,6 +318,54 @@ def test_client_gone_mid_body_is_not_served() -> None:
 
     sent, reached = asyncio.run(_call_guard(receive))
     assert sent == [] and not reached
+
+
+def test_uploads_being_received_hold_no_handling_slot() -> None:
+    """Two limits: bodies being received (max_uploads) and requests being handled (max_concurrency), the
+    second counted from a complete body. Stalled uploads fill the first and leave the second to others;
+    past either, 429 at once naming its setting; health checks are never limited."""
+    release = asyncio.Event()
+
+    async def app(scope, receive, send) -> None:
+        if scope["path"] == "/slow":
+            await release.wait()
+        await JSONResponse({"ok": True})(scope, receive, send)
+
+    async def stalled() -> dict:  # a client that sent its headers, then nothing
+        await asyncio.Event().wait()
+
+    limits = {**LIMITS, "idle_timeout": 5, "upload_timeout": 10, "max_uploads": 2, "max_concurrency": 1}
+    guard = RequestGuard(app, ROUTES, **limits)
+
+    async def call(method: str, path: str) -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        headers = [(b"content-type", b"multipart/form-data; boundary=" + B)]
+        await guard({"type": "http", "method": method, "path": path, "headers": headers}, stalled, send)
+        return sent
+
+    async def scenario() -> None:
+        uploads = [asyncio.create_task(call("POST", "/predict")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert (await asyncio.wait_for(call("GET", "/docs"), 1))[0]["status"] == 200
+        status, headers, message = _answer(await asyncio.wait_for(call("POST", "/predict"), 1))
+        assert status == 429 and "2 uploads are being received" in message and "AGE_GENDER_MAX_UPLOADS" in message
+        assert headers[b"connection"] == b"close"  # its body was not read
+        slow = asyncio.create_task(call("GET", "/slow"))
+        await asyncio.sleep(0.05)
+        status, headers, message = _answer(await asyncio.wait_for(call("GET", "/docs"), 1))
+        assert status == 429 and "AGE_GENDER_MAX_CONCURRENCY" in message and headers[b"retry-after"] == b"1"
+        assert (await asyncio.wait_for(call("GET", "/readyz"), 1))[0]["status"] == 200
+        release.set()
+        await slow
+        assert (await asyncio.wait_for(call("GET", "/docs"), 1))[0]["status"] == 200
+        for task in uploads:
+            task.cancel()
+
+    asyncio.run(scenario())
 
 
 # decode_image: every Pillow mode to 8-bit RGB

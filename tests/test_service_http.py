@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -312,6 +313,16 @@ def test_health_and_docs(server: str) -> None:
     text = str(spec)
     assert "'type': 'file'" not in text and "'type': 'tensor'" not in text
     assert spec["paths"]["/predict"]["post"]["operationId"] == "predict"
+
+
+def test_request_id_is_in_every_process_log_line_of_the_request(server: str, server_log: Path) -> None:
+    r = post(server, "/predict", {"image": ("a.jpg", encode(astronaut()), JPEG)}, headers={"X-Request-ID": "trace-7"})
+    assert r.status_code == 200 and r.headers["X-Request-ID"] == "trace-7"
+    time.sleep(0.5)  # access log lines are written as the answers leave
+    lines = [line for line in server_log.read_text().splitlines() if "[request trace-7]" in line]
+    # BentoML's access log line in each process the request reached: API, a detector, the model
+    for where in (":AgeGender:", ":FaceDetection:", ":AgeGenderModel:"):  # as in [entry_service:AgeGender:1]
+        assert any(where in line for line in lines), (where, lines)
 
 
 def test_openapi_generates_a_working_client(server: str, tmp_path: Path) -> None:
