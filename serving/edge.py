@@ -2,8 +2,10 @@
 
 - X-Request-ID: the client's (1-128 letters, digits, `.`, `_`, `-`), else a new one; answered in the
   response's X-Request-ID and written in every log line of the request, in the API process and in the
-  detector and model processes its calls reach (carried to them as W3C baggage, which BentoML's client
-  sends with its trace context and BentoML's server restores).
+  detector and model processes its calls reach: it travels in the W3C `baggage` header, which BentoML's
+  client sends with each call, and CallerRequestId reads it there. (Not from OpenTelemetry's context on
+  the receiving side: under BentoML 1.4.40 the model service's access log lines carried the baggage of an
+  earlier request on the same connection.)
 - API key (AGE_GENDER_API_KEY, off when empty): every route but the health checks and /metrics needs
   `Authorization: Bearer <key>` or `X-API-Key: <key>`; 401 `{"error"}` otherwise, before the body is read.
 - CORS (AGE_GENDER_CORS_ORIGINS, off when empty): browsers on those origins may call the API.
@@ -19,6 +21,7 @@ from contextvars import ContextVar
 
 from opentelemetry import baggage
 from opentelemetry import context as otel
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from starlette.datastructures import MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
@@ -40,7 +43,7 @@ class RequestId:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if VALID_ID.fullmatch(given) else uuid.uuid4().hex
         token = REQUEST_ID.set(request_id)
-        carried = otel.attach(baggage.set_baggage(CARRIED, request_id))
+        carried = otel.attach(baggage.set_baggage(CARRIED, request_id))  # sent along with each call
 
         async def with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -84,14 +87,22 @@ def cors(app: ASGIApp, origins: str) -> ASGIApp:
     )
 
 
-def request_id() -> str:
-    """The ID of the request being handled: set by RequestId in the API process, carried as baggage into
-    the dependency services' processes; `-` outside any request."""
-    given = REQUEST_ID.get()
-    if given != "-":
-        return given
-    carried = baggage.get_baggage(CARRIED)
-    return carried if isinstance(carried, str) and VALID_ID.fullmatch(carried) else "-"
+class CallerRequestId:
+    """In the dependency services: the calling request's ID, from the `baggage` header of the call."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        header = dict(scope.get("headers", [])).get(b"baggage", b"").decode("latin-1")
+        carried = baggage.get_baggage(CARRIED, W3CBaggagePropagator().extract({"baggage": header})) if header else None
+        if scope["type"] != "http" or not isinstance(carried, str) or not VALID_ID.fullmatch(carried):
+            return await self.app(scope, receive, send)
+        token = REQUEST_ID.set(carried)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            REQUEST_ID.reset(token)
 
 
 def log_request_ids() -> None:
@@ -103,10 +114,10 @@ def log_request_ids() -> None:
 
     def record(*args, **kwargs) -> logging.LogRecord:
         rec = make(*args, **kwargs)
-        current = request_id()
-        setattr(rec, "request_id", current)  # noqa: B010  # an extra field, as logging's `extra=` adds
-        if current != "-":
-            rec.msg = f"[request {current}] {rec.msg}"
+        request_id = REQUEST_ID.get()
+        setattr(rec, "request_id", request_id)  # noqa: B010  # an extra field, as logging's `extra=` adds
+        if request_id != "-":
+            rec.msg = f"[request {request_id}] {rec.msg}"
         return rec
 
     record.request_ids = True  # type: ignore[attr-defined]

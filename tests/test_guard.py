@@ -20,6 +20,7 @@ from PIL import Image
 from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
+from devtools.forms import MALFORMED, MULTIPART, PNG, B, form, part
 from devtools.photos import astronaut, encode
 from models.faces import FaceDetector
 from models.images import decode_image, image_format
@@ -38,8 +39,6 @@ LIMITS = {
     "min_upload_rate": 100,
 }
 ROUTES = {"/predict": FileField("image", many=False), "/predict_batch": FileField("images", many=True)}
-B = b"b0undary"
-PNG = encode(Image.new("RGB", (8, 8), (200, 30, 30)), "PNG")
 
 
 @bentoml.service
@@ -74,19 +73,6 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def part(name: bytes | None, data: bytes, filename: bytes | None = b"a.png", ctype: bytes = b"image/png") -> bytes:
-    disposition = b"Content-Disposition: form-data"
-    if name is not None:
-        disposition += b'; name="' + name + b'"'
-    if filename is not None:
-        disposition += b'; filename="' + filename + b'"'
-    return b"--" + B + b"\r\n" + disposition + b"\r\nContent-Type: " + ctype + b"\r\n\r\n" + data + b"\r\n"
-
-
-def form(*parts: bytes) -> bytes:
-    return b"".join(parts) + b"--" + B + b"--\r\n"
-
-
 def post(client, path: str, body: bytes, ctype: bytes | str = b"multipart/form-data; boundary=" + B):
     start = time.perf_counter()
     r = client.post(path, content=body, headers={"content-type": ctype if isinstance(ctype, str) else ctype.decode()})
@@ -98,31 +84,6 @@ def error_of(r, status: int) -> str:
     body = r.json()
     assert isinstance(body, dict) and set(body) == {"error"} and isinstance(body["error"], str), body
     return body["error"]
-
-
-MULTIPART = "multipart/form-data; boundary=" + B.decode()
-MALFORMED = {
-    "no boundary": (form(part(b"image", PNG)), "multipart/form-data", "no boundary"),
-    "wrong boundary": (form(part(b"image", PNG)), "multipart/form-data; boundary=other", "wrong boundary"),
-    "nameless part": (form(part(None, PNG)), MULTIPART, 'name="..."'),
-    "folded header": (
-        b"--" + B + b'\r\nContent-Disposition: form-data;\r\n name="image"; filename="a.png"\r\n\r\n' + PNG + b"\r\n"
-        b"--" + B + b"--\r\n",
-        MULTIPART,
-        "folded",
-    ),
-    "no content-disposition": (
-        b"--" + B + b"\r\nContent-Type: image/png\r\n\r\n" + PNG + b"\r\n--" + B + b"--\r\n",
-        MULTIPART,
-        "Content-Disposition",
-    ),
-    "many text fields": (form(*(part(b"f%d" % i, b"x", filename=None) for i in range(200))), MULTIPART, "text fields"),
-    "image as a big text field": (form(part(b"image", encode(astronaut()), filename=None)), MULTIPART, "file parts"),
-    "no closing boundary": (part(b"image", PNG) + b"--" + B + b"\r\n", MULTIPART, "closing boundary"),
-    "truncated part": (part(b"image", PNG)[:-10], MULTIPART, "truncated"),
-    "endless headers": (b"--" + B + b"\r\n" + b"X-Pad: y\r\n" * 2000, MULTIPART, "empty line"),
-    "no CRLF after boundary": (b"--" + B + b"junk\r\n" + part(b"image", PNG)[len(B) + 4 :], MULTIPART, "CRLF"),
-}
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
