@@ -62,6 +62,9 @@ class ByteBudget:
             except asyncio.CancelledError:
                 if granted.done() and not granted.cancelled():  # granted just as its request was cancelled
                     self._release(size)
+                elif (size, granted) in self._waiting:  # out of the queue now: those behind it may fit
+                    self._waiting.remove((size, granted))
+                    self._grant()
                 raise
         try:
             yield
@@ -73,6 +76,10 @@ class ByteBudget:
 
     def _release(self, size: int) -> None:
         self.used -= size
+        self._grant()
+
+    def _grant(self) -> None:
+        # a waiter cancelled since (its task not yet resumed to leave the queue) is passed over
         while self._waiting and (self._waiting[0][1].cancelled() or self._fits(self._waiting[0][0])):
             size, granted = self._waiting.popleft()
             if not granted.cancelled():

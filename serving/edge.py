@@ -17,6 +17,8 @@ import hmac
 import logging
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 from opentelemetry import baggage
@@ -27,7 +29,11 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
+# the ID of the request being handled, in a holder emptied when it ends: tasks started while it is handled
+# keep a copy of its context (BentoML's batch dispatcher starts its loop lazily, in the first request's)
+# and must not go on naming it
+REQUEST_ID: ContextVar[list[str] | None] = ContextVar("request_id", default=None)
+BAGGAGE = W3CBaggagePropagator()
 VALID_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # what is echoed into headers and logs: nothing to inject
 CARRIED = "age_gender.request_id"  # the baggage entry
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # probes and scrapers carry no key
@@ -42,7 +48,6 @@ class RequestId:
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if VALID_ID.fullmatch(given) else uuid.uuid4().hex
-        token = REQUEST_ID.set(request_id)
         carried = otel.attach(baggage.set_baggage(CARRIED, request_id))  # sent along with each call
 
         async def with_id(message: Message) -> None:
@@ -51,10 +56,10 @@ class RequestId:
             await send(message)
 
         try:
-            await self.app(scope, receive, with_id)
+            with handling(request_id):
+                await self.app(scope, receive, with_id)
         finally:
             otel.detach(carried)
-            REQUEST_ID.reset(token)
 
 
 class ApiKey:
@@ -95,14 +100,28 @@ class CallerRequestId:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         header = dict(scope.get("headers", [])).get(b"baggage", b"").decode("latin-1")
-        carried = baggage.get_baggage(CARRIED, W3CBaggagePropagator().extract({"baggage": header})) if header else None
+        # extracted into an empty context: nothing of this process's own context can stand in for it
+        carried = baggage.get_baggage(CARRIED, BAGGAGE.extract({"baggage": header}, otel.Context())) if header else None
         if scope["type"] != "http" or not isinstance(carried, str) or not VALID_ID.fullmatch(carried):
             return await self.app(scope, receive, send)
-        token = REQUEST_ID.set(carried)
-        try:
+        with handling(carried):
             await self.app(scope, receive, send)
-        finally:
-            REQUEST_ID.reset(token)
+
+
+@contextmanager
+def handling(request_id: str) -> Iterator[None]:
+    holder = [request_id]
+    token = REQUEST_ID.set(holder)
+    try:
+        yield
+    finally:
+        holder[0] = "-"
+        REQUEST_ID.reset(token)
+
+
+def current_request_id() -> str:
+    holder = REQUEST_ID.get()
+    return holder[0] if holder else "-"
 
 
 def log_request_ids() -> None:
@@ -114,7 +133,7 @@ def log_request_ids() -> None:
 
     def record(*args, **kwargs) -> logging.LogRecord:
         rec = make(*args, **kwargs)
-        request_id = REQUEST_ID.get()
+        request_id = current_request_id()
         setattr(rec, "request_id", request_id)  # noqa: B010  # an extra field, as logging's `extra=` adds
         if request_id != "-":
             rec.msg = f"[request {request_id}] {rec.msg}"

@@ -3,12 +3,12 @@
 BentoML 1.4 answers several kinds of bad upload with a 500 or a hang, fetches URLs given in file fields,
 has no body size limit or read timeout, and returns 4xx bodies as JSON arrays (see docs/bentoml notes).
 This guard reads the request body itself (bounded in bytes, time and rate; spooled to disk past 64 KiB by
-serving/uploads.py), parses the multipart form
-strictly with its own parser, checks it against what each route takes, recognises each image from its
-bytes and reads its size from its header, and answers every problem itself with a 4xx `{"error": "..."}`
-object. What it passes on is a canonical form it wrote itself (one well-formed part per image, short
-safe file names, the detected content types), so BentoML's own parser never sees a client's framing.
-Errors that still come from further in are rewritten into the same object shape.
+serving/uploads.py), parses the multipart form strictly with its own parser, checks it against what each
+route takes, recognises each image from its bytes and reads its size from its header, and answers every
+problem itself with a 4xx `{"error": "..."}` object. What it passes on is a canonical form it wrote
+itself (one well-formed part per image, short safe file names, the detected content types), so BentoML's
+own parser never sees a client's framing. Errors that still come from further in are rewritten into the
+same object shape.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import json
 import logging
 import typing
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from python_multipart.multipart import parse_options_header
+from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from models.errors import TooLarge, UserError, debugging
@@ -43,8 +45,8 @@ from serving.settings import SETTINGS
 from serving.uploads import SPOOL_BYTES, Spool, read_body, replay
 
 log = logging.getLogger(__name__)
-# complete bodies checked at once: each maps its spool and copies one file from it (2 x max_bytes of memory
-# at most); a check of a 20 MiB body takes milliseconds, so one at a time costs no throughput
+# complete bodies checked at once (threads): each maps its spool and copies one file from it (2 x max_bytes
+# of memory at most); a check of a 20 MiB body takes milliseconds, so one at a time costs no throughput
 CHECKS_AT_ONCE = 1
 
 
@@ -81,9 +83,9 @@ class RequestGuard:
     guard's or from further in, is an `{"error": "..."}` object.
 
     Two limits per process, in place of BentoML's one (its max_concurrency is counted from before the body
-    is read, so slow uploads took every slot): at most max_uploads bodies being received, and at most
-    max_concurrency requests being handled, counted only once a body is complete and checked. Past
-    either: 429 at once. Health checks and /metrics are never limited."""
+    is read, so slow uploads took every slot): at most max_uploads bodies being received or checked, and
+    at most max_concurrency requests being handled, counted only once a body is complete and checked.
+    Past either: 429 at once. Health checks and /metrics are never limited."""
 
     def __init__(
         self,
@@ -107,15 +109,17 @@ class RequestGuard:
         self.max_uploads, self.max_concurrency = max_uploads, max_concurrency
         self.no_input_routes = frozenset(no_input_routes)
         self.uploads = self.handling = 0  # one event loop per process: plain counters
-        self.checks = asyncio.Semaphore(CHECKS_AT_ONCE)
+        self.checks = ThreadPoolExecutor(CHECKS_AT_ONCE, thread_name_prefix="upload-check")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if scope["method"] != "HEAD":  # a HEAD answer has no body to rewrite
             send = rewrite_response(send, as_error_object, lambda status: status >= 400)
         path = scope["path"]
         field = self.routes.get(path)
+        if path in OPEN_PATHS:  # health checks and /metrics: never limited
+            return await self.app(scope, receive, send)
         if scope["method"] != "POST" or (field is None and path not in self.no_input_routes):
             return await self._handle(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
@@ -126,37 +130,53 @@ class RequestGuard:
         if self.uploads >= self.max_uploads:
             why = f"{self.uploads} uploads are being received, the limit of this server (AGE_GENDER_MAX_UPLOADS)"
             return await busy(why)(scope, receive, send)
-        self.uploads += 1
+        self.uploads += 1  # until its body is complete and checked
+        try:
+            outcome = await self._receive(scope, receive, path, field)
+        finally:
+            self.uploads -= 1
+        if not isinstance(outcome, tuple):  # the client left (None), or the answer that says what is wrong
+            return None if outcome is None else await outcome(scope, receive, send)
+        spool, segments, content_type = outcome
+        try:
+            length = sum(len(s) if isinstance(s, bytes) else s[1] - s[0] for s in segments)
+            await self._handle(_with_body(scope, content_type, length), replay(spool, segments, receive), send)
+        finally:
+            spool.close()
+
+    async def _receive(
+        self, scope: Scope, receive: Receive, path: str, field: FileField | None
+    ) -> tuple[Spool, list[Segment], bytes] | JSONResponse | None:
+        """The body read and checked -> (its spool, the canonical body as segments of it, its content
+        type); or the error answer; or None when the client left."""
         try:
             limits = (self.max_bytes, self.idle_timeout, self.upload_timeout, self.min_upload_rate)
             spool = await read_body(receive, *limits)
         except ClientGone:
             return None
         except Rejected as exc:
-            return await error(exc.status, exc.message, close=True)(scope, receive, send)
-        finally:
-            self.uploads -= 1
+            return error(exc.status, exc.message, close=True)
         try:
-            try:
-                segments: list[Segment]
-                if field is None:
-                    segments, content_type = [_no_input(path, spool)], b"application/json"
-                else:
-                    media = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
-                    async with self.checks:
-                        segments, boundary = await asyncio.to_thread(self._check_upload, field, media, spool)
-                    content_type = b"multipart/form-data; boundary=" + boundary
-            except Rejected as exc:
-                return await error(exc.status, exc.message)(scope, receive, send)
-            except Exception as exc:  # a request this guard did not foresee is still the client's: never a 500
-                if debugging():
-                    raise
-                log.warning("request guard: unexpected %s on %s", type(exc).__name__, path, exc_info=True)
-                return await error(400, f"malformed request ({type(exc).__name__})")(scope, receive, send)
-            length = sum(len(s) if isinstance(s, bytes) else s[1] - s[0] for s in segments)
-            await self._handle(_with_body(scope, content_type, length), replay(spool, segments, receive), send)
-        finally:
+            if field is None:
+                return spool, [_no_input(path, spool)], b"application/json"
+            media = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+            # in the checks' own thread: a request cancelled meanwhile (its client gone, BentoML's timeout)
+            # leaves a running check to finish, so no more than CHECKS_AT_ONCE ever run
+            check = self.checks.submit(self._check_upload, field, media, spool)
+            segments, boundary = await asyncio.wrap_future(check)
+            return spool, segments, b"multipart/form-data; boundary=" + boundary
+        except Rejected as exc:
             spool.close()
+            return error(exc.status, exc.message)
+        except Exception as exc:  # a request this guard did not foresee is still the client's: never a 500
+            spool.close()
+            if debugging():
+                raise
+            log.warning("request guard: unexpected %s on %s", type(exc).__name__, path, exc_info=True)
+            return error(400, f"malformed request ({type(exc).__name__})")
+        except BaseException:  # cancelled
+            spool.close()
+            raise
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.handling >= self.max_concurrency:

@@ -1,9 +1,13 @@
-"""Two fixes to BentoML 1.4.40's HTTP server, applied by service.py in every service process.
+"""Two fixes to BentoML 1.4.40's HTTP server, applied by service.py in every service process, and one
+setting of the form parser it uses.
 
 - /readyz of the entry service hung for 5 s, then answered 500, while a dependency's worker restarted.
 - Every request left a timer alive for the whole traffic timeout (120 s), holding that request's
   context (tracing span, futures): about 4-7 kB per request per process under load, which read as a
   leak in every worker until the timers fired (tests/test_memory.py).
+- BentoML parses forms with Starlette, which keeps every file part of up to 1 MiB in memory until the
+  response is sent: up to AGE_GENDER_MAX_BYTES per request being handled. Parts past SPOOL_BYTES
+  (64 KiB, serving/uploads.py) go to a temporary file instead.
 
 Both replace private BentoML functions, so they are applied only to the BentoML they were written for:
 any other version, or a replaced function whose source changed, stops the service with one line.
@@ -17,6 +21,8 @@ import inspect
 
 import aiohttp
 import bentoml
+
+from serving.uploads import SPOOL_BYTES
 
 # s: the longest the entry service's /readyz waits for one dependency's /readyz (they are asked at once)
 DEPENDENCY_READY_TIMEOUT = 1.0
@@ -37,6 +43,18 @@ def apply() -> None:
         )
     bound_dependency_readiness()
     cancel_request_timers()
+    spool_form_parts()
+
+
+def spool_form_parts() -> None:
+    from starlette.formparsers import MultiPartParser
+
+    if not isinstance(getattr(MultiPartParser, "spool_max_size", None), int):
+        raise IncompatibleBentoML(
+            "error: Starlette's MultiPartParser has no spool_max_size (serving/patches.py sets it): install "
+            "the Starlette of requirements/serve.txt"
+        )
+    MultiPartParser.spool_max_size = SPOOL_BYTES
 
 
 def check_source(function) -> None:

@@ -58,6 +58,11 @@ class Settings:
             check_level(self.interval_level)
         except ValueError as exc:
             raise UserError(f"{PREFIX}INTERVAL_LEVEL: {exc}") from exc
+        for name in ("max_uploads", "max_concurrency", "max_bytes", "max_images"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{PREFIX}{name.upper()} must be at least 1, not {getattr(self, name)}")
+        if self.min_upload_rate < 0:
+            raise UserError(f"{PREFIX}MIN_UPLOAD_RATE must be 0 (off) or more, not {self.min_upload_rate}")
 
     @classmethod
     def from_env(cls) -> Settings:

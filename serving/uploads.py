@@ -21,8 +21,11 @@ from serving.multipart import ClientGone, Rejected, Segment
 
 # In memory below this, a temporary file from it on (the folder of TMPDIR): uploads being read at once
 # (AGE_GENDER_MAX_UPLOADS, 256) x 64 KiB = 16 MiB at most. Photos are larger, so they go to disk.
+# BentoML's form parser spools the file parts it gets from the guard at the same size (serving/patches.py).
 SPOOL_BYTES = 64 * 1024
-CHUNK_BYTES = 64 * 1024  # per message replayed to BentoML: what uvicorn hands on per socket read
+# per message replayed to BentoML: small enough that the replay's reads (os.pread from the page cache, on
+# the event loop) take microseconds each, large enough that a 20 MiB body is 320 messages
+CHUNK_BYTES = 64 * 1024
 
 
 class Spool:
@@ -71,8 +74,9 @@ async def read_body(
 ) -> Spool:
     """The client's body -> a Spool; Rejected(413) past max_bytes, Rejected(408) after idle_timeout
     seconds without a byte, past upload_timeout seconds in all, or when after idle_timeout seconds it
-    has arrived slower than min_rate bytes/s on average (a client holding its upload open with a byte
-    now and then); ClientGone when the client disconnects."""
+    has arrived slower than min_rate bytes/s on average (checked as each piece arrives: a client sending
+    a byte now and then is cut within about 2 x idle_timeout); Rejected(503) when the body cannot be
+    stored (a full disk); ClientGone when the client disconnects."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = started + upload_timeout
@@ -88,7 +92,11 @@ async def read_body(
                 raise Rejected(408, f"no request body bytes for {idle_timeout:g} s") from exc
             if message["type"] == "http.disconnect":
                 raise ClientGone
-            spool.write(message.get("body", b""))
+            try:
+                spool.write(message.get("body", b""))
+            except OSError as exc:
+                why = f"the server could not store the request body ({exc.strerror}); retry shortly"
+                raise Rejected(503, why) from exc
             if spool.size > max_bytes:
                 raise Rejected(413, f"request body over the {max_bytes} byte limit")
             if not message.get("more_body"):

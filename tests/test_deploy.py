@@ -16,6 +16,7 @@ import yaml
 from serving.guard import CHECKS_AT_ONCE
 from serving.patches import DEPENDENCY_READY_TIMEOUT
 from serving.settings import PREFIX, Settings
+from serving.uploads import SPOOL_BYTES
 
 from .conftest import ROOT
 
@@ -29,11 +30,13 @@ WORKER_RESTART_S = 15
 BASE_GB, PER_DETECTOR_GB, PEAK_PER_DETECTOR_GB = 0.73, 0.15, 0.68
 
 
-def uploads_held(detectors: int, max_bytes: int) -> int:
+def uploads_held(detectors: int, max_bytes: int, max_images: int) -> int:
     """Bytes the API process holds at most under uploads: a largest upload per detector process on its way
     there, twice (read, pickled: service.py's ByteBudget), those being checked, twice, and BentoML's read
-    of one (benchmarks.edge measured (2 x 2 + 3) x 21 MB with 2 detector processes)."""
-    return (2 * detectors + 2 * CHECKS_AT_ONCE + 1) * max_bytes
+    of one (benchmarks.edge measured (2 x 2 + 3) x 21 MB with 2 detector processes); and the parsed form
+    of each request being handled, its file parts in memory up to SPOOL_BYTES each (serving/patches.py)."""
+    forms = Settings.max_concurrency * max_images * SPOOL_BYTES
+    return (2 * detectors + 2 * CHECKS_AT_ONCE + 1) * max_bytes + forms
 
 
 def _documents(path: Path) -> list[dict]:
@@ -202,8 +205,10 @@ def test_resources(variant: str) -> None:
         # no OOM kill at the measured worst case: every detector process at its peak at once, the API process
         # full of uploads
         at_rest = BASE_GB + PER_DETECTOR_GB * (processes - 1)
-        max_bytes = int(_env(DEPLOYMENTS[variant]).get("AGE_GENDER_MAX_BYTES", Settings.max_bytes))
-        uploads = uploads_held(processes, max_bytes)
+        env = _env(DEPLOYMENTS[variant])
+        max_bytes = int(env.get("AGE_GENDER_MAX_BYTES", Settings.max_bytes))
+        max_images = int(env.get("AGE_GENDER_MAX_IMAGES", Settings.max_images))
+        uploads = uploads_held(processes, max_bytes, max_images)
         assert _bytes(limits["memory"]) >= (at_rest + PEAK_PER_DETECTOR_GB * processes) * 10**9 + uploads
     tolerates_gpu_nodes = any(
         t.get("key") == GPU for t in DEPLOYMENTS[variant]["spec"]["template"]["spec"].get("tolerations", [])

@@ -3,16 +3,18 @@ API key, nested as service.py adds them (BentoML: the first added is the outermo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
-from opentelemetry import propagate
+from opentelemetry import baggage, propagate
+from opentelemetry import context as otel
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from serving.edge import ApiKey, CallerRequestId, RequestId, cors, log_request_ids
+from serving.edge import ApiKey, CallerRequestId, RequestId, cors, handling, log_request_ids
 
 KEY = "s3cret-key"
 ORIGIN = "https://app.example"
@@ -82,11 +84,40 @@ def test_request_id_is_carried_to_the_dependency_services(caplog) -> None:
         c.post("/call", headers={"X-Request-ID": "order-43"})
     assert "age_gender.request_id=order-43" in injected.get("baggage", ""), injected
     dependency = CallerRequestId(Starlette(routes=[Route("/detect", detect, methods=["POST"])]))
-    with TestClient(dependency) as c, caplog.at_level(logging.INFO, logger="bentoml"):
-        c.post("/detect", headers=injected)
-        c.post("/detect", headers={"baggage": "age_gender.request_id=bad%0Aid"})  # not a valid ID: none
-        c.post("/detect")
-    assert caplog.messages == ["[request order-43] detecting", "detecting", "detecting"], caplog.messages
+    stale = otel.attach(baggage.set_baggage("age_gender.request_id", "stale"))  # only the header may count
+    try:
+        with TestClient(dependency) as c, caplog.at_level(logging.INFO, logger="bentoml"):
+            c.post("/detect", headers=injected)
+            c.post("/detect", headers={"baggage": "age_gender.request_id=bad%0Aid"})  # not a valid ID: none
+            c.post("/detect", headers={"baggage": "other=1"})
+            c.post("/detect")
+    finally:
+        otel.detach(stale)
+    assert caplog.messages == ["[request order-43] detecting"] + ["detecting"] * 3, caplog.messages
+
+
+def test_tasks_started_while_a_request_is_handled_stop_naming_it(caplog) -> None:
+    """BentoML's batch dispatcher starts its loop in the first request's context; once that request is
+    answered, the loop's log lines must not go on carrying its ID."""
+    log_request_ids()
+
+    async def scenario() -> None:
+        answered = asyncio.Event()
+
+        async def dispatcher() -> None:
+            logging.getLogger("bentoml").warning("batch during")
+            await answered.wait()
+            logging.getLogger("bentoml").warning("batch after")
+
+        with handling("first"):
+            loop = asyncio.create_task(dispatcher())
+            await asyncio.sleep(0)
+        answered.set()
+        await loop
+
+    with caplog.at_level(logging.INFO, logger="bentoml"):
+        asyncio.run(scenario())
+    assert caplog.messages == ["[request first] batch during", "batch after"], caplog.messages
 
 
 def test_cors_only_for_the_configured_origins(client) -> None:

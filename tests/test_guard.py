@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 import time
 from pathlib import Path
 
@@ -133,6 +134,25 @@ def test_large_files_arrive_whole_through_the_spool(client) -> None:
     assert r.status_code == 200 and r.json()["size"] == len(png) and r.json()["sha"] == _sha(png), r.text
     r, _ = post(client, "/predict_batch", form(part(b"images", png), part(b"images", PNG), part(b"images", png)))
     assert r.status_code == 200 and r.json()["sizes"] == [len(png), len(PNG), len(png)], r.text
+
+
+def test_spool_files_are_closed_whatever_the_answer(client) -> None:
+    """Every spool file (bodies past SPOOL_BYTES) is closed after its request: answered, refused after
+    the check, or refused while being read."""
+    big = np.random.default_rng(1).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    png = encode(Image.fromarray(np.frombuffer(big, np.uint8)[:270_000].reshape(300, 300, 3)), "PNG")
+    cases = {
+        200: form(part(b"image", png)),
+        415: form(part(b"image", big)),  # not an image: refused by the check
+        400: form(part(b"image", png))[:-10],  # truncated: refused by the parser
+    }
+    post(client, "/predict", cases[200])  # warm: the check's thread, BentoML's temporary folder
+    before = len(os.listdir("/proc/self/fd"))
+    for status, body in cases.items():
+        for _ in range(5):
+            r, _ = post(client, "/predict", body)
+            assert r.status_code == status, r.text
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_many_parts_are_rejected_without_parsing_them(client) -> None:
@@ -298,14 +318,18 @@ def test_uploads_being_received_hold_no_handling_slot() -> None:
     limits = {**LIMITS, "idle_timeout": 5, "upload_timeout": 10, "max_uploads": 2, "max_concurrency": 1}
     guard = RequestGuard(app, ROUTES, **limits)
 
-    async def call(method: str, path: str) -> list[dict]:
+    async def call(method: str, path: str, body: bytes | None = None) -> list[dict]:
         sent: list[dict] = []
 
         async def send(message: dict) -> None:
             sent.append(message)
 
+        async def whole() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
         headers = [(b"content-type", b"multipart/form-data; boundary=" + B)]
-        await guard({"type": "http", "method": method, "path": path, "headers": headers}, stalled, send)
+        scope = {"type": "http", "method": method, "path": path, "headers": headers}
+        await guard(scope, stalled if body is None else whole, send)
         return sent
 
     async def scenario() -> None:
@@ -319,12 +343,15 @@ def test_uploads_being_received_hold_no_handling_slot() -> None:
         await asyncio.sleep(0.05)
         status, headers, message = _answer(await asyncio.wait_for(call("GET", "/docs"), 1))
         assert status == 429 and "AGE_GENDER_MAX_CONCURRENCY" in message and headers[b"retry-after"] == b"1"
+        uploads[0].cancel()  # a slot to receive one more body, which is complete: refused once checked
+        await asyncio.gather(uploads[0], return_exceptions=True)
+        status, _, message = _answer(await asyncio.wait_for(call("POST", "/predict", form(part(b"image", PNG))), 1))
+        assert status == 429 and "AGE_GENDER_MAX_CONCURRENCY" in message
         assert (await asyncio.wait_for(call("GET", "/readyz"), 1))[0]["status"] == 200
         release.set()
         await slow
         assert (await asyncio.wait_for(call("GET", "/docs"), 1))[0]["status"] == 200
-        for task in uploads:
-            task.cancel()
+        uploads[1].cancel()
 
     asyncio.run(scenario())
 
