@@ -139,6 +139,11 @@ def cpu_ms(detect: Detect, rgb: np.ndarray, calls: int = 7) -> float:
     return 1000 * float(np.median(runs))
 
 
+def on_chip(box: np.ndarray, side: int) -> bool:
+    """A box (x, y, w, h) centred on the chip padded into a side x side photo."""
+    return bool(max(abs(box[:2] + box[2:] / 2 - side / 2)) < UTK_HIT_PX)
+
+
 def on_real_faces(detect: Detect, folder: str) -> dict:
     """Recall and mean CPU ms per photo over the padded chips in `folder` (see utkface_photos)."""
     found, cpu = 0, []
@@ -148,8 +153,7 @@ def on_real_faces(detect: Detect, folder: str) -> dict:
         start = time.process_time()
         faces = detect_photo(detect, rgb)
         cpu.append(time.process_time() - start)
-        h, w = rgb.shape[:2]
-        found += any(max(abs(b[:2] + b[2:] / 2 - (w / 2, h / 2))) < UTK_HIT_PX for b, _, _ in faces)
+        found += any(on_chip(box, rgb.shape[1]) for box, _, _ in faces)
     return {"recall": found / len(files), "n": len(files), "cpu_ms": 1000 * float(np.mean(cpu))}
 
 
@@ -262,13 +266,15 @@ def utkface_photos(metadata: str, faces: int) -> str:
 def peer_on(folder: str) -> dict:
     """The peer's whole pipeline on the padded photos: recall as for the candidates, mean CPU ms."""
     from benchmarks import peer
+    from benchmarks.utkface import PAD
 
     paths = [Path(folder) / name for name in sorted(os.listdir(folder))]
     rows = peer.answers(paths)
+    side = 2 * PAD + 200  # a UTKFace chip is 200x200
     found = 0
     for row in rows:
-        centres = [((l + r) / 2, (t + b) / 2) for l, t, r, b in (f["box"] for f in row["faces"])]  # noqa: E741
-        found += any(max(abs(x - 200), abs(y - 200)) < UTK_HIT_PX for x, y in centres)
+        boxes = [np.array([l, t, r - l, b - t], float) for l, t, r, b in (f["box"] for f in row["faces"])]  # noqa: E741
+        found += any(on_chip(box, side) for box in boxes)
     return {"recall": found / len(rows), "n": len(rows), "cpu_ms": float(np.mean([r["cpu_ms"] for r in rows]))}
 
 

@@ -18,17 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 
-from benchmarks.run import RESULTS, make_model, photos
+from benchmarks.run import RESULTS, before_after_options, make_model, own_store, photos
 from devtools.hostile import Tricklers, noise_png, parallel_uploads, peak_pss
-from devtools.launch import ROOT, arbiter_pid, descendants, running_service, service_name
+from devtools.launch import arbiter_pid, descendants, running_service, service_name
 from serving.settings import Settings
 
 MAX_BYTES = Settings.max_bytes
@@ -82,12 +79,9 @@ def main() -> None:
     p.add_argument("--tricklers", type=int, default=150)
     p.add_argument("--seconds", type=float, default=20.0, help="of honest requests beside the tricklers")
     p.add_argument("--uploads", type=int, default=32, help="0: skip the second part")
-    p.add_argument("--checkout", type=Path, default=ROOT, help="serve the service of this checkout")
-    p.add_argument("--label", default="after")
+    before_after_options(p)
     args = p.parse_args()
-    os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bench-home-"))
-    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
-    RESULTS.mkdir(exist_ok=True)
+    own_store()
     tag, _, _ = make_model("resnet34", 224)
     env = {"AGE_GENDER_MODEL": tag, "AGE_GENDER_SMALL_FACES": "false", "PYTHONPATH": str(args.checkout)}
     with running_service(env, RESULTS / f"edge_{args.label}.log", cwd=args.checkout) as url:

@@ -12,17 +12,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 
-from benchmarks.run import RESULTS, make_model, photos
-from devtools.launch import ROOT, running_service
+from benchmarks.run import RESULTS, before_after_options, make_model, own_store, photos
+from devtools.launch import running_service
 from devtools.photos import astronaut
 
 
@@ -78,12 +75,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--megapixels", type=float, default=12.0)
-    p.add_argument("--checkout", type=Path, default=ROOT, help="serve the service of this checkout")
-    p.add_argument("--label", default="after")
+    before_after_options(p)
     args = p.parse_args()
-    os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bench-home-"))
-    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
-    RESULTS.mkdir(exist_ok=True)
+    own_store()
     tag, _, _ = make_model("resnet34", 224)
     env = {
         "AGE_GENDER_MODEL": tag,

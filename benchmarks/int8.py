@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 from benchmarks import inprocess
-from benchmarks.run import RESULTS, crop, make_model, photos, sweep_fresh
+from benchmarks.run import RESULTS, crop, make_model, own_store, photos, sweep_fresh
 from models.runtime import OnnxRuntime
 
 GRAPHS = ("onnx", "onnx-int8")
@@ -123,9 +122,7 @@ def main() -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 16])
     p.add_argument("--seconds", type=float, default=12.0, help="per concurrency level")
     args = p.parse_args()
-    os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bench-home-"))
-    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
-    RESULTS.mkdir(exist_ok=True)
+    own_store()
     results = measure(args.backbone, args.image_size, args.levels, args.seconds)
     (RESULTS / "int8.json").write_text(json.dumps(results, indent=2))
     print(summary(results))

@@ -10,10 +10,8 @@ up to what the service costs the machine. Results: benchmarks/results/memory.jso
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
-from benchmarks.run import RESULTS, crop, make_model, photos
+from benchmarks.run import RESULTS, crop, make_model, own_store, photos
 from devtools.launch import descendants, pss_kb, running_service, service_name
 
 
@@ -37,9 +35,7 @@ def measure(tag: str, detector_workers: int, requests: int) -> dict[str, list[fl
 
 
 def main() -> None:
-    os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bench-home-"))
-    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
-    RESULTS.mkdir(exist_ok=True)
+    own_store()
     tag, _, _ = make_model("resnet34", 224)
     results = {str(n): measure(tag, n, requests=100) for n in (1, 2)}
     (RESULTS / "memory.json").write_text(json.dumps(results, indent=2))

@@ -25,12 +25,27 @@ import numpy as np
 import torch
 from PIL import Image
 
+from devtools.launch import ROOT
 from devtools.photos import astronaut, encode, group_photo
 from models.artifact import Dataset, ModelMeta, architecture, array_preprocess_for
 from models.network import AgeGenderNet
 from models.pipeline import FaceFinder
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def own_store() -> None:
+    """A model store of this run's own (unless BENTOML_HOME is set), no usage tracking, the results folder.
+    Before make_model: bentoml reads BENTOML_HOME when it is first imported."""
+    os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bench-home-"))
+    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+    RESULTS.mkdir(exist_ok=True)
+
+
+def before_after_options(p: argparse.ArgumentParser) -> None:
+    """--checkout and --label: the same benchmark against another checkout's service, for a before/after."""
+    p.add_argument("--checkout", type=Path, default=ROOT, help="serve the service of this checkout")
+    p.add_argument("--label", default="after")
 
 
 def make_model(backbone: str, image_size: int, int8: bool = False) -> tuple[str, str, ModelMeta]:
@@ -132,11 +147,9 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=None, help="only these: predict_faces, predict_one_face, ...")
     args = p.parse_args()
 
-    os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bench-home-"))
-    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+    own_store()
     from benchmarks import inprocess
 
-    RESULTS.mkdir(exist_ok=True)
     tag, model_dir, meta = make_model(args.backbone, args.image_size)
     pics, face = photos(), crop()
     results: dict = {

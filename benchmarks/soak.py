@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import tempfile
 import time
 from collections import Counter
 
 import httpx
 import numpy as np
 
-from benchmarks.run import RESULTS, crop, make_model, photos
+from benchmarks.run import RESULTS, crop, make_model, own_store, photos
 from devtools.launch import descendants, pss_kb, running_service, service_name
 from devtools.photos import encode, no_face
 
@@ -135,9 +133,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--warmup", type=float, default=120, help="seconds before memory should be flat")
     args = p.parse_args()
-    os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bench-home-"))
-    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
-    RESULTS.mkdir(exist_ok=True)
+    own_store()
     tag, _, _ = make_model("resnet34", 224, int8=True)  # the CPU default since INT8 (AGE_GENDER_RUNTIME=auto)
     with running_service({"AGE_GENDER_MODEL": tag, "AGE_GENDER_RUNTIME": "onnx-int8"}, RESULTS / "soak.log") as url:
         raw = asyncio.run(soak(url, running_service.pid, args.minutes * 60, args.clients))

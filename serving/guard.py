@@ -42,7 +42,7 @@ from serving.multipart import (
     parse_form,
 )
 from serving.settings import SETTINGS
-from serving.uploads import SPOOL_BYTES, Spool, read_body, replay
+from serving.uploads import SPOOL_BYTES, Spool, length, read_body, replay
 
 log = logging.getLogger(__name__)
 # complete bodies checked at once (threads): each maps its spool and copies one file from it (2 x max_bytes
@@ -139,8 +139,8 @@ class RequestGuard:
             return None if outcome is None else await outcome(scope, receive, send)
         spool, segments, content_type = outcome
         try:
-            length = sum(len(s) if isinstance(s, bytes) else s[1] - s[0] for s in segments)
-            await self._handle(_with_body(scope, content_type, length), replay(spool, segments, receive), send)
+            body = _with_body(scope, content_type, length(segments))
+            await self._handle(body, replay(spool, segments, receive), send)
         finally:
             spool.close()
 
@@ -223,23 +223,25 @@ class RequestGuard:
                 )
             files, pixels = [], 0
             for i, part in enumerate(parts):
-                pixels += self._pixels(part, body[part.start : part.end], label(part.filename, i))
+                # a copy of this one file (body may be a mapped file), dropped once its header is read
+                size, fmt = self._header(part, body[part.start : part.end], label(part.filename, i))
+                pixels += size
                 if pixels > self.max_request_pixels:
                     raise Rejected(
                         413,
                         f"the images hold more than {self.max_request_pixels} pixels together, the limit per request",
                     )
-                # the format from the magic number: Pillow names a JPEG with extra pictures (phones) MPO
-                fmt = image_format(body[part.start : min(part.end, part.start + 16)])
-                assert fmt is not None  # _pixels accepted the file: its magic number names a format
                 files.append((part, fmt))
             return build_form(field.name, files, body)
 
-    def _pixels(self, part: Part, data: bytes, name: str) -> int:
-        """One file's pixels, read from its header (nothing decoded), or Rejected."""
+    def _header(self, part: Part, data: bytes, name: str) -> tuple[int, str]:
+        """One file's pixels, read from its header (nothing decoded), and its format; or Rejected."""
         try:
             with open_image(data, self.max_pixels) as image:
-                return image.width * image.height
+                # the format from the magic number: Pillow names a JPEG with extra pictures (phones) MPO
+                fmt = image_format(data[:16])
+                assert fmt is not None  # open_image accepted the file: its magic number names a format
+                return image.width * image.height, fmt
         except NotAnImage as exc:
             declared = part.content_type or "none"
             raise Rejected(

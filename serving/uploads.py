@@ -113,6 +113,10 @@ async def read_body(
         raise
 
 
+def length(segments: Sequence[Segment]) -> int:
+    return sum(len(s) if isinstance(s, bytes) else s[1] - s[0] for s in segments)
+
+
 def replay(spool: Spool, segments: Sequence[Segment], receive: Receive) -> Receive:
     """The body made of segments as messages of at most CHUNK_BYTES; after the last one the client's own
     receive (to see a disconnect). The spool is closed once its last byte is handed on (BentoML holds
