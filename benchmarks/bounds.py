@@ -1,4 +1,4 @@
-"""`python -m benchmarks.bounds`: what the costliest requests cost one detector process, in process.
+"""`python -m benchmarks.bounds [--url URL]`: what the costliest requests cost, in process or end to end.
 
 Each example goes through FaceFinder.find (decode under the upload rules, detection, alignment), as the
 service's detector process runs it: the decoding bombs that are refused from their headers, photos of
@@ -6,13 +6,17 @@ hundreds of faces (bounded by AGE_GENDER_MAX_FACES), and phone-sized and 50 Mpx 
 default limit takes). Printed: a Markdown table of CPU and wall seconds, the answer and the peak memory
 the request took (resident memory at its highest during the call, above the level before it: the
 peak is reset through /proc/self/clear_refs first); results in benchmarks/results/bounds.json.
+With --url, the same examples go to a running service's /predict one at a time, as a client sends them:
+printed are the status, the seconds until the answer and its error or its faces (bounds_http.json).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
+import httpx
 from PIL import Image
 
 from benchmarks.run import RESULTS
@@ -60,7 +64,29 @@ def run(finder: FaceFinder, data: bytes) -> dict:
     }
 
 
-def main() -> None:
+def over_http(url: str, data: bytes) -> dict:
+    start = time.perf_counter()
+    r = httpx.post(f"{url}/predict", files={"image": ("photo", data, "application/octet-stream")}, timeout=300)
+    body = r.json()
+    answer = body.get("error") or f"{len(body['faces'])} faces answered, {body['omitted_faces']} omitted"
+    return {
+        "MB": round(len(data) / 1e6, 2),
+        "status": r.status_code,
+        "s": round(time.perf_counter() - start, 2),
+        "answer": answer[:70],
+    }
+
+
+def end_to_end(url: str) -> dict:
+    results = {}
+    print("| request | MB | status | s | answer |\n|---|---|---|---|---|")
+    for name, data in examples().items():
+        r = results[name] = over_http(url, data)
+        print(f"| {name} | {r['MB']} | {r['status']} | {r['s']} | {r['answer']} |", flush=True)
+    return results
+
+
+def in_process() -> dict:
     finder = FaceFinder()
     finder.find(encode(astronaut()))  # sessions loaded
     results = {}
@@ -70,8 +96,16 @@ def main() -> None:
         print(f"| {name} | {r['MB']} | {r['cpu_s']} | {r['wall_s']} | {r['peak_mb']} | {r['answer']} |", flush=True)
     results["at_rest_mb"] = round(status_mb("VmRSS"))
     print(f"\nresident memory after them: {results['at_rest_mb']} MB")
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bounds", description=__doc__.splitlines()[0])
+    p.add_argument("--url", default=None, help="a running service (`bentoml serve`, an image) instead of this process")
+    args = p.parse_args()
+    results = end_to_end(args.url) if args.url else in_process()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bounds.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / ("bounds_http.json" if args.url else "bounds.json")).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

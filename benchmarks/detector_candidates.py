@@ -7,6 +7,7 @@ available. Each runs on one thread, as the service's detector does (one process 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -222,17 +223,22 @@ def _haar(args) -> Detect:
     return detect
 
 
-def _service(args) -> Detect:
-    """models.faces.FaceDetector as the service runs it (MTCNN; it shrinks photos to its MAX_SIDE itself)."""
-    from models.faces import DetectorConfig, FaceDetector
+def _service(min_face_size: int | None = None) -> Callable:
+    def factory(args) -> Detect:
+        """models.faces.FaceDetector as the service runs it (MTCNN; it shrinks photos to its MAX_SIDE itself),
+        with its default smallest face or min_face_size."""
+        from models.faces import DetectorConfig, FaceDetector
 
-    det = FaceDetector(DetectorConfig(score_threshold=THRESHOLD))
+        config = DetectorConfig(score_threshold=THRESHOLD)
+        det = FaceDetector(dataclasses.replace(config, min_face_size=min_face_size or config.min_face_size))
 
-    def detect(rgb):
-        return [(np.array(f.box, np.float32), f.score, f.landmarks) for f in det.detect(rgb)]
+        def detect(rgb):
+            return [(np.array(f.box, np.float32), f.score, f.landmarks) for f in det.detect(rgb)]
 
-    detect.whole_photo = True
-    return detect
+        detect.whole_photo = True
+        return detect
+
+    return factory
 
 
 CANDIDATES: dict[str, tuple[Callable, str]] = {
@@ -247,5 +253,7 @@ CANDIDATES: dict[str, tuple[Callable, str]] = {
     "dlib-hog": (_dlib_hog, "dlib's HOG detector, PyPI dlib-bin 20.0.1 (the peer's)"),
     "blazeface-short": (_blazeface("SHORT"), "BlazeFace short range (128 px input), .tflite in LiteRT"),
     "blazeface-full": (_blazeface("FULL"), "BlazeFace full range (192 px input), .tflite in LiteRT"),
-    "service": (_service, "models.faces.FaceDetector as the service runs it (MTCNN in onnxruntime)"),
+    "service": (_service(), "models.faces.FaceDetector as the service runs it (MTCNN in onnxruntime)"),
+    # the peer's detector looks for faces of 80 px and more (dlib HOG's 80x80 window, no upsampling)
+    "service-80": (_service(80), "the same with AGE_GENDER_MIN_FACE_SIZE=80, the peer's smallest face"),
 }

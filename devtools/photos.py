@@ -69,14 +69,17 @@ def face_template() -> tuple[Image.Image, tuple[int, int, int, int]]:
     return crop, (m, m, w, h)
 
 
-def composite(rng: np.random.Generator, faces: int) -> tuple[np.ndarray, list[tuple[int, int, int, int, int]]]:
-    """A 4000x3000 RGB canvas and the pasted faces as (size, x, y, w, h) of each face box."""
+def composite(
+    rng: np.random.Generator, faces: int, sizes: tuple[int, ...] = SIZES
+) -> tuple[np.ndarray, list[tuple[int, int, int, int, int]]]:
+    """A 4000x3000 RGB canvas and the pasted faces, their box widths taken from sizes in turn, as
+    (size, x, y, w, h) of each face box."""
     background = np.asarray(no_face("coffee").resize(CANVAS, Image.BILINEAR), np.float32)
     canvas = Image.fromarray(np.clip(background + rng.normal(0, 6, background.shape), 0, 255).astype(np.uint8))
     template, (fx, fy, fw, fh) = face_template()
     truth, taken = [], []
     for k in range(faces):
-        size = SIZES[k % len(SIZES)]
+        size = sizes[k % len(sizes)]
         s = size / fw
         face = template.resize((max(1, round(template.width * s)), max(1, round(template.height * s))), Image.LANCZOS)
         if rng.random() < 0.5:

@@ -32,10 +32,12 @@ BOX_MARGIN = 1.6  # Haar boxes cover brows to chin; a chip is this much wider th
 DETECTORS = ("mtcnn", "haar")
 ALIASES = {"yunet": "mtcnn"}  # the detector of 0.1.0: deployments that name it keep working
 MAX_FACES = 100  # faces answered per photo by default (AGE_GENDER_MAX_FACES); the largest are kept
-# The second pass's copy of the photo, at most this many pixels: P-Net costs ~0.45 us a pixel of it on one
-# core (its pyramid ~2x that), so a 12 Mpx photo, whose copy at min_face_size 20 is 4.3 Mpx, costs ~4 s
-# and a 48 Mpx one would cost ~20 s. Larger photos get the smallest face they can at this cost instead.
-SMALL_FACES_MAX_PIXELS = 4_400_000
+# The second pass's copy of the photo, at most this many pixels: a 4000x3000 phone photo at full size, where
+# AGE_GENDER_MIN_FACE_SIZE=12 finds faces from 16 px (MTCNN finds faces reliably from ~1.3x its 12 px
+# window; benchmarks.small_faces). P-Net costs ~0.14 us a pixel of the copy on one core, its pyramid ~2x
+# that: 4.5-6 s of detection here. Larger photos get the smallest face they can at this cost instead of a
+# cost growing with their pixels.
+SMALL_FACES_MAX_PIXELS = 12_000_000
 MAX_SIDE = 640  # the first pass runs on a copy no longer than this: most faces are found there, cheaply
 # The second pass runs only where the shrunk copy loses faces the settings ask for: where its smallest
 # (MTCNN's 12 px window, scaled back to the photo) is over this many times min_face_size. Under it, the

@@ -23,6 +23,18 @@ WINDOW = 12  # P-Net's window, in pixels of the image it runs on: the smallest f
 # the caller's budget, which bounds the work per photo (R-Net ~0.3 ms, O-Net ~1.5 ms a candidate, one core).
 RNET_PER_FACE, ONET_PER_FACE = 12, 6
 SAME_FACE = 0.3  # a candidate overlapping a known face this much (of the smaller box) is that face
+# P-Net runs on tiles of at most TILE x TILE pixels of a pyramid level. One thread's ns a pixel grow with the
+# image past the CPU's caches (measured: 138 at 128 px a side, ~160 at 256-512, 240 at 1024, 412 at 2048),
+# and a tile this small keeps each of P-Net's buffers under 1 MiB (its first layer: 126 x 126 x 10 floats),
+# so that glibc serves them from its heap: in the service, blocks from 1 MiB up are mapped and unmapped
+# at each use (serving/heap.py), whose page faults had made 512 px tiles 1.5-2x dearer there. Neighbouring
+# tiles share WINDOW - 2 pixels, so that each 12 px window at stride 2 is in exactly one tile and the
+# tiles' outputs, side by side, are the whole level's (TILE even keeps every tile on the stride).
+TILE = 128
+# R-Net and O-Net run on at most this many candidates at once: O-Net's activations are ~0.27 MB a candidate
+# (all 600 of a crowded photo at once: 160 MB more at the detector's peak).
+BATCH = 64
+PAIRS = 1 << 18  # box pairs whose overlap non-maximum suppression computes at once: ~20 MB of arrays
 
 
 @functools.cache
@@ -39,7 +51,8 @@ def nets() -> tuple:
     folder = Path(next(iter(spec.submodule_search_locations)))
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
-    # no memory arena: it keeps the largest buffers ever needed (P-Net on a 12 Mpx photo: gigabytes)
+    # no memory arena: it keeps the largest buffers ever needed (whole P-Net levels of a 12 Mpx photo took
+    # gigabytes; on tiles, 115-130 MB stayed after large photos)
     options.enable_cpu_mem_arena = False
     return tuple(
         ort.InferenceSession(str(folder / f"{net}.onnx"), options, providers=["CPUExecutionProvider"])
@@ -48,23 +61,70 @@ def nets() -> tuple:
 
 
 def _run(net, x: np.ndarray) -> list[np.ndarray]:
-    return net.run(None, {net.get_inputs()[0].name: x})
+    """The net's outputs for a batch x (N, ...), run BATCH at a time and concatenated."""
+    name = net.get_inputs()[0].name
+    runs = [net.run(None, {name: x[i : i + BATCH]}) for i in range(0, len(x), BATCH)]
+    return [np.concatenate(outputs) for outputs in zip(*runs, strict=True)]
+
+
+def _pnet(pnet, level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """P-Net on one pyramid level (H, W, 3) uint8 RGB, by tiles -> (box corrections (W', H', 4), face
+    probabilities (W', H')), one per 12 px window at stride 2 (W' = ceil((W - 12) / 2) + 1, likewise H'),
+    in MTCNN's transposed frame. Each tile is scaled to MTCNN's input on its own (small buffers)."""
+    step, (h, w) = TILE - (WINDOW - 2), level.shape[:2]
+    rows = []
+    for x in range(0, w - WINDOW + 1, step):  # a tile starting at x holds the windows from x on
+        tiles = [
+            _run(pnet, _mtcnn_input(level[y : y + TILE, x : x + TILE])[None]) for y in range(0, h - WINDOW + 1, step)
+        ]
+        rows.append([np.concatenate([t[k][0] for t in tiles], axis=1) for k in (0, 1)])
+    reg, prob = (np.concatenate([row[k] for row in rows], axis=0) for k in (0, 1))
+    return reg, prob[:, :, 1]
+
+
+def _near(boxes: np.ndarray, threshold: float, over_smaller: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs of boxes (x0, y0, x1, y1; positive area, in whole-pixel convention: x1 - x0 + 1 wide) that
+    overlap more than threshold, as two index arrays. Overlaps are computed only for pairs whose x ranges
+    meet (found from the boxes in x0 order), PAIRS of them at a time."""
+    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    area = (x1 - x0 + 1) * (y1 - y0 + 1)
+    by_x = np.argsort(x0, kind="stable")
+    # box at position p (in x0 order) meets those at positions p+1 .. ends[p]-1: they start before its right edge
+    ends = np.searchsorted(x0[by_x], x1[by_x] + 1, side="left")
+    counts = np.maximum(ends - np.arange(1, len(boxes) + 1), 0)
+    cum = np.cumsum(counts)
+    splits = [0, *np.searchsorted(cum, np.arange(PAIRS, cum[-1], PAIRS), side="right").tolist(), len(boxes)]
+    found = []
+    for lo, hi in zip(splits[:-1], splits[1:], strict=True):
+        first = np.repeat(np.arange(lo, hi), counts[lo:hi])
+        second = np.arange(len(first)) - np.repeat(np.cumsum(counts[lo:hi]) - counts[lo:hi], counts[lo:hi]) + first + 1
+        a, b = by_x[first], by_x[second]
+        inter = np.maximum(0, np.minimum(x1[a], x1[b]) - np.maximum(x0[a], x0[b]) + 1) * np.maximum(
+            0, np.minimum(y1[a], y1[b]) - np.maximum(y0[a], y0[b]) + 1
+        )
+        overlap = inter / (np.minimum(area[a], area[b]) if over_smaller else area[a] + area[b] - inter)
+        near = overlap > threshold
+        found.append((a[near], b[near]))
+    return np.concatenate([a for a, _ in found]), np.concatenate([b for _, b in found])
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, over_smaller: bool = False) -> np.ndarray:
-    """Indices of the boxes (x0, y0, x1, y1) kept by greedy non-maximum suppression, best score first;
-    overlap is intersection over union, or over the smaller box."""
-    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    area = (x1 - x0 + 1) * (y1 - y0 + 1)
-    order, keep = np.argsort(-scores, kind="stable"), []
-    while order.size:
-        i, rest = order[0], order[1:]
-        keep.append(i)
-        inter = np.maximum(0, np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]) + 1) * np.maximum(
-            0, np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]) + 1
-        )
-        overlap = inter / (np.minimum(area[i], area[rest]) if over_smaller else area[i] + area[rest] - inter)
-        order = rest[overlap <= threshold]
+    """Indices of the boxes (x0, y0, x1, y1) kept by greedy non-maximum suppression, best score first: each
+    box is kept unless a kept box with a better score (or the same, earlier) overlaps it more than threshold;
+    overlap is intersection over union, or over the smaller box. A crowd's thousands of P-Net candidates
+    cost milliseconds: only overlapping pairs are looked at (_near)."""
+    if not len(boxes):
+        return np.zeros(0, np.int64)
+    a, b = _near(boxes, threshold, over_smaller)
+    # each box's neighbours, both ways: neighbours[start[i]:start[i + 1]] of box i
+    owner, other = np.concatenate([a, b]), np.concatenate([b, a])
+    neighbours = other[np.argsort(owner, kind="stable")]
+    start = np.searchsorted(np.sort(owner), np.arange(len(boxes) + 1))
+    suppressed, keep = np.zeros(len(boxes), bool), []
+    for i in np.argsort(-scores, kind="stable"):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed[neighbours[start[i] : start[i + 1]]] = True
     return np.array(keep, dtype=np.int64)
 
 
@@ -130,8 +190,8 @@ def detect(
     found, scale = [], WINDOW / max(min_size, WINDOW)
     while min(h, w) * scale >= WINDOW and WINDOW / scale <= max_size:
         level = cv2.resize(rgb, (int(np.ceil(w * scale)), int(np.ceil(h * scale))), interpolation=cv2.INTER_AREA)
-        reg, prob = _run(pnet, _mtcnn_input(level)[None])
-        prob, reg = prob[0, :, :, 1].T, reg[0].swapaxes(0, 1)
+        reg, prob = _pnet(pnet, level)
+        prob, reg = prob.T, reg.swapaxes(0, 1)
         ys, xs = np.nonzero(prob >= THRESHOLDS[0])
         if len(ys):
             x0, y0 = np.fix((2 * xs + 1) / scale), np.fix((2 * ys + 1) / scale)

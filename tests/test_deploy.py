@@ -26,7 +26,8 @@ GPU = "nvidia.com/gpu"
 # a crashed worker was back 5.8-8.5 s after a kill -9 (BENCHMARKS.md "Reliability"); liveness must outlast it
 WORKER_RESTART_S = 15
 # memory per pod, CPU image (BENCHMARKS.md): PSS at rest with one detector process, each further one, and
-# what one detector process holds at its peak over that while it detects a 50 Mpx photo (benchmarks.bounds)
+# what one detector process holds at its peak over that while it detects a 50 Mpx photo (benchmarks.bounds:
+# 0.68 GB, up to 0.6 GB since P-Net runs on tiles; the larger kept as margin)
 BASE_GB, PER_DETECTOR_GB, PEAK_PER_DETECTOR_GB = 0.73, 0.15, 0.68
 
 

@@ -17,6 +17,7 @@ from devtools.photos import (
     ASTRONAUT_FACE_CENTRE,
     astronaut,
     box_centre,
+    composite,
     encode,
     encode_jpeg,
     face_grid,
@@ -193,22 +194,28 @@ def test_unexpected_decode_failures_are_logged_and_kept_apart(failure: Exception
         decode_image(photo, 10**7)
 
 
+def _found(detector: FaceDetector, rgb: np.ndarray, truth: list) -> int:
+    """How many of the pasted faces (size, x, y, w, h) have a detected box centred inside them."""
+    boxes = [f.box for f in detector.detect(rgb)]
+    return sum(
+        any(x <= bx + bw / 2 <= x + w and y <= by + bh / 2 <= y + h for bx, by, bw, bh in boxes)
+        for _, x, y, w, h in truth
+    )
+
+
 def test_small_faces_in_a_large_photo() -> None:
     """Faces 24-48 px wide in a 4000x3000 photo: lost on the 640 px copy alone, found by the second pass."""
-    from devtools.photos import composite
-
     rgb, truth = composite(np.random.default_rng(3), 6)  # face widths 24, 32, 48, 64, 96, 128
     small = [t for t in truth if t[0] <= 48]
+    assert _found(FaceDetector(DetectorConfig(small_faces=False)), rgb, small) == 0
+    assert _found(FaceDetector(), rgb, small) == len(small) == 3
 
-    def found(detector: FaceDetector) -> int:
-        boxes = [f.box for f in detector.detect(rgb)]
-        return sum(
-            any(x <= bx + bw / 2 <= x + w and y <= by + bh / 2 <= y + h for bx, by, bw, bh in boxes)
-            for _, x, y, w, h in small
-        )
 
-    assert found(FaceDetector(DetectorConfig(small_faces=False))) == 0
-    assert found(FaceDetector()) == len(small) == 3
+def test_faces_of_16_px_in_a_phone_photo_with_the_smallest_face_size() -> None:
+    """MTCNN finds faces from ~1.3x the smallest size it looks for: at 12 px, the second pass works on the
+    whole 12 Mpx photo and finds faces of 16 px."""
+    rgb, truth = composite(np.random.default_rng(4), 4, sizes=(16,))
+    assert _found(FaceDetector(DetectorConfig(min_face_size=12)), rgb, truth) == len(truth)
 
 
 def test_decoding_cost_is_bounded_before_decoding() -> None:
@@ -245,3 +252,62 @@ def test_work_per_photo_is_bounded_by_the_face_limit(monkeypatch) -> None:
     assert len(faces) == 10 and found > MAX_FACES
     *_, rnet, onet = batches  # P-Net's pyramid (one image each), then R-Net's and O-Net's batch; no second pass
     assert rnet == RNET_PER_FACE * MAX_FACES and onet <= ONET_PER_FACE * MAX_FACES
+
+
+@pytest.mark.parametrize("shape", [(160, 160), (161, 203), (75, 140)])
+def test_pnet_on_tiles_equals_pnet_on_the_whole_level(shape: tuple[int, int], monkeypatch) -> None:
+    """P-Net runs on tiles of a pyramid level for speed; side by side, their outputs are the whole level's,
+    at every window (odd sizes included, where P-Net's pooling adds a window at the far edge)."""
+    level = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    pnet = models.mtcnn.nets()[0]
+    reg, prob = models.mtcnn._run(pnet, models.mtcnn._mtcnn_input(level)[None])
+    monkeypatch.setattr(models.mtcnn, "TILE", 32)  # several tiles each way, and a short last one
+    tiled_reg, tiled_prob = models.mtcnn._pnet(pnet, level)
+    assert tiled_reg.shape == reg[0].shape and tiled_prob.shape == prob[0, :, :, 1].shape
+    np.testing.assert_allclose(tiled_reg, reg[0], atol=1e-5)
+    np.testing.assert_allclose(tiled_prob, prob[0, :, :, 1], atol=1e-5)
+
+
+def test_candidates_in_batches_get_the_answers_of_one_run() -> None:
+    """R-Net and O-Net run mtcnn.BATCH candidates at a time (bounded memory); the answers are one run's."""
+    onet = models.mtcnn.nets()[2]
+    crops = np.random.default_rng(0).uniform(-1, 1, (2 * models.mtcnn.BATCH + 5, 48, 48, 3)).astype(np.float32)
+    whole = onet.run(None, {onet.get_inputs()[0].name: crops})
+    batched = models.mtcnn._run(onet, crops)
+    assert [a.shape for a in batched] == [a.shape for a in whole]
+    for a, b in zip(batched, whole, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _greedy_nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, over_smaller: bool) -> list[int]:
+    """Non-maximum suppression as written in the MTCNN papers' code: the best box left is kept and every
+    box overlapping it more than threshold dropped, until none is left."""
+    x0, y0, x1, y1 = boxes.T
+    area = (x1 - x0 + 1) * (y1 - y0 + 1)
+    order, keep = list(np.argsort(-scores, kind="stable")), []
+    while order:
+        i, order = order[0], order[1:]
+        keep.append(i)
+        rest = np.array(order, dtype=np.int64)
+        inter = np.maximum(0, np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]) + 1) * np.maximum(
+            0, np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]) + 1
+        )
+        overlap = inter / (np.minimum(area[i], area[rest]) if over_smaller else area[i] + area[rest] - inter)
+        order = [j for j, o in zip(order, overlap, strict=True) if o <= threshold]
+    return keep
+
+
+@pytest.mark.parametrize("pairs", [models.mtcnn.PAIRS, 50])
+def test_nms_keeps_what_greedy_suppression_keeps(pairs: int, monkeypatch) -> None:
+    """The NMS that looks only at pairs whose x ranges meet (PAIRS at a time) keeps the same boxes, in the
+    same order, as the textbook loop: fractional and one-pixel boxes, tied scores, both kinds of overlap."""
+    monkeypatch.setattr(models.mtcnn, "PAIRS", pairs)
+    rng = np.random.default_rng(0)
+    for trial in range(120):
+        n = int(rng.integers(0, 300))
+        corner = rng.integers(0, 200, (n, 2)) + rng.choice([0, 0.37, -0.5, 0.999], (n, 2))
+        side = rng.integers(0, 60, (n, 1)) + rng.choice([0, 0.5], (n, 1))
+        boxes, scores = np.hstack([corner, corner + side]), rng.choice(np.linspace(0.6, 1, 30), n)
+        threshold, over_smaller = (0.3, 0.5, 0.7)[trial % 3], trial % 4 == 0
+        expected = _greedy_nms(boxes, scores, threshold, over_smaller)
+        assert models.mtcnn._nms(boxes, scores, threshold, over_smaller).tolist() == expected
