@@ -191,7 +191,7 @@ class AgeGender:
     async def predict_faces(self, images: list[Path]) -> FacesResult:
         """Already-cropped faces (e.g. UTKFace crops), no detection; multipart field `images`."""
         async with self._sending, self._bytes.hold(sum(p.stat().st_size for p in images)):
-            data = [p.read_bytes() for p in images]
+            data = await asyncio.to_thread(lambda: [p.read_bytes() for p in images])
             loaded = raised(await call_dependency(self.detector.to_async.load_crops, data))
         return FacesResult(predictions=[FaceAttributes(**a) for a in await self._attributes(loaded["crops"])])
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import httpx
 from PIL import Image
@@ -77,23 +78,25 @@ def over_http(url: str, data: bytes) -> dict:
     }
 
 
-def end_to_end(url: str) -> dict:
+def table(measure: Callable[[bytes], dict], columns: dict[str, str]) -> dict:
+    """Each example measured, printed as a Markdown row as it comes; columns: result key -> its title."""
+    print("| request | " + " | ".join(columns.values()) + " |\n|---|" + "---|" * len(columns))
     results = {}
-    print("| request | MB | status | s | answer |\n|---|---|---|---|---|")
     for name, data in examples().items():
-        r = results[name] = over_http(url, data)
-        print(f"| {name} | {r['MB']} | {r['status']} | {r['s']} | {r['answer']} |", flush=True)
+        r = results[name] = measure(data)
+        print(f"| {name} | " + " | ".join(str(r[k]) for k in columns) + " |", flush=True)
     return results
+
+
+def end_to_end(url: str) -> dict:
+    return table(lambda data: over_http(url, data), {"MB": "MB", "status": "status", "s": "s", "answer": "answer"})
 
 
 def in_process() -> dict:
     finder = FaceFinder()
     finder.find(encode(astronaut()))  # sessions loaded
-    results = {}
-    print("| request | MB | CPU s | wall s | peak memory MB | answer |\n|---|---|---|---|---|---|")
-    for name, data in examples().items():
-        r = results[name] = run(finder, data)
-        print(f"| {name} | {r['MB']} | {r['cpu_s']} | {r['wall_s']} | {r['peak_mb']} | {r['answer']} |", flush=True)
+    columns = {"MB": "MB", "cpu_s": "CPU s", "wall_s": "wall s", "peak_mb": "peak memory MB", "answer": "answer"}
+    results = table(lambda data: run(finder, data), columns)
     results["at_rest_mb"] = round(status_mb("VmRSS"))
     print(f"\nresident memory after them: {results['at_rest_mb']} MB")
     return results

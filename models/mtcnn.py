@@ -118,8 +118,8 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, over_smaller: 
     a, b = _near(boxes, threshold, over_smaller)
     # each box's neighbours, both ways: neighbours[start[i]:start[i + 1]] of box i
     owner, other = np.concatenate([a, b]), np.concatenate([b, a])
-    neighbours = other[np.argsort(owner, kind="stable")]
-    start = np.searchsorted(np.sort(owner), np.arange(len(boxes) + 1))
+    by_owner = np.argsort(owner, kind="stable")
+    neighbours, start = other[by_owner], np.searchsorted(owner[by_owner], np.arange(len(boxes) + 1))
     suppressed, keep = np.zeros(len(boxes), bool), []
     for i in np.argsort(-scores, kind="stable"):
         if not suppressed[i]:
