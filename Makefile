@@ -88,5 +88,6 @@ bench: setup
 	$(PY) -m benchmarks.memory
 	$(PY) -m benchmarks.small_faces
 	$(PY) -m benchmarks.bounds
+	$(PY) -m benchmarks.heap
 	$(PY) -m benchmarks.batch
 	$(PY) -m benchmarks.int8

@@ -42,7 +42,7 @@ from serving.card import ModelCardRoute
 from serving.dependencies import ByteBudget, call_dependency
 from serving.edge import ApiKey, CallerRequestId, RequestId, cors, log_request_ids
 from serving.guard import RequestGuard, api_routes
-from serving.heap import return_large_buffers
+from serving.heap import keep_buffers_while_working, return_large_buffers, trimmed
 from serving.openapi import StandardOpenAPI
 from serving.settings import DETECTOR_WORKERS, SETTINGS
 
@@ -57,12 +57,14 @@ log_request_ids()  # log lines written while a request is handled carry its X-Re
 @bentoml.service(workers=DETECTOR_WORKERS, traffic={"timeout": 60}, **_CONNECTION)
 class FaceDetection:
     def __init__(self) -> None:
+        keep_buffers_while_working()  # and each call below gives back what a large photo took (serving/heap.py)
         self.finder = FaceFinder(SETTINGS.detection, SETTINGS.max_pixels)
 
     @bentoml.api
     def detect(self, image: bytes) -> dict:
         """Photo bytes -> a models.pipeline.Detection as a dict (or its UserError as data: models.errors)."""
-        return as_data(lambda: vars(self.finder.find(image)))  # not asdict: that deep-copies the crops
+        with trimmed():
+            return as_data(lambda: vars(self.finder.find(image)))  # not asdict: that deep-copies the crops
 
     @bentoml.api
     def name(self) -> str:
@@ -72,7 +74,8 @@ class FaceDetection:
     @bentoml.api
     def load_crops(self, images: list[bytes]) -> dict:
         """Already-cropped faces -> {crops (N, 200, 200, 3)}, resized as UTKFace chips (or a UserError as data)."""
-        return as_data(lambda: {"crops": load_crops(images, SETTINGS.max_pixels)})
+        with trimmed():
+            return as_data(lambda: {"crops": load_crops(images, SETTINGS.max_pixels)})
 
 
 # BentoML assigns the GPU (CUDA_VISIBLE_DEVICES) when one exists; without one the model runs on the CPU
