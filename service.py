@@ -42,7 +42,7 @@ from serving.card import ModelCardRoute
 from serving.dependencies import ByteBudget, call_dependency
 from serving.edge import ApiKey, CallerRequestId, RequestId, cors, log_request_ids
 from serving.guard import RequestGuard, api_routes
-from serving.heap import keep_buffers_while_working, return_large_buffers, trimmed
+from serving.heap import HeapTrimmer, keep_buffers_while_working, return_large_buffers
 from serving.openapi import StandardOpenAPI
 from serving.settings import DETECTOR_WORKERS, SETTINGS
 
@@ -58,12 +58,13 @@ log_request_ids()  # log lines written while a request is handled carry its X-Re
 class FaceDetection:
     def __init__(self) -> None:
         keep_buffers_while_working()  # and each call below gives back what a large photo took (serving/heap.py)
+        self.heap = HeapTrimmer()  # counts on one call at a time: BentoML's one thread for sync APIs
         self.finder = FaceFinder(SETTINGS.detection, SETTINGS.max_pixels)
 
     @bentoml.api
     def detect(self, image: bytes) -> dict:
         """Photo bytes -> a models.pipeline.Detection as a dict (or its UserError as data: models.errors)."""
-        with trimmed():
+        with self.heap.call():
             return as_data(lambda: vars(self.finder.find(image)))  # not asdict: that deep-copies the crops
 
     @bentoml.api
@@ -74,7 +75,7 @@ class FaceDetection:
     @bentoml.api
     def load_crops(self, images: list[bytes]) -> dict:
         """Already-cropped faces -> {crops (N, 200, 200, 3)}, resized as UTKFace chips (or a UserError as data)."""
-        with trimmed():
+        with self.heap.call():
             return as_data(lambda: {"crops": load_crops(images, SETTINGS.max_pixels)})
 
 

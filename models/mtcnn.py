@@ -23,13 +23,10 @@ WINDOW = 12  # P-Net's window, in pixels of the image it runs on: the smallest f
 # the caller's budget, which bounds the work per photo (R-Net ~0.3 ms, O-Net ~1.5 ms a candidate, one core).
 RNET_PER_FACE, ONET_PER_FACE = 12, 6
 SAME_FACE = 0.3  # a candidate overlapping a known face this much (of the smaller box) is that face
-# P-Net runs on tiles of at most TILE x TILE pixels of a pyramid level. One thread's ns a pixel grow with the
-# image past the CPU's caches (measured: 138 at 128 px a side, ~160 at 256-512, 240 at 1024, 412 at 2048),
-# and each tile's buffers stay small (its first layer: 126 x 126 x 10 floats, 0.6 MB) wherever the C
-# library maps large blocks afresh at each use (a fixed mmap threshold, as the service's model process
-# has: serving/heap.py). Neighbouring tiles share WINDOW - 2 pixels, so that each 12 px window at stride 2
-# is in exactly one tile and the tiles' outputs, side by side, are the whole level's (TILE even keeps
-# every tile on the stride).
+# P-Net runs on tiles of at most TILE x TILE pixels of a pyramid level: one thread's ns a pixel grow with the
+# image past the CPU's caches (measured: 138 at 128 px a side, ~160 at 256-512, 240 at 1024, 412 at 2048).
+# Neighbouring tiles share WINDOW - 2 pixels, so that each 12 px window at stride 2 is in exactly one tile
+# and the tiles' outputs, side by side, are the whole level's (TILE even keeps every tile on the stride).
 TILE = 128
 # R-Net and O-Net run on at most this many candidates at once: O-Net's activations are ~0.27 MB a candidate
 # (all 600 of a crowded photo at once: 160 MB more at the detector's peak).

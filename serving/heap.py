@@ -10,19 +10,22 @@ dynamic one off) keeps every block of a MiB or more out of the heap, and two are
 threads' heaps keep. Measured in one process (4 threads calling the model, batches of 1-16 crops, 2,400
 calls): resident memory 321 MB (default) -> 193 MB, flat from the 50th call; 61 s -> 62 s.
 
-Detection is different: one photo allocates and frees buffers of megabytes hundreds of times (P-Net's
-tiles, R-Net's and O-Net's batches, the pyramid's levels), and a block mapped afresh each time is paid
-for again in page faults: in a worker thread, as the service calls it, the 1 MiB threshold made detection
-cost 1.2-1.6x the CPU it takes with the blocks kept (`python -m benchmarks.heap`). So the detector
-processes keep such blocks in the heap while they work (the largest fixed threshold glibc takes, and no
-trimming of the heap's top at each free) and give its free pages back after any call that left the
-process TRIM_OVER larger than before it (`malloc_trim`): a large photo's memory is returned at once,
-while small photos reuse what the heap keeps, without a trim each.
+Detection is different: one photo allocates and frees buffers of megabytes hundreds of times (pyramid
+levels, R-Net's and O-Net's batches, decoded copies), and a block mapped afresh at each use pays its page
+faults again: in a worker thread, as the service calls it, the 1 MiB threshold made detection cost up to
+1.6x (1.2-1.4x on a 512 px photo) the CPU it takes with the blocks kept (`python -m benchmarks.heap`).
+glibc's own defaults are no way back: the threshold is already fixed for the whole process when the
+service module loads, and left to itself the heap keeps what large photos took. So a detector process
+keeps blocks up to 32 MiB in its heap, does not trim the heap's top at each free, and gives the free
+pages back (`malloc_trim`) when a call leaves it TRIM_OVER larger than before the call, or KEEP larger
+than after the last such trim (`HeapTrimmer`): a large photo's memory is returned at once, small photos
+reuse what the heap keeps.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 from collections.abc import Iterator
@@ -30,17 +33,20 @@ from contextlib import contextmanager
 
 # glibc's mallopt parameter numbers (malloc.h) and our values
 M_MMAP_THRESHOLD, THRESHOLD = -3, 1 << 20  # blocks of 1 MiB or more are mmapped, and unmapped when freed
-DETECTOR_THRESHOLD = 32 << 20  # glibc's largest on 64-bit: only blocks over 32 MiB (decoded photos) mapped
-# glibc gives the heap's free top back at each free() once it is over 128 KiB (with a fixed mmap threshold):
-# a buffer freed there is page-faulted again at its next use. Detector processes give back with `trimmed`.
+DETECTOR_THRESHOLD = 32 << 20  # glibc's largest on 64-bit: only blocks of 32 MiB or more (decoded photos)
+# With a fixed mmap threshold glibc gives the heap's top back on frees once it exceeds 128 KiB: a buffer
+# freed there is page-faulted again at its next use. Detector processes give memory back with HeapTrimmer.
 M_TRIM_THRESHOLD, DETECTOR_TRIM_THRESHOLD = -1, 1 << 30
 M_ARENA_MAX, ARENAS = -8, 2
-# A call that leaves resident memory this much higher gives the heap's free pages back. Above what one
-# small photo adds as the heap settles (up to ~14 MB a call, ~50 MB in all), under the 50 MB that
-# tests/test_memory.py allows a process to keep after large photos.
+# A call that leaves resident memory this much higher than before it gives the heap's free pages back:
+# under the 50 MB a process may keep after a photo (tests/test_memory.py); large photos take hundreds.
 TRIM_OVER = 32 << 20
+# Smaller growths add up: past this much over the level after the last trim, the heap is trimmed too.
+# Above what small photos keep for reuse (up to ~85 MB more than with the 1 MiB threshold: benchmarks.heap).
+KEEP = 128 << 20
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """The C library where it is glibc; None elsewhere (macOS, musl), whose allocators behave differently
     and are left alone."""
@@ -51,6 +57,7 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
     """Apply glibc's mallopt (parameter, value) settings to this process; False where the C library is not
     glibc or one was refused."""
     libc = _glibc()
+    # a list, not a generator: every setting is applied even when one is refused
     return libc is not None and all([bool(libc.mallopt(param, value)) for param, value in settings])
 
 
@@ -60,8 +67,8 @@ def return_large_buffers() -> bool:
 
 
 def keep_buffers_while_working() -> bool:
-    """A detector process: blocks up to 32 MiB come from the heap, which keeps its free pages until
-    `trimmed` gives them back."""
+    """A detector process: blocks under 32 MiB come from the heap, which keeps its free pages until a
+    HeapTrimmer gives them back."""
     return _mallopt(
         (M_MMAP_THRESHOLD, DETECTOR_THRESHOLD), (M_TRIM_THRESHOLD, DETECTOR_TRIM_THRESHOLD), (M_ARENA_MAX, ARENAS)
     )
@@ -76,12 +83,21 @@ def resident_bytes() -> int:
         return 0
 
 
-@contextmanager
-def trimmed(over: int = TRIM_OVER) -> Iterator[None]:
-    """Run the block; if it left this process `over` bytes larger, give the heap's free pages back."""
-    before = resident_bytes()
-    try:
-        yield
-    finally:
-        if resident_bytes() > before + over and (libc := _glibc()) is not None:
-            libc.malloc_trim(0)
+class HeapTrimmer:
+    """Gives the heap's free pages back after calls that grew the process: one call at a time per process
+    (resident memory is the whole process's), as BentoML runs a sync API (one thread by default)."""
+
+    def __init__(self) -> None:
+        self.floor: int | None = None  # resident bytes after the last trim
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        before = resident_bytes()
+        self.floor = before if self.floor is None else self.floor
+        try:
+            yield
+        finally:
+            after = resident_bytes()
+            if (after > before + TRIM_OVER or after > self.floor + KEEP) and (libc := _glibc()) is not None:
+                libc.malloc_trim(0)
+                self.floor = resident_bytes()

@@ -9,15 +9,11 @@ process), until serving/patches.py cancelled them."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 
 import httpx
-import pytest
 
 from devtools.launch import arbiter_pid, descendants, pss_kb, service_name
 from devtools.photos import astronaut, encode, group_photo, no_face
-from tests.conftest import ROOT
 
 REQUESTS = 300
 RETURNED_MB = 50  # what a process may keep after large photos, of its level before them
@@ -88,45 +84,3 @@ def test_memory_returns_after_large_photos(server: str) -> None:
     assert _workers(server) == workers, "a worker restarted"
     grown = {f"{workers[pid]} {pid}": round((pss_kb(pid) - kb) / 1024, 1) for pid, kb in before.items()}
     assert all(mb < RETURNED_MB for mb in grown.values()), f"PSS MB above the level before: {grown}"
-
-
-# A detector process's heap (serving/heap.py), in a fresh process: blocks of 4 MB, each with a 1 MB block
-# after it, so that freeing them leaves holes that glibc keeps (only a free top of the heap is given back
-# by free() itself). Printed: resident MB above the level before.
-HEAP_WORK = """
-import ctypes, sys
-from serving import heap
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-heap.keep_buffers_while_working()
-blocks, trim = int(sys.argv[1]), sys.argv[2] == "trimmed"
-before = heap.resident_bytes()
-def work():
-    pairs = [(libc.malloc(4 << 20), libc.malloc(1 << 20)) for _ in range(blocks)]
-    for big, _ in pairs:
-        ctypes.memset(big, 1, 4 << 20)
-    for big, _ in pairs:
-        libc.free(big)
-if trim:
-    with heap.trimmed():
-        work()
-else:
-    work()
-print((heap.resident_bytes() - before) >> 20)
-"""
-
-
-def _heap_kept_mb(blocks: int, mode: str) -> int:
-    cmd = [sys.executable, "-c", HEAP_WORK, str(blocks), mode]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return int(done.stdout)
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator and /proc: Linux only")
-def test_a_detector_process_gives_back_what_a_large_call_took_and_keeps_what_a_small_one_did() -> None:
-    """200 MB freed in holes stays resident unless the call is `trimmed`; 12 MB (under TRIM_OVER, what a
-    small photo takes) is kept for the next call to reuse."""
-    assert _heap_kept_mb(50, "plain") > 150
-    assert _heap_kept_mb(50, "trimmed") < RETURNED_MB
-    assert _heap_kept_mb(3, "trimmed") >= 10
