@@ -6,7 +6,8 @@
    photo + network core-seconds per face)).
 3. The service with AGE_GENDER_RUNTIME=onnx, then onnx-int8: /predict_faces (one 200x200 face) and
    /predict (a photo with one face) at 1 and 16 requests in flight.
-4. Where /predict's CPU goes with INT8: CPU seconds of each service process per request, at 16 in flight.
+4. Where each endpoint's CPU goes with INT8: CPU seconds of each service process per request, at 16 in
+   flight, for /predict and /predict_faces.
 Goals (set in 0.2.0): /predict_faces with INT8 at >= 2.5x its fp32 throughput; /predict with INT8 at >= 0.8
 of the INT8 ceiling. Random weights, as in benchmarks/run.py. Results: benchmarks/results/int8.json.
 """
@@ -48,11 +49,11 @@ def measure(backbone: str, image_size: int, levels: list[int], seconds: float) -
         g: sweep_fresh({"AGE_GENDER_MODEL": tag, "AGE_GENDER_RUNTIME": g}, cases, levels, seconds, f"int8_{g}")
         for g in GRAPHS
     }
-    out["cpu_ms_per_request"] = cpu_split(tag, cases["predict_one_face"], seconds)
+    out["cpu_ms_per_request"] = {case: cpu_split(tag, cases[case], seconds, case) for case in cases}
     return out
 
 
-def cpu_split(tag: str, case: tuple[str, list], seconds: float) -> dict[str, float]:
+def cpu_split(tag: str, case: tuple[str, list], seconds: float, label: str) -> dict[str, float]:
     """CPU milliseconds per request of each service process while `case` runs at 16 in flight (INT8)."""
     from benchmarks.load import drive
     from devtools.launch import descendants, running_service, service_name
@@ -63,7 +64,7 @@ def cpu_split(tag: str, case: tuple[str, list], seconds: float) -> dict[str, flo
 
     path, files = case
     env = {"AGE_GENDER_MODEL": tag, "AGE_GENDER_RUNTIME": "onnx-int8"}
-    with running_service(env, RESULTS / "serve_int8_cpu.log") as url:
+    with running_service(env, RESULTS / f"serve_int8_cpu_{label}.log") as url:
         drive(url + path, files, 4, 3)
         workers = {pid: service_name(pid) for pid in descendants(running_service.pid)}
         workers = {pid: name for pid, name in workers.items() if name}
@@ -109,9 +110,9 @@ def summary(r: dict) -> str:
                 f"| {case} | {a['concurrency']} | {fp:.1f} | {q:.1f} | {q / fp:.2f}x | "
                 f"{b['p50_ms']:.0f} | {b['p99_ms']:.0f} | {ceiling} |"
             )
-    split = r["cpu_ms_per_request"]
-    lines += ["", f"/predict, one face, 16 in flight, INT8: {split['requests_per_s']:.1f} req/s; CPU ms per request:"]
-    lines += [f"  {name}: {ms:.1f}" for name, ms in split.items() if name != "requests_per_s"]
+    for case, split in r["cpu_ms_per_request"].items():
+        lines += ["", f"{case}, 16 in flight, INT8: {split['requests_per_s']:.1f} req/s; CPU ms per request:"]
+        lines += [f"  {name}: {ms:.1f}" for name, ms in split.items() if name != "requests_per_s"]
     return "\n".join(lines)
 
 

@@ -32,6 +32,16 @@ def cpu_cores() -> int:
     return max(1, int(CpuResource.from_system()))
 
 
+def math_threads() -> int:
+    """Threads for the network's arithmetic: the cores of the quota (cpu_cores), but no more than the
+    physical cores and the CPUs this process may run on (hyperthreads share one core's vector units,
+    which is why ONNX Runtime's own default counts physical cores)."""
+    import psutil  # a BentoML dependency
+
+    physical = psutil.cpu_count(logical=False) or cpu_cores()
+    return max(1, min(cpu_cores(), physical, len(os.sched_getaffinity(0))))
+
+
 def visible_gpus() -> int:
     """NVIDIA GPUs this process can see, asked of NVML (a BentoML dependency) so that nothing imports
     torch to find out; 0 without a driver."""
@@ -61,7 +71,7 @@ class TorchRuntime:
         """An AgeGenderNet (a stored one: `load`; a checkpoint's: `evaluate` passes it) on `device`."""
         import torch
 
-        torch.set_num_threads(os.cpu_count() or 1)  # explicit: the service limits OpenMP for the detector
+        torch.set_num_threads(math_threads())  # explicit: the service limits OpenMP for the detector
         self.torch, self.device = torch, device
         self.net = net.eval().to(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -100,6 +110,10 @@ class OnnxRuntime:
         # soak saw the model process step up by 17 MB); without it memory returns after a large batch, at
         # the same speed within 2 % (ResNet-34, 224 px, batches of 1-12 on this machine)
         options.enable_cpu_mem_arena = False
+        # a count of our own: left at 0, ONNX Runtime starts a thread per physical core of the machine,
+        # blind to the container's CPU quota, and pins each to one core, where it can only wait while a
+        # detector process holds that core (BENCHMARKS.md, "INT8 on CPU")
+        options.intra_op_num_threads = math_threads()
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
 

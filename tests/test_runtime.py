@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import bentoml
@@ -12,6 +15,7 @@ import pytest
 from models.artifact import ONNX_FILE, WEIGHTS_FILE, stored_meta
 from models.errors import UserError
 from models.runtime import OnnxRuntime, TorchRuntime, open_runtime
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("head", ["distribution", "regression"])
@@ -75,3 +79,48 @@ def test_a_failing_gpu_driver_is_reported_not_silent(monkeypatch, caplog) -> Non
     monkeypatch.setenv("AGE_GENDER_DEBUG", "1")
     with pytest.raises(pynvml.NVMLError_GpuIsLost):
         visible_gpus()
+
+
+def test_onnx_runtime_threads_follow_the_cpu_quota_unpinned(model_tag: str) -> None:
+    """ONNX Runtime left to count its threads starts one per physical core of the machine, whatever the
+    container's CPU quota, and pins each to its core, where it can only wait while a detector process
+    holds that core. In a fresh process (no other test's threads): a session starts math_threads() - 1
+    pool threads, none of them pinned, and under a quota of one CPU it starts none. Can fail only on a
+    machine of 2 or more physical cores (ONNX Runtime's default then starts a pinned thread)."""
+    script = """
+import os, sys, bentoml, numpy as np, onnxruntime
+import models.runtime
+from models.artifact import stored_meta
+
+models.runtime.math_threads()  # its imports, and onnxruntime's, start threads of their own: before counting
+
+def threads():
+    return set(os.listdir("/proc/self/task"))
+
+def affinity(tid):
+    try:
+        return tuple(sorted(os.sched_getaffinity(int(tid))))
+    except ProcessLookupError:  # a thread that ended meanwhile
+        return None
+
+stored = bentoml.models.get(sys.argv[1])
+size = stored_meta(stored).image_size
+x = np.zeros((16, 3, size, size), np.float32)
+for quota in (None, 1):
+    if quota:
+        models.runtime.cpu_cores = lambda: quota
+    before = threads()
+    run = models.runtime.OnnxRuntime(stored.path, ["CPUExecutionProvider"])  # alive while its threads are read
+    run(x)
+    started = threads() - before
+    print(models.runtime.math_threads() - 1, len(started), sorted({affinity(t) for t in threads()} - {None}))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script, model_tag], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    everywhere = str([tuple(sorted(os.sched_getaffinity(0)))])
+    own, one_cpu = result.stdout.splitlines()
+    asked, started, affinities = own.split(" ", 2)
+    assert started == asked and affinities == everywhere  # as many pool threads as asked, none pinned
+    assert one_cpu == f"0 0 {everywhere}"
