@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -58,6 +59,9 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 # chunk or TIFF tag; zlib.error, struct.error: broken compressed or packed fields)
 CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
 log = logging.getLogger(__name__)
+# Pillow warns from 89 Mpx on opening; open_image refuses beyond max_pixels itself, with an answer that says
+# so, and the warning would reach stderr outside the request's log lines
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class NotAnImage(UserError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -30,6 +32,7 @@ from models.errors import TooLarge, UserError
 from models.faces import CROP_SIZE, MAX_FACES, DetectorConfig, FaceDetector, align_crop, similarity
 from models.images import MAX_JPEG_SCANS, MAX_PIXELS, decode_image, jpeg_scans
 from models.mtcnn import ONET_PER_FACE, RNET_PER_FACE
+from tests.conftest import ROOT
 
 
 def _centre(face) -> np.ndarray:
@@ -168,6 +171,27 @@ def test_decode_rotates_by_exif_and_rejects_bad_files() -> None:
         decode_image(encode(astronaut())[:1500], 10**7)
     with pytest.raises(TooLarge, match="limit"):
         decode_image(encode(Image.new("RGB", (100, 100)), "PNG"), 9_999)
+
+
+def test_a_huge_header_is_refused_without_pillows_warning() -> None:
+    """100 Mpx: over Pillow's warning level (89 Mpx), under its error level. The 413 says what is wrong;
+    Pillow's warning would reach stderr outside the request's log lines. A fresh interpreter: warning
+    filters are process-wide, and pytest's own would hide the difference."""
+    script = """
+import io, sys
+from PIL import Image
+from models.errors import TooLarge
+from models.images import decode_image
+buf = io.BytesIO()
+Image.new("1", (10_000, 10_000)).save(buf, format="PNG")
+try:
+    decode_image(buf.getvalue(), 50_000_000)
+except TooLarge as exc:
+    print(exc)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "the image is 10000x10000 pixels; the limit is 50000000 pixels"
+    assert result.stderr == ""
 
 
 # ValueError: a type that also means a corrupt file when the decoder raises it, not when our conversion does
