@@ -42,12 +42,15 @@ from serving.multipart import (
     parse_form,
 )
 from serving.settings import SETTINGS
-from serving.uploads import SPOOL_BYTES, Spool, length, read_body, replay
+from serving.uploads import SPOOL_BYTES, Spool, drain, length, read_body, replay
 
 log = logging.getLogger(__name__)
 # complete bodies checked at once (threads): each maps its spool and copies one file from it (2 x max_bytes
 # of memory at most); a check of a 20 MiB body takes milliseconds, so one at a time costs no throughput
 CHECKS_AT_ONCE = 1
+# a body over max_bytes is read to its end, when it ends within this many times max_bytes, before its 413:
+# clients that write the whole body before reading (http.client, requests) otherwise see a reset, not why
+DRAIN_UP_TO = 2
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class RequestGuard:
         if scope["method"] != "POST" or (field is None and path not in self.no_input_routes):
             return await self._handle(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        if declared.isdigit() and int(declared) > DRAIN_UP_TO * self.max_bytes:  # not worth reading to its end
             return await error(413, f"request body over the {self.max_bytes} byte limit", close=True)(
                 scope, receive, send
             )
@@ -155,6 +158,8 @@ class RequestGuard:
         except ClientGone:
             return None
         except Rejected as exc:
+            if exc.status == 413:  # a body somewhat over the limit: read to its end, so that its client reads this
+                await drain(receive, (DRAIN_UP_TO - 1) * self.max_bytes, self.idle_timeout, self.upload_timeout)
             return error(exc.status, exc.message, close=True)
         try:
             if field is None:

@@ -113,6 +113,23 @@ async def read_body(
         raise
 
 
+async def drain(receive: Receive, most: int, idle_timeout: float, seconds: float) -> None:
+    """Read and drop the rest of a refused body, at most `most` bytes within `seconds`, before it is
+    answered: clients that send their whole body before reading (Python's http.client, requests) then
+    read the answer; closed on them mid-body, they see a reset connection. Returns at the body's end,
+    past either bound, after idle_timeout seconds without a byte, or when the client leaves."""
+    loop = asyncio.get_running_loop()
+    deadline, dropped = loop.time() + seconds, 0
+    while dropped <= most and (left := deadline - loop.time()) > 0:
+        try:
+            message = await asyncio.wait_for(receive(), timeout=min(idle_timeout, left))
+        except TimeoutError:
+            return
+        dropped += len(message.get("body", b""))
+        if message["type"] == "http.disconnect" or not message.get("more_body"):
+            return
+
+
 def length(segments: Sequence[Segment]) -> int:
     return sum(len(s) if isinstance(s, bytes) else s[1] - s[0] for s in segments)
 

@@ -25,7 +25,7 @@ from devtools.forms import MALFORMED, MULTIPART, PNG, B, form, part
 from devtools.photos import astronaut, encode
 from models.faces import FaceDetector
 from models.images import decode_image, image_format
-from serving.guard import FileField, RequestGuard
+from serving.guard import DRAIN_UP_TO, FileField, RequestGuard
 from serving.openapi import StandardOpenAPI
 from serving.uploads import SPOOL_BYTES
 
@@ -289,6 +289,25 @@ def test_declared_oversized_body_answers_413_before_reading() -> None:
     status, headers_out, message = _answer(sent)
     assert status == 413 and "byte limit" in message and not reached and headers_out[b"connection"] == b"close"
     assert time.perf_counter() - start < 0.2
+
+
+@pytest.mark.parametrize("times", [1.5, 3.0])
+def test_body_somewhat_over_the_limit_is_read_to_its_end_before_its_413(times: float) -> None:
+    """A client that writes its whole body before reading the answer (http.client, requests) reads the 413
+    only if the body was read: up to DRAIN_UP_TO x max_bytes it is, past that the answer comes at once."""
+    chunk, total = 1_000_000, int(times * LIMITS["max_bytes"])
+    pieces = total // chunk
+
+    async def receive() -> dict:
+        receive.calls += 1
+        return {"type": "http.request", "body": b"x" * chunk, "more_body": receive.calls < pieces}
+
+    receive.calls = 0
+    sent, reached = asyncio.run(_call_guard(receive))
+    status, headers, message = _answer(sent)
+    assert status == 413 and "byte limit" in message and not reached and headers[b"connection"] == b"close"
+    read_all = receive.calls == pieces
+    assert read_all == (times < DRAIN_UP_TO), (receive.calls, pieces)
 
 
 def test_client_gone_mid_body_is_not_served() -> None:
