@@ -38,8 +38,8 @@ def math_threads() -> int:
     which is why ONNX Runtime's own default counts physical cores)."""
     import psutil  # a BentoML dependency
 
-    physical = psutil.cpu_count(logical=False) or cpu_cores()
-    return max(1, min(cpu_cores(), physical, len(os.sched_getaffinity(0))))
+    quota = cpu_cores()
+    return max(1, min(quota, psutil.cpu_count(logical=False) or quota, len(os.sched_getaffinity(0))))
 
 
 def visible_gpus() -> int:
