@@ -43,8 +43,13 @@ lint: setup
 demo: setup-train
 	$(PY) -m training demo --if-missing
 
+# another port: make serve PORT=3001. A port in use stops here: a `bentoml serve` that fails to bind has
+# already emptied the running service's /metrics (README, "Sizing")
+PORT ?= 3000
 serve: demo
-	$(VENV)/bin/bentoml serve service:AgeGender --port 3000
+	@$(PY) -c "import socket, sys; sys.exit(socket.socket().connect_ex(('127.0.0.1', $(PORT))) == 0)" \
+		|| { echo "port $(PORT) is in use (a service already running?): stop it, or run make serve PORT=<another>"; exit 1; }
+	$(VENV)/bin/bentoml serve service:AgeGender --port $(PORT)
 
 # the CPU Bento (ONNX Runtime, no torch) and the GPU Bento (torch on CUDA), from the same service code
 build: demo

@@ -2,13 +2,15 @@
 
 PHOTOS are files, folders (searched recursively) and @list files. The output (JSONL or CSV, by its
 suffix) gets one row per face (file, face index, box, detection score, age, interval, P(minor), gender,
-probability) and one row per photo without a face or with an error; errors never stop the run. Run it
-again with the same --out and it skips the photos already there. Bad arguments: one line, exit code 2.
+probability) and one row per photo without a face or with an error; errors never stop the run, and
+exit code 1 says some photo has one. Run it again with the same --out and it skips the photos already
+there. Bad arguments: one line, exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -73,10 +75,11 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     from models.predictor import Predictor
 
     out = Output(args.out)
-    todo = photos(args.inputs)
+    todo, passed_over = photos(args.inputs)
     done = out.done()
     todo_new = [p for p in todo if str(p) not in done]
     counts = {"photos": len(todo), "skipped": len(todo) - len(todo_new), "faces": 0, "errors": 0}
+    counts["passed_over"] = passed_over
     if args.url:
         if not args.url.startswith(("http://", "https://")):
             raise UserError(f"--url must start with http:// or https://, got {args.url!r}")
@@ -101,11 +104,20 @@ def run(args: argparse.Namespace) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
+    errors = 0
+
     def command() -> None:
+        nonlocal errors
         counts = run(args)
+        other = f"; {counts['passed_over']} other files passed over" if counts["passed_over"] else ""
         print(
-            f"{counts['photos']} photos ({counts['skipped']} already in {args.out}): "
+            f"{counts['photos']} photos ({counts['skipped']} already in {args.out}{other}): "
             f"{counts['faces']} faces, {counts['errors']} errors"
         )
+        errors = counts["errors"]
 
-    return exit_code(command, "interrupted; run the same command again to go on where it stopped")
+    code = exit_code(command, "interrupted; run the same command again to go on where it stopped")
+    if code == 0 and errors:  # scripts and job runners see the run did not answer every photo
+        print(f"error: photos not answered: {errors}; their rows in {args.out} say why", file=sys.stderr)
+        return 1
+    return code

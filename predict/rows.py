@@ -34,10 +34,11 @@ FIELDS = (
 FORMATS = ("jsonl", "csv")
 
 
-def photos(inputs: list[str]) -> list[Path]:
+def photos(inputs: list[str]) -> tuple[list[Path], int]:
     """Files, folders (searched recursively for models.images.IMAGE_SUFFIXES) and @list files (one path per
-    line) -> photos, in order, each once."""
+    line) -> (photos, in order, each once; how many files in the folders were passed over for their suffix)."""
     found: list[Path] = []
+    passed_over = 0
     for item in inputs:
         if item.startswith("@"):
             listing = Path(item[1:])
@@ -47,12 +48,14 @@ def photos(inputs: list[str]) -> list[Path]:
                 raise UserError(f"cannot read the list file {listing}: {exc.strerror}") from exc
             found += [Path(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
         elif Path(item).is_dir():
-            found += sorted(p for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = [p for p in Path(item).rglob("*") if p.is_file()]
+            found += sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
+            passed_over += sum(p.suffix.lower() not in IMAGE_SUFFIXES for p in files)
         elif Path(item).exists():
             found.append(Path(item))
         else:
             raise UserError(f"{item} does not exist (give files, folders or @list files of paths)")
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(found)), passed_over
 
 
 def rows(file: str, result: PhotoResult | None, error: str | None) -> list[dict[str, Any]]:

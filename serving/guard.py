@@ -249,9 +249,8 @@ class RequestGuard:
                 return image.width * image.height, fmt
         except NotAnImage as exc:
             declared = part.content_type or "none"
-            raise Rejected(
-                415, f"file {name} is not an image (declared content type {declared}); send {FORMAT_NAMES}"
-            ) from exc
+            why = f"is not an image in an accepted format (declared content type {declared})"
+            raise Rejected(415, f"file {name} {why}; send {FORMAT_NAMES}") from exc
         except TooLarge as exc:
             raise Rejected(413, f"file {name}: {exc}") from exc
         except UserError as exc:

@@ -144,7 +144,7 @@ def _text(value: bytes) -> str:
 
 def label(filename: str | None, index: int) -> str:
     if not filename:
-        return f"#{index}"
+        return f"#{index + 1}"  # counted from 1, as people count
     return repr(filename if len(filename) <= 60 else f"{filename[:40]}...{filename[-12:]}")
 
 

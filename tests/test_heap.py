@@ -17,7 +17,7 @@ from serving.heap import KEEP
 from tests.conftest import ROOT
 
 WORK = """
-import ctypes, sys, threading
+import ctypes, sys, threading, time
 from serving import heap
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
@@ -35,6 +35,11 @@ def calls_in_a_thread():
         if mode == "trimmed":
             with trimmer.call():
                 work(blocks)
+        elif mode == "answer":  # a large call, then its answer serialized after it (BentoML does so)
+            with trimmer.call():
+                work(blocks)
+            work(blocks)
+            time.sleep(heap.LATER + 0.5)
         else:
             work(blocks)
 before = heap.resident_bytes()
@@ -66,6 +71,13 @@ def test_the_heap_keeps_what_a_call_freed_until_it_is_trimmed() -> None:
 @glibc_only
 def test_small_calls_keep_their_memory_for_reuse() -> None:
     assert _kept_mb("trimmed", 3, 3, 3) >= 10  # 12 MB, under TRIM_OVER: kept, not trimmed each time
+
+
+@glibc_only
+def test_what_is_freed_after_a_large_call_is_given_back_too() -> None:
+    """What a large call's answer took, serialized after the call returned (an annotated 50 Mpx photo:
+    tens of MB), is given back too, a moment later."""
+    assert _kept_mb("answer", 50) < 50
 
 
 def test_growths_under_the_per_call_limit_add_up_to_a_trim(monkeypatch: pytest.MonkeyPatch) -> None:
