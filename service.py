@@ -36,7 +36,7 @@ from models.pipeline import Detection, Estimator, FaceFinder, load_crops, photo_
 from models.runtime import visible_gpus
 from models.schemas import BatchResult, FaceAttributes, FacesResult, ModelInfo, PhotoResult
 from serving import patches
-from serving.annotate import annotate
+from serving.annotate import annotate as draw_annotations
 from serving.answers import answers_user_errors
 from serving.card import ModelCardRoute
 from serving.dependencies import ByteBudget, call_dependency
@@ -75,7 +75,7 @@ class FaceDetection:
         50 Mpx), which the detector processes are sized for, one photo at a time each."""
         with self.heap.call():
             return answer_if_caller_waits(
-                lambda: {"png": annotate(decode_image(image, SETTINGS.max_pixels), PhotoResult(**result))}
+                lambda: {"png": draw_annotations(decode_image(image, SETTINGS.max_pixels), PhotoResult(**result))}
             )
 
     @bentoml.api

@@ -3,7 +3,7 @@
 PHOTOS are files, folders (searched recursively) and @list files. The output (JSONL or CSV, by its
 suffix) gets one row per face (file, face index, box, detection score, age, interval, P(minor), gender,
 probability) and one row per photo without a face or with an error; errors never stop the run, and
-exit code 1 says some photo has one. Run it again with the same --out and it skips the photos already
+exit code 1 says a photo of this run has one. Run it again with the same --out and it skips the photos already
 there. Bad arguments: one line, exit code 2.
 """
 

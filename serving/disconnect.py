@@ -88,4 +88,5 @@ class WatchCaller:
                 handling.result()  # the app's own exception, as if it had been awaited directly
         finally:
             gone.cancel()
-            handling.cancel()  # this task cancelled itself (BentoML's timeout): the request goes with it
+            # this task cancelled (BentoML's timeout): the request goes with it, left to unwind on its own
+            handling.cancel()

@@ -93,8 +93,9 @@ def bound_dependency_readiness() -> None:
 def cancel_request_timers() -> None:
     """BentoML's TimeoutMiddleware arms `loop.call_later(timeout, ...)` per request and never cancels it:
     the timer handle keeps the request's context (its tracing span, futures) referenced until the timeout
-    passes. Here the same middleware (bentoml/_internal/server/http/traffic.py, 1.4.40) cancels it when
-    the request is over."""
+    passes; and a request that ends without sending anything waits there for the timeout. Here the same
+    middleware (bentoml/_internal/server/http/traffic.py, 1.4.40) cancels the timer when the request is
+    over, however it ends."""
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
     from starlette.responses import JSONResponse
 
@@ -115,6 +116,9 @@ def cancel_request_timers() -> None:
             await send(message)
 
         task = asyncio.ensure_future(self.app(scope, receive, started))
+        # a request that ends without an answer (its client left: serving/disconnect.py; an exception)
+        # ends here too, not at the timeout: its task, context and span are not held for it
+        task.add_done_callback(lambda _: None if waiter.done() else waiter.set_result(None))
         try:
             await waiter
         except TimeoutError:
