@@ -173,14 +173,19 @@ class AgeGender:
         )
         return answers(np.concatenate(chunks), classes, SETTINGS.interval_level)
 
+    async def _in_detector(self, method, path: Path, *args) -> dict:
+        """method(the photo's bytes, *args) in a detector process, within the bounds on files on their way there."""
+        async with self._sending, self._bytes.hold(path.stat().st_size):
+            return await call_dependency(method, await asyncio.to_thread(path.read_bytes), *args)
+
     async def _photos(self, paths: list[Path]) -> list[PhotoResult]:
         # at most one image per detector process in flight for this request: a request with many large
         # photos then queues behind nobody and nobody queues behind all of its photos
         slots = asyncio.Semaphore(DETECTOR_WORKERS)
 
         async def detect(i: int, path: Path) -> Detection:
-            async with slots, self._sending, self._bytes.hold(path.stat().st_size):
-                answer = await call_dependency(self.detector.to_async.detect, await asyncio.to_thread(path.read_bytes))
+            async with slots:
+                answer = await self._in_detector(self.detector.to_async.detect, path)
             try:
                 return Detection(**raised(answer))
             except UserError as exc:
@@ -215,10 +220,8 @@ class AgeGender:
     async def annotate(self, image: Path) -> Image.Image:
         """The photo as PNG with every face boxed and labelled (`34 · female 92 %`); multipart field `image`."""
         (result,) = await self._photos([image])
-        async with self._sending, self._bytes.hold(image.stat().st_size):  # drawn where it was decoded
-            data = await asyncio.to_thread(image.read_bytes)
-            drawn = raised(await call_dependency(self.detector.to_async.annotate, data, result.model_dump()))
-        return Response(drawn["png"], media_type="image/png")
+        drawn = raised(await self._in_detector(self.detector.to_async.annotate, image, result.model_dump()))
+        return Response(drawn["png"], media_type="image/png")  # drawn where photos are decoded
 
     @bentoml.api
     async def model_info(self) -> ModelInfo:

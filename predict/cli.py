@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     todo, passed_over = photos(args.inputs)
     done = out.done()
     todo_new = [p for p in todo if str(p) not in done]
-    counts = {"photos": len(todo), "skipped": len(todo) - len(todo_new), "faces": 0, "errors": 0}
-    counts["passed_over"] = passed_over
+    skipped = len(todo) - len(todo_new)
+    counts = {"photos": len(todo), "skipped": skipped, "passed_over": passed_over, "faces": 0, "errors": 0}
     if args.url:
         if not args.url.startswith(("http://", "https://")):
             raise UserError(f"--url must start with http:// or https://, got {args.url!r}")

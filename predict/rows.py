@@ -49,8 +49,9 @@ def photos(inputs: list[str]) -> tuple[list[Path], int]:
             found += [Path(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
         elif Path(item).is_dir():
             files = [p for p in Path(item).rglob("*") if p.is_file()]
-            found += sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
-            passed_over += sum(p.suffix.lower() not in IMAGE_SUFFIXES for p in files)
+            images = sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += images
+            passed_over += len(files) - len(images)
         elif Path(item).exists():
             found.append(Path(item))
         else:

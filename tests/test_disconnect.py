@@ -99,18 +99,10 @@ def test_a_detector_call_whose_caller_left_is_dropped_not_cancelled(leaves: bool
 def _post_and_leave(url: str, photo: bytes, request_id: str) -> socket.socket:
     """A whole /predict body sent on a raw socket, the answer not read; the caller closes the socket."""
     host, port = url.removeprefix("http://").split(":")
-    boundary = "leaving"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + photo
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
+    body = form(part(b"image", photo, b"a.jpg", b"image/jpeg"))
     head = (
         f"POST /predict HTTP/1.1\r\nHost: {host}\r\nX-Request-ID: {request_id}\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Content-Type: {MULTIPART}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     sock = socket.create_connection((host, int(port)))
     sock.sendall(head.encode() + body)
