@@ -42,6 +42,9 @@ DETECTOR_THRESHOLD = 32 << 20  # glibc's largest on 64-bit: only blocks of 32 Mi
 # freed there is page-faulted again at its next use. Detector processes give memory back with HeapTrimmer.
 M_TRIM_THRESHOLD, DETECTOR_TRIM_THRESHOLD = -1, 1 << 30
 M_ARENA_MAX, ARENAS = -8, 2
+# A free of at least glibc's FASTBIN_CONSOLIDATION_THRESHOLD (64 KiB) in a thread's arena runs that arena's
+# heap_trim, the only way its top is given back (malloc_trim does so for the main arena's alone)
+ARENA_TRIM_FREE = 128 << 10
 # A call that leaves resident memory this much higher than before it gives the heap's free pages back:
 # under the 50 MB a process may keep after a photo (tests/test_memory.py); large photos take hundreds.
 TRIM_OVER = 32 << 20
@@ -55,7 +58,12 @@ LATER = 1.0  # seconds after a call that gave memory back: its answer has been s
 def _glibc() -> ctypes.CDLL | None:
     """The C library where it is glibc; None elsewhere (macOS, musl), whose allocators behave differently
     and are left alone."""
-    return ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    return libc
 
 
 def _mallopt(*settings: tuple[int, int]) -> bool:
@@ -77,6 +85,21 @@ def keep_buffers_while_working() -> bool:
     return _mallopt(
         (M_MMAP_THRESHOLD, DETECTOR_THRESHOLD), (M_TRIM_THRESHOLD, DETECTOR_TRIM_THRESHOLD), (M_ARENA_MAX, ARENAS)
     )
+
+
+def give_back(libc: ctypes.CDLL) -> None:
+    """Return the heap's free pages to the operating system, the top of this thread's arena included.
+
+    malloc_trim releases free blocks inside every arena, but the free space at the top of a thread's arena
+    only in the main one. Detection runs in one of BentoML's worker threads, whose arena (up to 64 MB, glibc's
+    heap size for thread arenas) kept what a 50 Mpx photo grew it by (+58-66 MB after the first one). With
+    the trim threshold at 0 for one free there, glibc's heap_trim gives that top back."""
+    libc.malloc_trim(0)
+    libc.mallopt(M_TRIM_THRESHOLD, 0)
+    try:
+        libc.free(libc.malloc(ARENA_TRIM_FREE))
+    finally:
+        libc.mallopt(M_TRIM_THRESHOLD, DETECTOR_TRIM_THRESHOLD)
 
 
 def resident_bytes() -> int:
@@ -105,10 +128,10 @@ class HeapTrimmer:
         finally:
             after = resident_bytes()
             if (after > before + TRIM_OVER or after > self.floor + KEEP) and (libc := _glibc()) is not None:
-                libc.malloc_trim(0)
+                give_back(libc)
                 self.floor = resident_bytes()
                 if self.again is not None:  # one pending at a time: the latest call's answer is the one
                     self.again.cancel()
-                self.again = threading.Timer(LATER, libc.malloc_trim, (0,))  # the answer's buffers, once sent
+                self.again = threading.Timer(LATER, give_back, (libc,))  # the answer's buffers, once sent
                 self.again.daemon = True
                 self.again.start()
