@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import re
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -14,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, encode
+from devtools.launch import running_service
+from devtools.photos import ASTRONAUT_FACE_CENTRE, astronaut, encode, group_photo
 from models.schemas import PhotoResult
 from serving.annotate import annotate
 
@@ -104,7 +107,12 @@ def test_ui_assets_are_served_locally(server: str) -> None:
     assert "http://" not in page and "https://" not in page  # no CDN, no web fonts
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs Debian's chromium)")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (make test installs Debian's chromium)"
+)
+
+
+@needs_chromium
 def test_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -146,3 +154,37 @@ def test_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
         assert "Could not read this file" in error and "not an image" in error
         page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
         browser.close()
+
+
+@needs_chromium
+def test_page_sends_dropped_photos_within_the_servers_limit(model_tag: str, tmp_path: Path) -> None:
+    """Three phone photos dropped at once on a server that handles two requests at a time, one of them
+    another client's 50 Mpx photo: the page sends two at a time and retries the 429 after its Retry-After,
+    and every photo gets its answer. The page used to send all at once and show 429s as "Could not read
+    this file"."""
+    from playwright.sync_api import sync_playwright
+
+    group, _ = group_photo()
+    paths = [tmp_path / f"phone{i}.jpg" for i in range(3)]
+    for path in paths:
+        group.resize((4000, 3000)).save(path, quality=90)  # 12 Mpx: each takes a second or two to answer
+    largest = encode(group.resize((8160, 6120)))  # ~5 s to answer: in flight while the page sends
+    env = {"AGE_GENDER_MODEL": model_tag, "AGE_GENDER_MAX_CONCURRENCY": "2"}
+    with running_service(env, tmp_path / "serve.log") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        statuses: list[int] = []
+        page.on("response", lambda r: statuses.append(r.status) if r.url.endswith("/predict") else None)
+        page.goto(url + "/ui/")
+        page.wait_for_selector("#model:has-text('Model age_gender:')")
+        with ThreadPoolExecutor(1) as other:
+            theirs = other.submit(httpx.post, url + "/predict", files={"image": ("l.jpg", largest)}, timeout=60)
+            time.sleep(1)  # their photo is being handled
+            page.set_input_files("#files", [str(path) for path in paths])
+            answered = "document.querySelectorAll('.card .photo, .card .message.error').length === 3"
+            page.wait_for_function(answered, timeout=120_000)
+        errors = page.locator(".card .message.error").all_inner_texts()
+        browser.close()
+    assert theirs.result().status_code == 200
+    assert not errors, errors
+    assert statuses.count(200) == 3 and 429 in statuses, statuses  # the retry was needed, and worked

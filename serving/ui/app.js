@@ -2,6 +2,13 @@
 "use strict";
 
 const results = document.getElementById("results");
+// Photos are sent IN_FLIGHT at a time, from one queue for all drops: a folder dropped on the page must not
+// meet the server's limit on requests in flight (429) all at once. A 429 that still comes (other clients)
+// is retried after its Retry-After for up to RETRY_FOR_MS.
+const IN_FLIGHT = 2;
+const RETRY_FOR_MS = 60_000;
+const waiting = []; // [file, its card] not yet sent
+let senders = 0;
 
 function label(face) {
   return `${Math.round(face.age)} · ${face.gender} ${Math.round(face.gender_probability * 100)} %`;
@@ -51,21 +58,41 @@ function showFaces(card, url, body) {
   card.append(table);
 }
 
-async function predict(file) {
+function newCard(file) {
   const card = el("section", { className: "card" });
   card.append(el("h2", {}, file.name));
-  const status = el("p", { className: "message" }, "Detecting faces…");
+  const status = el("p", { className: "message" }, "Waiting…");
   card.append(status);
   results.prepend(card);
+  return { card, status };
+}
+
+async function post(form) {
+  const giveUp = Date.now() + RETRY_FOR_MS;
+  for (;;) {
+    const response = await fetch("/predict", { method: "POST", body: form });
+    const wait = 1000 * (Number(response.headers.get("retry-after")) || 1);
+    if (response.status !== 429 || Date.now() + wait > giveUp) return response;
+    await new Promise((resolve) => setTimeout(resolve, wait));
+  }
+}
+
+function problem(status) {
+  if (status >= 500) return "Server error";
+  if (status === 429) return "Server busy";
+  return "Could not read this file";
+}
+
+async function predict(file, { card, status }) {
+  status.textContent = "Detecting faces…";
   const form = new FormData();
   form.append("image", file, file.name);
   try {
-    const response = await fetch("/predict", { method: "POST", body: form });
+    const response = await post(form);
     const body = await response.json().catch(() => ({ error: `server answered HTTP ${response.status}` }));
     status.remove();
     if (!response.ok) {
-      const kind = response.status >= 500 ? "Server error" : "Could not read this file";
-      card.append(el("p", { className: "message error" }, `${kind}: ${body.error}`));
+      card.append(el("p", { className: "message error" }, `${problem(response.status)}: ${body.error}`));
       return;
     }
     showFaces(card, URL.createObjectURL(file), body);
@@ -75,8 +102,15 @@ async function predict(file) {
   }
 }
 
+async function send() {
+  senders++;
+  while (waiting.length) await predict(...waiting.shift());
+  senders--;
+}
+
 function handle(files) {
-  Array.from(files).forEach(predict);
+  Array.from(files).forEach((file) => waiting.push([file, newCard(file)]));
+  while (senders < IN_FLIGHT && waiting.length) send(); // send() takes its first photo at once
 }
 
 async function showModel() {
