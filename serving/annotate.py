@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -13,10 +14,18 @@ COLOUR = (255, 45, 85)
 # labels grow with the photo (16 px text on a 640 px photo) up to this factor: 256 px text from 10,240 px
 # on; Pillow's FreeType text refuses sizes in the tens of thousands (a 2,700,000 x 1 photo asked 67,500)
 MAX_LABEL_SCALE = 16
+# ...and stay under this fraction of their face's height, so that in a crowd a small face's label does not
+# cover its neighbours (60 px text over 52 px faces in a 4000x3000 photo); never under MIN_TEXT px
+LABEL_OF_FACE, MIN_TEXT = 0.4, 12
 
 
 def label(face) -> str:
     return f"{round(face.age)} · {face.gender} {round(face.gender_probability * 100)} %"
+
+
+@functools.cache
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)  # bundled with Pillow: no font files
 
 
 def annotate(rgb: np.ndarray, result: PhotoResult) -> bytes:
@@ -24,10 +33,11 @@ def annotate(rgb: np.ndarray, result: PhotoResult) -> bytes:
     image = Image.fromarray(rgb)
     draw = ImageDraw.Draw(image)
     scale = min(max(image.size) / 640, MAX_LABEL_SCALE)
-    width = max(2, round(3 * scale))
-    font = ImageFont.load_default(size=max(12, round(16 * scale)))  # bundled with Pillow: no font files
     for face in result.faces:
         b = face.box
+        size = max(MIN_TEXT, round(min(16 * scale, LABEL_OF_FACE * b.height)))
+        width = max(2, round(3 * size / 16))  # the outline, in proportion to the text
+        font = _font(size)
         draw.rectangle([b.x, b.y, b.x + b.width - 1, b.y + b.height - 1], outline=COLOUR, width=width)
         left, top, right, bottom = draw.textbbox((b.x, b.y), label(face), font=font)
         lift = bottom - top + 2 * width  # label above the box, or inside it at the top edge of the photo

@@ -87,6 +87,16 @@ def test_annotate_draws_on_any_shape(h: int, w: int, boxes: list) -> None:
     assert Image.open(io.BytesIO(png)).size == (w, h)
 
 
+def test_annotate_labels_of_small_faces_stay_small() -> None:
+    """A 52 px face in a 4000x3000 photo: its label's band above the box stays under the face's height (the
+    photo's scale alone gave it 100 px text, over the faces around it in a crowd)."""
+    face = {"box": {"x": 2000, "y": 1500, "width": 52, "height": 52}, "detection_score": 1.0, "age": 30.0}
+    face |= {"age_interval": None, "minor_probability": None, "gender": "male", "gender_probability": 0.9}
+    png = annotate(np.zeros((3000, 4000, 3), np.uint8), PhotoResult(width=4000, height=3000, faces=[face]))
+    rows = np.nonzero(np.asarray(Image.open(io.BytesIO(png))).any(axis=(1, 2)))[0]
+    assert 1500 - rows.min() < 52 and rows.max() < 1500 + 52
+
+
 def test_annotate_labels_fit_pillow_on_huge_sides() -> None:
     face = {"box": {"x": 0, "y": 0, "width": 1, "height": 1}, "detection_score": 1.0, "age": 30.0}
     face |= {"age_interval": None, "minor_probability": None, "gender": "male", "gender_probability": 0.9}
