@@ -169,6 +169,31 @@ def test_decode_rotates_by_exif_and_rejects_bad_files() -> None:
         decode_image(b"GIF89a but not really", 10**7)
     with pytest.raises(UserError, match="corrupt or truncated"):
         decode_image(encode(astronaut())[:1500], 10**7)
+
+
+def test_a_jpeg_cut_short_and_closed_is_refused_and_camera_quirks_are_not() -> None:
+    """A JPEG cut short then closed with an end marker (EOI): libjpeg only warns and fills the missing rows
+    with grey, which Pillow answered as a photo. Extraneous bytes before a marker, which some cameras
+    write, are a warning too, and keep their pixels."""
+    photo = encode(astronaut())
+    with pytest.raises(UserError, match="corrupt or truncated: its JPEG data ends before the last rows"):
+        decode_image(photo[: len(photo) * 2 // 3] + b"\xff\xd9", 10**7)
+    tables = photo.index(b"\xff\xdb")
+    quirk = photo[:tables] + b"\x00\x00" + photo[tables:]  # 2 extraneous bytes before marker 0xdb: a warning
+    assert np.array_equal(decode_image(quirk, 10**7), decode_image(photo, 10**7))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+@pytest.mark.parametrize("subsampling", [0, 2])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpeg_pixels_are_pillows(mode: str, subsampling: int, progressive: bool) -> None:
+    """simplejpeg decodes JPEGs for its speed and its strictness, to exactly the pixels Pillow gives (the
+    network was trained on Pillow's): colour, grey and CMYK (Pillow's path), 4:4:4 and 4:2:0, progressive,
+    at an odd size."""
+    buf = io.BytesIO()
+    astronaut().resize((333, 517)).convert(mode).save(buf, "JPEG", subsampling=subsampling, progressive=progressive)
+    pillows = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert np.array_equal(decode_image(buf.getvalue(), 10**7), pillows)
     with pytest.raises(TooLarge, match="limit"):
         decode_image(encode(Image.new("RGB", (100, 100)), "PNG"), 9_999)
 
@@ -203,16 +228,19 @@ def test_unexpected_decode_failures_are_logged_and_kept_apart(failure: Exception
     def broken(image):
         raise failure
 
-    monkeypatch.setattr(models.images, "_to_rgb", broken)
-    photo = encode(astronaut())
+    monkeypatch.setattr(models.images, "_to_rgb", broken)  # Pillow's path: every format but (most) JPEGs
+    photo = encode(astronaut(), "PNG")
     if isinstance(failure, MemoryError):
         with pytest.raises(MemoryError):
             decode_image(photo, 10**7)
+        monkeypatch.setattr(models.images.simplejpeg, "decode_jpeg", lambda *_, **__: broken(None))
+        with pytest.raises(MemoryError):
+            decode_image(encode(astronaut()), 10**7)
         return
     with caplog.at_level("ERROR", logger="models.images"), pytest.raises(UserError, match="could not be decoded"):
         decode_image(photo, 10**7)
     (record,) = caplog.records
-    assert "decoding a JPEG image of 512x512 failed" in record.getMessage() and record.exc_info[1] is failure
+    assert "decoding a PNG image of 512x512 failed" in record.getMessage() and record.exc_info[1] is failure
     monkeypatch.setenv("AGE_GENDER_DEBUG", "1")
     with pytest.raises(ValueError, match="a conversion bug"):
         decode_image(photo, 10**7)
