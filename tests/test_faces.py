@@ -178,6 +178,11 @@ def test_a_jpeg_cut_short_and_closed_is_refused_and_camera_quirks_are_not() -> N
     photo = encode(astronaut())
     with pytest.raises(UserError, match="corrupt or truncated: its JPEG data ends before the last rows"):
         decode_image(photo[: len(photo) * 2 // 3] + b"\xff\xd9", 10**7)
+    inflated = bytearray(photo)  # the header claims 60000 rows, the data holds 512: refused, not decoded grey
+    frame = inflated.index(b"\xff\xc0")
+    inflated[frame + 5 : frame + 7] = (60000).to_bytes(2, "big")
+    with pytest.raises(UserError, match="data ends before the last rows"):
+        decode_image(bytes(inflated), 10**8)
     tables = photo.index(b"\xff\xdb")
     quirk = photo[:tables] + b"\x00\x00" + photo[tables:]  # 2 extraneous bytes before marker 0xdb: a warning
     assert np.array_equal(decode_image(quirk, 10**7), decode_image(photo, 10**7))
