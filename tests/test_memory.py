@@ -9,11 +9,13 @@ process), until serving/patches.py cancelled them."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 
 from devtools.launch import arbiter_pid, descendants, pss_kb, service_name
 from devtools.photos import astronaut, encode, group_photo, no_face
+from serving.heap import LATER
 
 REQUESTS = 300
 RETURNED_MB = 50  # what a process may keep after large photos, of its level before them
@@ -52,15 +54,17 @@ def _window(url: str, workers: dict[int, str]) -> dict[str, float]:
 
 
 def test_workers_memory_stays_flat_under_many_requests(server: str) -> None:
-    """A leak grows in every window; allocator pools settling, or a 2 MB step of the heap, in one. So the
-    smaller of two consecutive windows' growth is what is bounded."""
+    """A leak grows in every window. A detector process's heap grows in steps of ~5 MB now and then (17 kB
+    per request over a window of 300), flat in between: one step in each of two consecutive windows was
+    seen, in old and new code alike. So the smallest growth of three consecutive windows is what is
+    bounded."""
     asyncio.run(_traffic(server, 200))  # warm-up: allocator pools, ONNX Runtime arenas, caches
     workers = _workers(server)
-    first, second = _window(server, workers), _window(server, workers)
-    growth = {name: min(first[name], second[name]) for name in first}
-    report = f"PSS kB per request, two windows of {REQUESTS}: {first} then {second}"
+    windows = [_window(server, workers) for _ in range(3)]
+    growth = {name: min(window[name] for window in windows) for name in windows[0]}
+    report = f"PSS kB per request, three windows of {REQUESTS}: {windows}"
     # after the fixes, workers: 0-3.5 kB per request while allocator pools settle (then ~0 over a long
-    # run: make soak), single windows up to 9.5 in full test runs; the old detector's leak was 23-35
+    # run: make soak), single windows up to 36 when a heap step falls in them; the old detector's leak was 23-35
     workers_growth = [kb for name, kb in growth.items() if not name.startswith("AgeGender ")]
     assert all(kb < 6 for kb in workers_growth), report
     # the public API process: 3.5-12 kB per request over such a short window (0.35-0.55 over 10-minute
@@ -82,5 +86,6 @@ def test_memory_returns_after_large_photos(server: str) -> None:
     two = [("images", (f"{i}.jpg", phone, "image/jpeg")) for i in range(2)]
     assert httpx.post(server + "/predict_batch", files=two, timeout=60).status_code == 200
     assert _workers(server) == workers, "a worker restarted"
+    time.sleep(LATER + 1)  # a detector process gives back what the last answer took once it is sent
     grown = {f"{workers[pid]} {pid}": round((pss_kb(pid) - kb) / 1024, 1) for pid, kb in before.items()}
     assert all(mb < RETURNED_MB for mb in grown.values()), f"PSS MB above the level before: {grown}"

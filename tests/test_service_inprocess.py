@@ -20,7 +20,9 @@ from .conftest import SERVER_LIMITS, served_graph
 
 @pytest.fixture(scope="module")
 def service(model_tag: str):
-    # read when serving.settings is imported; the same small limits as the served process
+    # read when serving.settings is imported; the same small limits as the served process (given back after
+    # this module: later tests' servers inherit the environment)
+    saved = dict(os.environ)
     os.environ.update({"AGE_GENDER_MODEL": model_tag, **{k: str(v) for k, v in SERVER_LIMITS.items()}})
     import serving.settings
 
@@ -31,7 +33,9 @@ def service(model_tag: str):
     module = importlib.reload(module)
     if threads is None:  # service.py sets it for its own processes; training subprocesses of later tests need it unset
         os.environ.pop("OMP_NUM_THREADS", None)
-    return module
+    yield module
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_detector_returns_aligned_crops(service, monkeypatch) -> None:
