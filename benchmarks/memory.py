@@ -45,7 +45,7 @@ def returned(tag: str) -> dict[str, dict[str, float]]:
 
     group, _ = group_photo()
     # which photos leave the worker thread's heap with free space at its top depends on their buffers' sizes:
-    # 8660x5773 did (+58 MB kept before serving/heap.give_back trimmed that top), 8160x6120 did not
+    # 8660x5773 does (+58 MB kept without serving/heap.give_back trimming that top), 8160x6120 does not
     phone, largest = encode(group.resize((4000, 3000))), encode(group.resize((8660, 5773)))
     large = [("/predict", "50 Mpx", largest), ("/annotate", "50 Mpx", largest), ("/predict", "12 Mpx", phone)]
     env = {"AGE_GENDER_MODEL": tag, "AGE_GENDER_DETECTOR_WORKERS": "1"}

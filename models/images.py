@@ -184,7 +184,7 @@ def _jpeg_rgb(data: bytes, doing: str) -> np.ndarray | None:
         return simplejpeg.decode_jpeg(data, colorspace="RGB")  # strict: libjpeg's warnings raise
     except ValueError as exc:
         if ENDS_EARLY in str(exc).lower():
-            why = f"its JPEG data ends before the last rows ({exc}); send the whole file"
+            why = f"its JPEG data ends before the last rows ({exc}): the file is cut short or its header is wrong"
             raise UserError(f"the image is corrupt or truncated: {why}") from exc
         return None
     except Exception as exc:

@@ -15,7 +15,7 @@ COLOUR = (255, 45, 85)
 # on; Pillow's FreeType text refuses sizes in the tens of thousands (a 2,700,000 x 1 photo asked 67,500)
 MAX_LABEL_SCALE = 16
 # ...and stay under this fraction of their face's height, so that in a crowd a small face's label does not
-# cover its neighbours (60 px text over 52 px faces in a 4000x3000 photo); never under MIN_TEXT px
+# cover its neighbours (100 px text over 52 px faces in a 4000x3000 photo); never under MIN_TEXT px
 LABEL_OF_FACE, MIN_TEXT = 0.4, 12
 
 

@@ -22,7 +22,8 @@ than after the last such trim (`HeapTrimmer`): a large photo's memory is returne
 reuse what the heap keeps. A call that gave memory back does so once more LATER: BentoML serializes a
 call's answer after it returns, from the same heap, which kept those buffers until the next call (an
 annotated 50 Mpx photo, a 19 MB PNG, left a detector process 85 MB larger than the same photo through
-/predict).
+/predict). Giving back covers the free top of the calling thread's arena too, which malloc_trim leaves
+(give_back).
 """
 
 from __future__ import annotations
@@ -87,19 +88,24 @@ def keep_buffers_while_working() -> bool:
     )
 
 
+_GIVING_BACK = threading.Lock()  # the trim threshold is the process's: one give_back at a time
+
+
 def give_back(libc: ctypes.CDLL) -> None:
     """Return the heap's free pages to the operating system, the top of this thread's arena included.
 
     malloc_trim releases free blocks inside every arena, but the free space at the top of a thread's arena
     only in the main one. Detection runs in one of BentoML's worker threads, whose arena (up to 64 MB, glibc's
     heap size for thread arenas) kept what a 50 Mpx photo grew it by (+58-66 MB after the first one). With
-    the trim threshold at 0 for one free there, glibc's heap_trim gives that top back."""
-    libc.malloc_trim(0)
-    libc.mallopt(M_TRIM_THRESHOLD, 0)
-    try:
-        libc.free(libc.malloc(ARENA_TRIM_FREE))
-    finally:
-        libc.mallopt(M_TRIM_THRESHOLD, DETECTOR_TRIM_THRESHOLD)
+    the trim threshold at 0 for one free there, glibc's heap_trim gives that top back. Detector processes
+    only: the threshold is set back to theirs (keep_buffers_while_working)."""
+    with _GIVING_BACK:
+        libc.malloc_trim(0)
+        libc.mallopt(M_TRIM_THRESHOLD, 0)
+        try:
+            libc.free(libc.malloc(ARENA_TRIM_FREE))
+        finally:
+            libc.mallopt(M_TRIM_THRESHOLD, DETECTOR_TRIM_THRESHOLD)
 
 
 def resident_bytes() -> int:
@@ -128,10 +134,10 @@ class HeapTrimmer:
         finally:
             after = resident_bytes()
             if (after > before + TRIM_OVER or after > self.floor + KEEP) and (libc := _glibc()) is not None:
-                give_back(libc)
-                self.floor = resident_bytes()
                 if self.again is not None:  # one pending at a time: the latest call's answer is the one
                     self.again.cancel()
+                give_back(libc)
+                self.floor = resident_bytes()
                 self.again = threading.Timer(LATER, give_back, (libc,))  # the answer's buffers, once sent
                 self.again.daemon = True
                 self.again.start()

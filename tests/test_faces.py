@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 import models.images
 import models.mtcnn
@@ -156,19 +156,28 @@ def test_similarity_recovers_a_known_transform_and_never_mirrors() -> None:
     assert np.linalg.det(mirrored[:, :2]) > 0
 
 
-def test_decode_rotates_by_exif_and_rejects_bad_files() -> None:
-    image = astronaut().resize((300, 200))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decode_turns_photos_upright_as_pillow_does(orientation: int, fmt: str) -> None:
+    """Every EXIF orientation, on both decoders' paths (simplejpeg for the JPEG, Pillow for the PNG)."""
     exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise for display
+    exif[0x0112] = orientation
     buf = io.BytesIO()
-    image.save(buf, format="JPEG", exif=exif)
-    assert decode_image(buf.getvalue(), 10**7).shape == (300, 200, 3)  # upright: height 300, width 200
+    astronaut().resize((300, 200)).save(buf, format=fmt, exif=exif)
+    pillows = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB"))
+    assert np.array_equal(decode_image(buf.getvalue(), 10**7), pillows)
+    assert pillows.shape == ((200, 300, 3) if orientation < 5 else (300, 200, 3))
+
+
+def test_decode_rejects_bad_files() -> None:
     with pytest.raises(UserError, match="empty"):
         decode_image(b"", 10**7)
     with pytest.raises(UserError, match="not an image"):
         decode_image(b"GIF89a but not really", 10**7)
     with pytest.raises(UserError, match="corrupt or truncated"):
         decode_image(encode(astronaut())[:1500], 10**7)
+    with pytest.raises(TooLarge, match="limit"):
+        decode_image(encode(Image.new("RGB", (100, 100)), "PNG"), 9_999)
 
 
 def test_a_jpeg_cut_short_and_closed_is_refused_and_camera_quirks_are_not() -> None:
@@ -199,8 +208,8 @@ def test_jpeg_pixels_are_pillows(mode: str, subsampling: int, progressive: bool)
     astronaut().resize((333, 517)).convert(mode).save(buf, "JPEG", subsampling=subsampling, progressive=progressive)
     pillows = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     assert np.array_equal(decode_image(buf.getvalue(), 10**7), pillows)
-    with pytest.raises(TooLarge, match="limit"):
-        decode_image(encode(Image.new("RGB", (100, 100)), "PNG"), 9_999)
+    if mode != "CMYK":  # simplejpeg's own pixels, not Pillow's fallback's
+        assert np.array_equal(models.images._jpeg_rgb(buf.getvalue(), ""), pillows)
 
 
 def test_a_huge_header_is_refused_without_pillows_warning() -> None:

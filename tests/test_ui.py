@@ -170,8 +170,8 @@ def test_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
 def test_page_sends_dropped_photos_within_the_servers_limit(model_tag: str, tmp_path: Path) -> None:
     """Three phone photos dropped at once on a server that handles two requests at a time, one of them
     another client's 50 Mpx photo: the page sends two at a time and retries the 429 after its Retry-After,
-    and every photo gets its answer. The page used to send all at once and show 429s as "Could not read
-    this file"."""
+    and every photo gets its answer (sent all at once, they met 429s, shown as "Could not read this
+    file")."""
     from playwright.sync_api import sync_playwright
 
     group, _ = group_photo()

@@ -67,13 +67,16 @@ function newCard(file) {
   return { card, status };
 }
 
-async function post(form) {
+async function post(form, status) {
   const giveUp = Date.now() + RETRY_FOR_MS;
   for (;;) {
     const response = await fetch("/predict", { method: "POST", body: form });
     const wait = 1000 * (Number(response.headers.get("retry-after")) || 1);
     if (response.status !== 429 || Date.now() + wait > giveUp) return response;
+    response.body?.cancel(); // its error is not shown: the photo is sent again
+    status.textContent = "Server busy, trying again…";
     await new Promise((resolve) => setTimeout(resolve, wait));
+    status.textContent = "Detecting faces…";
   }
 }
 
@@ -88,7 +91,7 @@ async function predict(file, { card, status }) {
   const form = new FormData();
   form.append("image", file, file.name);
   try {
-    const response = await post(form);
+    const response = await post(form, status);
     const body = await response.json().catch(() => ({ error: `server answered HTTP ${response.status}` }));
     status.remove();
     if (!response.ok) {
@@ -104,8 +107,11 @@ async function predict(file, { card, status }) {
 
 async function send() {
   senders++;
-  while (waiting.length) await predict(...waiting.shift());
-  senders--;
+  try {
+    while (waiting.length) await predict(...waiting.shift());
+  } finally {
+    senders--;
+  }
 }
 
 function handle(files) {
