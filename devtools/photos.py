@@ -11,6 +11,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 from skimage import data
 
+from models.images import scan_end
+
 # where the astronaut's face is in the 512x512 original (centre of the face box, checked by eye)
 ASTRONAUT_FACE_CENTRE = (222, 118)
 ASTRONAUT_FACE_BOX = (177, 59, 90, 113)  # x, y, w, h: MTCNN's box for it (tests/test_faces.py checks the centre)
@@ -102,21 +104,10 @@ def many_scans_jpeg(image: Image.Image, scans: int) -> bytes:
     progression and decodes every scan)."""
     data = encode_jpeg(image, progressive=True)
     starts = [m.start() for m in re.finditer(rb"\xff\xda", data)]  # Pillow writes no thumbnail: all are scans
-    ends = [_entropy_end(data, s) for s in starts]
+    ends = [scan_end(data, s) for s in starts]
     units = [data[e:s2] + data[s2:e2] for e, s2, e2 in zip(ends, starts[1:], ends[1:], strict=False)]
     smallest = min(units, key=len)  # the tables (DHT) between two scans, then the second scan
     return data[: ends[-1]] + smallest * (scans - len(starts)) + data[ends[-1] :]
-
-
-def _entropy_end(data: bytes, sos: int) -> int:
-    """Where the scan starting at `sos` ends: the first marker after its entropy-coded data (0xFF followed
-    by neither a stuffed 0x00 nor a restart marker)."""
-    pos = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
-    while True:
-        pos = data.index(b"\xff", pos)
-        if data[pos + 1] != 0 and not 0xD0 <= data[pos + 1] <= 0xD7:
-            return pos
-        pos += 2
 
 
 def encode_jpeg(image: Image.Image, **options) -> bytes:

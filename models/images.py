@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import struct
 import warnings
 import zlib
@@ -60,14 +61,16 @@ _MAGIC = (
     (b"MM\x00+", "TIFF"),
 )
 STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xDA)])  # TEM, RST0-7, SOI, EOI: no length field
+_MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # 0xFF, then neither stuffing, a restart nor fill
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 # what Pillow's decoders raise on truncated or corrupt data (OSError: truncated; SyntaxError: a broken PNG
 # chunk or TIFF tag; zlib.error, struct.error: broken compressed or packed fields)
 CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
-# libjpeg's warnings for entropy-coded data that ends before the picture does (JWRN_HIT_MARKER,
-# JWRN_JPEG_EOF). Its other warnings (extraneous bytes before a marker, which some cameras write) keep
-# the pixels, as Pillow and browsers do.
-ENDS_EARLY = "premature end"
+# libjpeg's warning for entropy-coded data that ends, at a marker, before the picture does (JWRN_HIT_MARKER:
+# rows missing). Its other warnings keep the pixels as Pillow keeps them: extraneous bytes before a marker
+# (which some cameras write), a file that ends without its end marker (JWRN_JPEG_EOF: Pillow refuses it
+# where rows are missing, keeps it where only the marker is, e.g. replaced by padding).
+ENDS_EARLY = "premature end of data segment"
 # EXIF orientation -> the transpose that shows the photo upright (the EXIF standard's table)
 UPRIGHT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -128,26 +131,36 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def jpeg_scans(data: bytes) -> int:
-    """The number of scans (SOS markers) in a JPEG file, without decoding it.
+    """The number of scans (SOS markers) in a JPEG file up to its end marker, without decoding it.
 
-    The segments before the first scan (EXIF, whose thumbnail is a JPEG of its own, ICC profiles, tables)
-    are stepped over by their lengths. From the first scan on, 0xFF 0xDA is always a marker: inside
-    entropy-coded data a 0xFF byte is followed by 0x00 or a restart marker."""
-    pos = 2  # after SOI
+    Segments (EXIF, whose thumbnail is a JPEG of its own, ICC profiles, tables) are stepped over by their
+    lengths, and each scan's entropy-coded data to the marker after it. What follows the end marker is not
+    the decoder's and not counted: a phone's motion photo appends its video there (random bytes hold 0xFF
+    0xDA once per 64 kB: an 8 MB video counted as 120 scans)."""
+    pos, scans = 2, 0  # after SOI
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
-            return 0  # not a marker where one must be: left to the decoder to reject
+            return scans  # not a marker where one must be: left to the decoder to reject
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
-            continue
-        if marker in STANDALONE_MARKERS:
+        elif marker == 0xD9:  # EOI
+            return scans
+        elif marker in STANDALONE_MARKERS:
             pos += 2
-            continue
-        if marker == 0xDA:
-            return data.count(b"\xff\xda", pos)
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-    return 0
+        elif marker == 0xDA:
+            scans += 1
+            pos = scan_end(data, pos)
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return scans
+
+
+def scan_end(data: bytes, sos: int) -> int:
+    """Where the scan whose SOS marker is at `sos` ends: the first marker after its header and its
+    entropy-coded data, in which a 0xFF byte is followed by a stuffed 0x00 or a restart marker."""
+    found = _MARKER_IN_SCAN.search(data, sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big"))
+    return len(data) if found is None else found.start()
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
@@ -178,8 +191,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 
 def _jpeg_rgb(data: bytes, doing: str) -> np.ndarray | None:
     """A JPEG's bytes -> (H, W, 3) uint8 RGB; UserError where its data ends early. None where libjpeg warned
-    of anything else (extraneous bytes before a marker, which some cameras write) or failed: Pillow, which
-    goes on past warnings, decodes those or says why not."""
+    of anything else (ENDS_EARLY's comment) or failed: Pillow decodes those or says why not."""
     try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB")  # strict: libjpeg's warnings raise
     except ValueError as exc:

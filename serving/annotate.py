@@ -42,8 +42,10 @@ def annotate(rgb: np.ndarray, result: PhotoResult) -> bytes:
         left, top, right, bottom = draw.textbbox((b.x, b.y), label(face), font=font)
         lift = bottom - top + 2 * width  # label above the box, or inside it at the top edge of the photo
         y = b.y - lift if b.y >= lift else b.y
-        draw.rectangle([b.x, y, b.x + right - left + 2 * width, y + lift], fill=COLOUR)
-        draw.text((b.x + width, y + width - (top - b.y)), label(face), fill="white", font=font)
+        span = right - left + 2 * width
+        x = max(0, min(b.x, image.width - span))  # moved left of the box where the photo's right edge cuts it
+        draw.rectangle([x, y, x + span, y + lift], fill=COLOUR)
+        draw.text((x + width, y + width - (top - b.y)), label(face), fill="white", font=font)
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()

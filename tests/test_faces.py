@@ -195,6 +195,10 @@ def test_a_jpeg_cut_short_and_closed_is_refused_and_camera_quirks_are_not() -> N
     tables = photo.index(b"\xff\xdb")
     quirk = photo[:tables] + b"\x00\x00" + photo[tables:]  # 2 extraneous bytes before marker 0xdb: a warning
     assert np.array_equal(decode_image(quirk, 10**7), decode_image(photo, 10**7))
+    padded = photo[:-2] + bytes(512)  # every row, then zeros where the end marker belongs: a warning too
+    assert np.array_equal(decode_image(padded, 10**7), decode_image(photo, 10**7))
+    with pytest.raises(UserError, match="corrupt or truncated"):  # cut short without an end marker
+        decode_image(photo[: len(photo) * 2 // 3], 10**7)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
@@ -295,6 +299,8 @@ def test_decoding_cost_is_bounded_before_decoding() -> None:
     assert jpeg_scans(encode_jpeg(astronaut())) == 1
     assert jpeg_scans(encode_jpeg(astronaut(), progressive=True)) == 10
     assert jpeg_scans(encode_jpeg(astronaut(), comment=b"\xff\xda" * 500)) == 1  # SOS markers in a comment
+    motion = encode_jpeg(astronaut()) + np.random.default_rng(0).bytes(8 << 20)  # a phone's video after EOI
+    assert jpeg_scans(motion) == 1 and decode_image(motion, MAX_PIXELS).shape == (512, 512, 3)
     assert decode_image(encode(Image.new("RGB", (4000, 3000)), "PNG"), MAX_PIXELS).shape == (3000, 4000, 3)
 
 

@@ -97,6 +97,16 @@ def test_annotate_labels_of_small_faces_stay_small() -> None:
     assert 1500 - rows.min() < 52 and rows.max() < 1500 + 52
 
 
+def test_annotate_labels_at_the_right_edge_are_moved_inside() -> None:
+    """A face at the photo's right edge: its label ends at the edge instead of being cut by it."""
+    face = {"box": {"x": 590, "y": 100, "width": 50, "height": 50}, "detection_score": 1.0, "age": 30.0}
+    face |= {"age_interval": None, "minor_probability": None, "gender": "female", "gender_probability": 0.9}
+    png = annotate(np.zeros((480, 640, 3), np.uint8), PhotoResult(width=640, height=480, faces=[face]))
+    band = np.asarray(Image.open(io.BytesIO(png)))[:100]  # the rows above the box: the label alone
+    columns = np.nonzero(band.any(axis=(0, 2)))[0]
+    assert columns.min() < 590 - 50 and columns.max() == 639  # wider than the face, so it starts left of it
+
+
 def test_annotate_labels_fit_pillow_on_huge_sides() -> None:
     face = {"box": {"x": 0, "y": 0, "width": 1, "height": 1}, "detection_score": 1.0, "age": 30.0}
     face |= {"age_interval": None, "minor_probability": None, "gender": "male", "gender_probability": 0.9}
@@ -163,6 +173,17 @@ def test_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
         error = page.wait_for_selector(".message.error", timeout=30_000).inner_text()
         assert "Could not read this file" in error and "not an image" in error
         page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
+
+        tiff = tmp_path / "astronaut.tif"  # accepted by the API, not shown by Chromium
+        astronaut().save(tiff)
+        page.set_input_files("#files", str(tiff))
+        page.wait_for_selector(".photo:has-text('cannot show this file')", timeout=60_000)
+        assert page.locator(".card").first.locator("table tr").count() == 2  # its face is still listed
+        # a 200 that is not the API's answer (a proxy's login page): said so, not a blank card
+        page.route("**/predict", lambda route: route.fulfill(status=200, content_type="text/html", body="<p>"))
+        page.set_input_files("#files", str(photo))
+        page.wait_for_selector(".card:first-child .message.error", timeout=30_000)
+        assert "Unexpected answer" in page.locator(".card").first.inner_text()
         browser.close()
 
 

@@ -23,6 +23,9 @@ function el(tag, attrs = {}, text = "") {
 function showFaces(card, url, body) {
   const photo = el("div", { className: "photo" });
   const img = el("img", { src: url, alt: "uploaded photo" });
+  // TIFF, which the API takes, is a format most browsers cannot show: say so instead of a broken picture
+  img.addEventListener("error", () => photo.replaceChildren(
+    el("p", { className: "message" }, "This browser cannot show this file's format; the faces found are listed below.")));
   photo.append(img);
   body.faces.forEach((face) => {
     // boxes are in pixels of the uploaded image: place them in percent so they scale with the picture
@@ -83,26 +86,30 @@ async function post(form, status) {
 function problem(status) {
   if (status >= 500) return "Server error";
   if (status === 429) return "Server busy";
-  return "Could not read this file";
+  if (status >= 400) return "Could not read this file";
+  return "Unexpected answer"; // a 2xx that is not the API's (a proxy's page, say)
 }
 
 async function predict(file, { card, status }) {
   status.textContent = "Detecting faces…";
   const form = new FormData();
   form.append("image", file, file.name);
+  let message;
   try {
     const response = await post(form, status);
-    const body = await response.json().catch(() => ({ error: `server answered HTTP ${response.status}` }));
-    status.remove();
-    if (!response.ok) {
-      card.append(el("p", { className: "message error" }, `${problem(response.status)}: ${body.error}`));
+    const body = await response.json().catch(() => ({}));
+    if (response.ok && Array.isArray(body.faces)) {
+      status.remove();
+      showFaces(card, URL.createObjectURL(file), body);
       return;
     }
-    showFaces(card, URL.createObjectURL(file), body);
+    message = `${problem(response.status)}: ${body.error ?? `server answered HTTP ${response.status} without the API's JSON`}`;
   } catch (err) {
-    status.className = "message error";
-    status.textContent = `Server error: ${err.message}`;
+    message = `Server error: ${err.message}`;
   }
+  status.className = "message error";
+  status.textContent = message;
+  card.append(status); // back in the card where it had been taken out
 }
 
 async function send() {
