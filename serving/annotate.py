@@ -14,8 +14,9 @@ COLOUR = (255, 45, 85)
 # labels grow with the photo (16 px text on a 640 px photo) up to this factor: 256 px text from 10,240 px
 # on; Pillow's FreeType text refuses sizes in the tens of thousands (a 2,700,000 x 1 photo asked 67,500)
 MAX_LABEL_SCALE = 16
-# ...and stay under this fraction of their face's height, so that in a crowd a small face's label does not
-# cover its neighbours (100 px text over 52 px faces in a 4000x3000 photo); never under MIN_TEXT px
+# ...and their text stays under this fraction of their face's height, so that in a crowd a small face's
+# label is not several times its height (100 px text over 52 px faces in a 4000x3000 photo; its width, ~6x
+# the text size, still spans a few faces there); never under MIN_TEXT px
 LABEL_OF_FACE, MIN_TEXT = 0.4, 12
 
 
@@ -45,7 +46,7 @@ def annotate(rgb: np.ndarray, result: PhotoResult) -> bytes:
         span = right - left + 2 * width
         x = max(0, min(b.x, image.width - span))  # moved left of the box where the photo's right edge cuts it
         draw.rectangle([x, y, x + span, y + lift], fill=COLOUR)
-        draw.text((x + width, y + width - (top - b.y)), label(face), fill="white", font=font)
+        draw.text((x + width - (left - b.x), y + width - (top - b.y)), label(face), fill="white", font=font)
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()

@@ -44,7 +44,8 @@ DETECTOR_THRESHOLD = 32 << 20  # glibc's largest on 64-bit: only blocks of 32 Mi
 M_TRIM_THRESHOLD, DETECTOR_TRIM_THRESHOLD = -1, 1 << 30
 M_ARENA_MAX, ARENAS = -8, 2
 # A free of at least glibc's FASTBIN_CONSOLIDATION_THRESHOLD (64 KiB) in a thread's arena runs that arena's
-# heap_trim, the only way its top is given back (malloc_trim does so for the main arena's alone)
+# heap_trim, the only way its top is given back (malloc_trim does so for the main arena's alone). Over
+# that with room for the chunk's header, under the detectors' mmap threshold so that it comes from the heap
 ARENA_TRIM_FREE = 128 << 10
 # A call that leaves resident memory this much higher than before it gives the heap's free pages back:
 # under the 50 MB a process may keep after a photo (tests/test_memory.py); large photos take hundreds.
@@ -95,10 +96,13 @@ def give_back(libc: ctypes.CDLL) -> None:
     """Return the heap's free pages to the operating system, the top of this thread's arena included.
 
     malloc_trim releases free blocks inside every arena, but the free space at the top of a thread's arena
-    only in the main one. Detection runs in one of BentoML's worker threads, whose arena (up to 64 MB, glibc's
-    heap size for thread arenas) kept what a 50 Mpx photo grew it by (+58-66 MB after the first one). With
-    the trim threshold at 0 for one free there, glibc's heap_trim gives that top back. Detector processes
-    only: the threshold is set back to theirs (keep_buffers_while_working)."""
+    only in the main one. Detection runs in one of BentoML's worker threads, whose arena's last heap (64 MB,
+    glibc's heap size for thread arenas) kept what a 50 Mpx photo grew it by (+58-66 MB after the first
+    one). With the trim threshold at 0 for one free there, glibc's heap_trim gives that top back; other
+    threads' frees in that moment trim too, which costs them page faults, not memory. Detector processes
+    only: the threshold is set back to theirs (keep_buffers_while_working). The delayed call runs in a Timer
+    thread, on whichever of the ARENAS it is given: the answer it is for was serialized on the event loop's
+    thread, in the main arena, which malloc_trim covers."""
     with _GIVING_BACK:
         libc.malloc_trim(0)
         libc.mallopt(M_TRIM_THRESHOLD, 0)

@@ -30,7 +30,7 @@ from devtools.photos import (
 )
 from models.errors import TooLarge, UserError
 from models.faces import CROP_SIZE, MAX_FACES, DetectorConfig, FaceDetector, align_crop, similarity
-from models.images import MAX_JPEG_SCANS, MAX_PIXELS, decode_image, jpeg_scans
+from models.images import MAX_JPEG_MARKERS, MAX_JPEG_SCANS, MAX_PIXELS, decode_image, jpeg_scans, scan_end
 from models.mtcnn import ONET_PER_FACE, RNET_PER_FACE
 from tests.conftest import ROOT
 
@@ -195,6 +195,10 @@ def test_a_jpeg_cut_short_and_closed_is_refused_and_camera_quirks_are_not() -> N
     tables = photo.index(b"\xff\xdb")
     quirk = photo[:tables] + b"\x00\x00" + photo[tables:]  # 2 extraneous bytes before marker 0xdb: a warning
     assert np.array_equal(decode_image(quirk, 10**7), decode_image(photo, 10**7))
+    mpo = io.BytesIO()  # a JPEG with an index of more pictures after it, which phones write: the same check
+    astronaut().save(mpo, "MPO", save_all=True, append_images=[astronaut().resize((64, 64))])
+    with pytest.raises(UserError, match="data ends before the last rows"):
+        decode_image(mpo.getvalue()[: len(mpo.getvalue()) // 3] + b"\xff\xd9", 10**7)
     padded = photo[:-2] + bytes(512)  # every row, then zeros where the end marker belongs: a warning too
     assert np.array_equal(decode_image(padded, 10**7), decode_image(photo, 10**7))
     with pytest.raises(UserError, match="corrupt or truncated"):  # cut short without an end marker
@@ -301,6 +305,17 @@ def test_decoding_cost_is_bounded_before_decoding() -> None:
     assert jpeg_scans(encode_jpeg(astronaut(), comment=b"\xff\xda" * 500)) == 1  # SOS markers in a comment
     motion = encode_jpeg(astronaut()) + np.random.default_rng(0).bytes(8 << 20)  # a phone's video after EOI
     assert jpeg_scans(motion) == 1 and decode_image(motion, MAX_PIXELS).shape == (512, 512, 3)
+    # what libjpeg steps over on its way to the next marker hides no scans: an APP segment of length 0, a
+    # stray byte between segments, a stuffed zero there
+    bomb = many_scans_jpeg(astronaut(), MAX_JPEG_SCANS + 1)
+    tables = bomb.index(b"\xff\xdb")
+    for stray in (b"\x00", b"\xff\x00"):
+        assert jpeg_scans(bomb[:tables] + stray + bomb[tables:]) == MAX_JPEG_SCANS + 1
+    with pytest.raises(TooLarge, match="progressive scans"):
+        decode_image(bomb[:2] + b"\xff\xef\x00\x00" + bomb[2:], MAX_PIXELS)
+    photo = encode_jpeg(astronaut())  # markers enough to keep the checks' loop busy: refused after a bound
+    end = scan_end(photo, photo.index(b"\xff\xda"))
+    assert jpeg_scans(photo[:end] + b"\xff\x01" * MAX_JPEG_MARKERS + photo[end:]) == MAX_JPEG_SCANS + 1
     assert decode_image(encode(Image.new("RGB", (4000, 3000)), "PNG"), MAX_PIXELS).shape == (3000, 4000, 3)
 
 

@@ -55,9 +55,8 @@ def _window(url: str, workers: dict[int, str]) -> dict[str, float]:
 
 def test_workers_memory_stays_flat_under_many_requests(server: str) -> None:
     """A leak grows in every window. A detector process's heap grows in steps of ~5 MB now and then (17 kB
-    per request over a window of 300), flat in between: one step in each of two consecutive windows was
-    seen, in old and new code alike. So the smallest growth of three consecutive windows is what is
-    bounded."""
+    per request over a window of 300), flat in between, and two consecutive windows can each hold one. So
+    the smallest growth of three consecutive windows is what is bounded."""
     asyncio.run(_traffic(server, 200))  # warm-up: allocator pools, ONNX Runtime arenas, caches
     workers = _workers(server)
     windows = [_window(server, workers) for _ in range(3)]

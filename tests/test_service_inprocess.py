@@ -21,19 +21,15 @@ from .conftest import SERVER_LIMITS, served_graph
 @pytest.fixture(scope="module")
 def service(model_tag: str):
     # read when serving.settings is imported; the same small limits as the served process (given back after
-    # this module: later tests' servers inherit the environment)
+    # this module: later tests' servers and training subprocesses inherit the environment)
     saved = dict(os.environ)
     os.environ.update({"AGE_GENDER_MODEL": model_tag, **{k: str(v) for k, v in SERVER_LIMITS.items()}})
     import serving.settings
 
     importlib.reload(serving.settings)
-    threads = os.environ.get("OMP_NUM_THREADS")
     import service as module
 
-    module = importlib.reload(module)
-    if threads is None:  # service.py sets it for its own processes; training subprocesses of later tests need it unset
-        os.environ.pop("OMP_NUM_THREADS", None)
-    yield module
+    yield importlib.reload(module)  # service.py sets OMP_NUM_THREADS for its own processes: given back too
     os.environ.clear()
     os.environ.update(saved)
 

@@ -83,11 +83,11 @@ async function post(form, status) {
   }
 }
 
-function problem(status) {
+function problem(status, body) {
   if (status >= 500) return "Server error";
+  if (body.error == null) return "Unexpected answer"; // not the API's JSON: a proxy's page, say
   if (status === 429) return "Server busy";
-  if (status >= 400) return "Could not read this file";
-  return "Unexpected answer"; // a 2xx that is not the API's (a proxy's page, say)
+  return "Could not read this file";
 }
 
 async function predict(file, { card, status }) {
@@ -103,13 +103,13 @@ async function predict(file, { card, status }) {
       showFaces(card, URL.createObjectURL(file), body);
       return;
     }
-    message = `${problem(response.status)}: ${body.error ?? `server answered HTTP ${response.status} without the API's JSON`}`;
+    message = `${problem(response.status, body)}: ${body.error ?? `server answered HTTP ${response.status} without the API's JSON`}`;
   } catch (err) {
     message = `Server error: ${err.message}`;
   }
   status.className = "message error";
   status.textContent = message;
-  card.append(status); // back in the card where it had been taken out
+  card.append(status); // at the card's end, where a failure in showFaces had taken it out
 }
 
 async function send() {
