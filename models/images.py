@@ -181,9 +181,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     CMYK, 1-bit, greyscale and palette images are converted by Pillow."""
     image = open_image(data, max_pixels)
     doing = f"decoding a {image.format} image of {image.width}x{image.height}"
-    # MPO: a JPEG whose index lists more pictures after it (phones' depth maps and gain maps); the first is
-    # decoded. libjpeg-turbo gives no RGB from CMYK: Pillow does.
-    if image.format in ("JPEG", "MPO") and image.mode != "CMYK":
+    # the format from the magic number: Pillow names a JPEG whose index lists more pictures after it (phones'
+    # depth and gain maps) MPO; the first is decoded. libjpeg-turbo gives no RGB from CMYK: Pillow does.
+    if image_format(data) == "JPEG" and image.mode != "CMYK":
         rgb = _jpeg_rgb(data, doing)
         if rgb is not None:
             return _upright(rgb, image)
