@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 
-# Before cv2 (or torch) loads OpenMP (read once per process): no OpenMP thread teams. The earlier
-# detector's spinning OpenMP threads starved the model service on 2 cores (BENCHMARKS.md); each
-# detector process is one core's worth of work anyway. ONNX Runtime has its own pool; the torch
+# Before cv2 (or torch) loads OpenMP (read once per process): no OpenMP thread teams. OpenMP threads spin
+# while idle, which starved the model service on 2 cores (BENCHMARKS.md, "Goals of 0.1.0"); each detector
+# process is one core's worth of work anyway. ONNX Runtime has its own pool; the torch
 # runtime sets its own thread count.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

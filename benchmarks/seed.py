@@ -18,17 +18,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from models.artifact import ModelMeta, preprocess_for, stored_meta
+from models.artifact import ModelMeta, stored_meta
 from models.faces import FaceDetector, align_crop
-from models.images import decode_image
+from models.images import MAX_PIXELS, decode_image
 from models.network import load_network
+from models.presets import eval_preset
 
 
 def app(model_dir: str, meta: ModelMeta) -> Starlette:
-    net, preprocess, detector = load_network(model_dir, meta), preprocess_for(meta), FaceDetector()
+    net, detector = load_network(model_dir, meta), FaceDetector()
+    preprocess = eval_preset(meta.image_size, meta.normalisation.mean, meta.normalisation.std)  # in torch
 
     def answer(data: bytes) -> dict:
-        rgb = decode_image(data, 50_000_000)
+        rgb = decode_image(data, MAX_PIXELS)
         faces = detector.detect(rgb)
         if not faces:
             return {"faces": []}

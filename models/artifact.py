@@ -1,9 +1,9 @@
 """The stored model: what `training export` writes into a BentoML model folder and the service reads.
 
 The folder holds `weights.pt` (the AgeGenderNet state dict, buffers included), `model.onnx` (the
-same network as an ONNX graph with a dynamic batch dimension) and, in models exported since INT8 came,
-`model.int8.onnx` (that graph quantised). The model's metadata holds everything needed to rebuild and
-preprocess it: backbone, head width, input size, normalisation, class names, age range, age head,
+same network as an ONNX graph with a dynamic batch dimension) and, where export quantised it,
+`model.int8.onnx` (that graph in INT8; older models lack it). The model's metadata holds everything
+needed to rebuild and preprocess it: backbone, head width, input size, normalisation, class names, age range, age head,
 calibration (gender temperature, regression residual quantiles), the INT8 graph's measured cost, plus the
 data set, config and metrics it came from; MODEL_CARD.md says the same for people. This module imports
 no torch: the serving processes read it, and the CPU image has no torch at all.
@@ -17,14 +17,15 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.errors import UserError
-from models.presets import IMAGENET_MEAN, IMAGENET_STD, ArrayPreset, eval_preset
+from models.presets import IMAGENET_MEAN, IMAGENET_STD, ArrayPreset
 
 MODEL_NAME = "age_gender"
 WEIGHTS_FILE = "weights.pt"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # the same graph statically quantised at export (training/quantize.py)
 CARD_FILE = "MODEL_CARD.md"
-GENDER_CLASSES = ("male", "female")  # index = UTKFace gender field
+Gender = Literal["male", "female"]
+GENDER_CLASSES: tuple[Gender, ...] = get_args(Gender)  # index = UTKFace gender field
 AGE_RANGE = (0, 116)  # UTKFace labels; answers are clamped to the stored model's range
 AgeHead = Literal["regression", "distribution"]  # one number in years | a softmax over whole years 0..AGE_RANGE[1]
 AGE_HEADS: tuple[AgeHead, ...] = get_args(AgeHead)
@@ -151,12 +152,7 @@ def architecture(
     )
 
 
-def preprocess_for(meta: ModelMeta):
-    """The torch eval preset with this model's input size and normalisation (a torch serving path:
-    benchmarks/seed.py)."""
-    return eval_preset(meta.image_size, meta.normalisation.mean, meta.normalisation.std)
-
-
 def array_preprocess_for(meta: ModelMeta) -> ArrayPreset:
-    """The same preset in numpy, for serving without torch: (B, H, W, 3) uint8 -> (B, 3, S, S) float32."""
+    """The eval preset with this model's input size and normalisation, in numpy (serving needs no torch):
+    (B, H, W, 3) uint8 -> (B, 3, S, S) float32."""
     return ArrayPreset(meta.image_size, meta.normalisation.mean, meta.normalisation.std)

@@ -38,15 +38,16 @@ def level(raw: str) -> float:
 
 
 def exit_code(command, interrupted: str = "interrupted") -> int:
-    """Run a command: 0; a UserError: its one `error:` line on stderr and 2 (debugging: raised, with its
-    traceback); Ctrl-C: 130; a run stopped by a signal with its state saved (Interrupted): its line and
-    128 + the signal's number."""
+    """Run a command: 0; a UserError, or a file or folder that cannot be read or written (OSError): one
+    `error:` line on stderr and 2 (debugging: raised, with its traceback); Ctrl-C: 130; a run stopped by a
+    signal with its state saved (Interrupted): its line and 128 + the signal's number."""
     try:
         command()
-    except UserError as exc:
+    except (UserError, OSError) as exc:
         if debugging():
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        where = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else exc
+        print(f"error: {where}", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(f"error: {exc}", file=sys.stderr)

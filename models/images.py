@@ -24,7 +24,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from models.errors import TooLarge, UserError, debugging
+from models.errors import NotAnImage, TooLarge, UserError, debugging
 
 # The image formats taken everywhere (uploads, the batch command's folders, training data): Pillow's name ->
 # file name suffixes. A file's format is recognised from its bytes (magic number, then Pillow's reader for
@@ -91,10 +91,6 @@ log = logging.getLogger(__name__)
 # Pillow warns from 89 Mpx on opening; open_image refuses beyond max_pixels itself, with an answer that says
 # so, and the warning would reach stderr outside the request's log lines
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-
-class NotAnImage(UserError):
-    """Bytes that are not an image in one of IMAGE_FORMATS (the HTTP API answers 415)."""
 
 
 def image_format(data: bytes) -> str | None:

@@ -133,7 +133,7 @@ def overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(w, 0, None) * np.clip(h, 0, None) / np.maximum(np.minimum.outer(area(a), area(b)), 1e-9)
 
 
-def _best(boxes: np.ndarray, scores: np.ndarray, limit: int) -> tuple[np.ndarray, bool]:
+def _best(scores: np.ndarray, limit: int) -> tuple[np.ndarray, bool]:
     """The indices of the `limit` best scores (all, in order, when there are fewer) and whether any were cut."""
     if len(scores) <= limit:
         return np.arange(len(scores)), False
@@ -204,7 +204,7 @@ def detect(
     boxes = _squares(np.column_stack([boxes[:, :4] + boxes[:, 5:9] * size, boxes[:, 4]]))
     if known is not None and len(known) and len(boxes):
         boxes = boxes[overlap(boxes, known).max(axis=1) < SAME_FACE]
-    keep, cut = _best(boxes, boxes[:, 4], RNET_PER_FACE * budget)
+    keep, cut = _best(boxes[:, 4], RNET_PER_FACE * budget)
     boxes = boxes[keep]
     if not len(boxes):
         return none
@@ -215,7 +215,7 @@ def detect(
     keep = _nms(boxes, prob, 0.7)
     boxes, reg, prob = boxes[keep], reg[keep], prob[keep]
     boxes = _squares(np.column_stack([boxes[:, :4] + reg * np.tile(boxes[:, 2:4] - boxes[:, 0:2] + 1, 2), prob]))
-    keep, cut_more = _best(boxes, boxes[:, 4], ONET_PER_FACE * budget)
+    keep, cut_more = _best(boxes[:, 4], ONET_PER_FACE * budget)
     boxes, cut = boxes[keep], cut or cut_more
     if not len(boxes):
         return none

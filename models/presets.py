@@ -18,6 +18,7 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SIZE = 224  # the network's input side where a config names none: ImageNet's, that of its backbones
 
 
 def eval_preset(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -3,9 +3,9 @@ and generated OpenAPI clients depend on their names."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, Field
+
+from models.artifact import AgeHead, Gender
 
 
 class Box(BaseModel):
@@ -34,7 +34,7 @@ class FaceAttributes(BaseModel):
         description="estimated P(age < 18); an estimate with known error on children, not an age check on its own; "
         "null where age_interval is null"
     )
-    gender: Literal["male", "female"]
+    gender: Gender
     gender_probability: float = Field(description="calibrated probability of the reported gender, 0.5-1")
 
 
@@ -87,7 +87,7 @@ class ModelInfo(BaseModel):
     int8_cost: dict[str, dict[str, float]] | None = Field(
         None, description="per held-out split, INT8 minus fp32 for each metric, measured at export; null: no INT8"
     )
-    age_head: Literal["regression", "distribution"]
+    age_head: AgeHead
     interval_level: float = Field(description="level of every answer's age_interval")
     gender_temperature: float = Field(description="temperature scaling of the gender logits (1.0: none)")
     model_card: str = Field("/model_card", description="route of the model card (Markdown)")

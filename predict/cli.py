@@ -19,6 +19,7 @@ from models.artifact import INTERVAL_LEVEL, MODEL_NAME
 from models.cli import Debug, OneLineParser, exit_code, level
 from models.errors import UserError
 from models.faces import DetectorConfig
+from models.predictor import Predictor
 from models.runtime import RUNTIMES, cpu_cores
 from predict.rows import Output, photos, rows
 from predict.runners import RETRY_STATUSES, run_local, run_remote
@@ -72,8 +73,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict[str, int]:
-    from models.predictor import Predictor
-
     out = Output(args.out)
     todo, passed_over = photos(args.inputs)
     done = out.done()

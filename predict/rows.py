@@ -4,7 +4,9 @@ or with an error) in JSONL or CSV, appended as photos finish so that an interrup
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,6 @@ from models.images import IMAGE_SUFFIXES
 from models.schemas import PhotoResult
 from predict.runners import TRANSIENT
 
-# a folder is searched for these (case-insensitive); files named on the command line are always tried
 FIELDS = (
     "file",
     "face",
@@ -35,8 +36,9 @@ FORMATS = ("jsonl", "csv")
 
 
 def photos(inputs: list[str]) -> tuple[list[Path], int]:
-    """Files, folders (searched recursively for models.images.IMAGE_SUFFIXES) and @list files (one path per
-    line) -> (photos, in order, each once; how many files in the folders were passed over for their suffix)."""
+    """Files, folders (searched recursively for models.images.IMAGE_SUFFIXES, in any case) and @list files
+    (one path per line) -> (photos, in order, each once; how many files in the folders were passed over for
+    their suffix). Files named on the command line or in a list are tried whatever their suffix."""
     found: list[Path] = []
     passed_over = 0
     for item in inputs:
@@ -85,7 +87,8 @@ def rows(file: str, result: PhotoResult | None, error: str | None) -> list[dict[
 
 
 class Output:
-    """Rows appended to a JSONL or CSV file (by its suffix), flushed per photo."""
+    """Rows appended to a JSONL or CSV file (by its suffix), each photo's rows in one write: a run killed at
+    any moment leaves whole photos, and at most a last line cut short, which the next run drops."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -112,28 +115,29 @@ class Output:
     def __enter__(self) -> Output:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists() or self.path.stat().st_size == 0
-        self.file = self.path.open("a", newline="")
-        if self.format == "csv":
-            self.writer = csv.DictWriter(self.file, FIELDS, extrasaction="ignore")
-            if new:
-                self.writer.writeheader()
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        if new and self.format == "csv":
+            self.write([dict(zip(FIELDS, FIELDS, strict=True))])  # the header
         return self
 
     def _repair(self) -> None:
-        """Drop a partial last line (the previous run was killed mid-write) so appending stays parseable."""
+        """Drop a partial last line (the previous run was killed mid-write) so appending stays parseable;
+        cut in place, so that a kill now loses nothing more."""
         if not self.path.exists():
             return
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
-            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
+            os.truncate(self.path, data.rfind(b"\n") + 1)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            if self.format == "csv":
-                self.writer.writerow(row)
-            else:
-                self.file.write(json.dumps({k: row.get(k) for k in FIELDS}) + "\n")
-        self.file.flush()
+        text = io.StringIO(newline="")
+        if self.format == "csv":
+            csv.DictWriter(text, FIELDS, extrasaction="ignore").writerows(rows)
+        else:
+            text.writelines(json.dumps({k: row.get(k) for k in FIELDS}) + "\n" for row in rows)
+        data = text.getvalue().encode()
+        while data:  # one write(2) for a regular file; the loop covers the rare short write
+            data = data[os.write(self.fd, data) :]
 
     def __exit__(self, *exc) -> None:
-        self.file.close()
+        os.close(self.fd)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from starlette.responses import JSONResponse
 from starlette.types import Message, Send
 
-from models.errors import TooLarge, UserError
+from models.errors import NotAnImage, TooLarge, UserError
 
 
 def error(status: int, message: str, close: bool = False) -> JSONResponse:
@@ -18,16 +18,20 @@ def error(status: int, message: str, close: bool = False) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
 
 
+def status_of(exc: UserError) -> int:
+    """The HTTP status of a UserError: 413 over a size limit, 415 not an image, 400 anything else."""
+    return {TooLarge: 413, NotAnImage: 415}.get(type(exc), 400)
+
+
 def answers_user_errors(api):
-    """Decorator of an async API: a UserError it raises becomes its 400 (TooLarge: 413) `{"error"}` answer.
-    The one place where the pipeline's errors turn into responses."""
+    """Decorator of an async API: a UserError it raises becomes its `{"error"}` answer (status_of)."""
 
     @functools.wraps(api)
     async def wrapper(*args, **kwargs):
         try:
             return await api(*args, **kwargs)
         except UserError as exc:
-            return error(413 if isinstance(exc, TooLarge) else 400, str(exc))
+            return error(status_of(exc), str(exc))
 
     return wrapper
 

@@ -11,17 +11,15 @@ from pathlib import Path
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from models.artifact import CARD_FILE
+from models.artifact import CARD_FILE, stored_model
 
 ROUTE = "/model_card"
 
 
 class ModelCardRoute:
     def __init__(self, app, model: str) -> None:
-        import bentoml
-
         self.app = app
-        stored = bentoml.models.get(model)  # resolved at start-up, as the model service resolves its BentoModel
+        stored = stored_model(model)  # resolved at start-up, as the model service resolves its BentoModel
         path = Path(stored.path) / CARD_FILE
         if path.is_file():
             self.card = Response(path.read_text(), media_type="text/markdown; charset=utf-8")

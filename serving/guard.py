@@ -1,7 +1,7 @@
 """RequestGuard: an ASGI middleware in front of the public APIs.
 
 BentoML 1.4 answers several kinds of bad upload with a 500 or a hang, fetches URLs given in file fields,
-has no body size limit or read timeout, and returns 4xx bodies as JSON arrays (see docs/bentoml notes).
+has no body size limit or read timeout, and returns 4xx bodies as JSON arrays.
 This guard reads the request body itself (bounded in bytes, time and rate; spooled to disk past 64 KiB by
 serving/uploads.py), parses the multipart form strictly with its own parser, checks it against what each
 route takes, recognises each image from its bytes and reads its size from its header, and answers every
@@ -26,9 +26,9 @@ from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from models.errors import TooLarge, UserError, debugging
-from models.images import FORMAT_NAMES, NotAnImage, image_format, open_image
-from serving.answers import as_error_object, busy, error, rewrite_response
+from models.errors import NotAnImage, UserError, debugging
+from models.images import FORMAT_NAMES, image_format, open_image
+from serving.answers import as_error_object, busy, error, rewrite_response, status_of
 from serving.edge import OPEN_PATHS
 from serving.multipart import (
     MAX_BOUNDARY,
@@ -250,11 +250,9 @@ class RequestGuard:
         except NotAnImage as exc:
             declared = part.content_type or "none"
             why = f"is not an image in an accepted format (declared content type {declared})"
-            raise Rejected(415, f"file {name} {why}; send {FORMAT_NAMES}") from exc
-        except TooLarge as exc:
-            raise Rejected(413, f"file {name}: {exc}") from exc
+            raise Rejected(status_of(exc), f"file {name} {why}; send {FORMAT_NAMES}") from exc
         except UserError as exc:
-            raise Rejected(400, f"file {name}: {exc}") from exc
+            raise Rejected(status_of(exc), f"file {name}: {exc}") from exc
 
 
 def _no_input(path: str, spool: Spool) -> bytes:

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 from python_multipart.multipart import parse_options_header
 
+from models.images import IMAGE_FORMATS
+
 MAX_HEADER_BYTES = 8192  # one part's header block
 MAX_TEXT_FIELDS = 4  # no route takes text fields; a few are parsed so that the answer can name them
 MAX_TEXT_BYTES = 8192  # one text field (a URL fits; an image sent as text does not)
 MAX_BOUNDARY = 70  # RFC 2046
 _LINE_END = re.compile(rb"[ \t]*\r\n")  # after a boundary: optional transport padding, then CRLF
-_SUFFIX = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
 
 
 class Rejected(Exception):
@@ -158,7 +159,7 @@ def build_form(name: str, files: list[tuple[Part, str]], body: Buffer) -> tuple[
             break
     segments: list[Segment] = []
     for i, (part, fmt) in enumerate(files):
-        disposition = f'form-data; name="{name}"; filename="image-{i}.{_SUFFIX[fmt]}"'
+        disposition = f'form-data; name="{name}"; filename="image-{i}{IMAGE_FORMATS[fmt][0]}"'
         head = (
             f"--{boundary.decode()}\r\nContent-Disposition: {disposition}\r\nContent-Type: image/{fmt.lower()}\r\n\r\n"
         )

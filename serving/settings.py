@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from models.artifact import INTERVAL_LEVEL
-from models.errors import UserError
-from models.faces import DetectorConfig
+from models.artifact import INTERVAL_LEVEL, MODEL_NAME
+from models.errors import FALSE, TRUE, UserError
+from models.faces import DetectorConfig, detector_name
 from models.images import MAX_PIXELS
 from models.outputs import check_level
 from models.runtime import cpu_cores
@@ -18,7 +18,7 @@ PREFIX = "AGE_GENDER_"
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = "age_gender:latest"  # store tag the bento pins at build time
+    model: str = f"{MODEL_NAME}:latest"  # store tag the bento pins at build time
     # face detection: models.faces.DetectorConfig says what each means and why its default
     detector: str = DetectorConfig.detector
     score_threshold: float = DetectorConfig.score_threshold
@@ -58,11 +58,17 @@ class Settings:
             check_level(self.interval_level)
         except ValueError as exc:
             raise UserError(f"{PREFIX}INTERVAL_LEVEL: {exc}") from exc
-        for name in ("max_uploads", "max_concurrency", "max_bytes", "max_images"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{PREFIX}{name.upper()} must be at least 1, not {getattr(self, name)}")
-        if self.min_upload_rate < 0:
-            raise UserError(f"{PREFIX}MIN_UPLOAD_RATE must be 0 (off) or more, not {self.min_upload_rate}")
+        at_least = {name: 1 for name in _COUNTS} | {"min_upload_rate": 0, "detector_workers": 0, "max_latency_ms": 1}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise UserError(f"{PREFIX}{name.upper()} must be at least {low}, not {getattr(self, name)}")
+        for name in ("idle_timeout", "upload_timeout"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{PREFIX}{name.upper()} must be more than 0 seconds, not {getattr(self, name)}")
+        try:
+            detector_name(self.detector)
+        except UserError as exc:
+            raise UserError(f"{PREFIX}DETECTOR: {exc}") from exc
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -79,10 +85,25 @@ class Settings:
         return cls(**values)
 
 
+# settings that count something (bytes, pixels, files, requests, faces, processes): 0 or less makes no sense
+_COUNTS = (
+    "max_uploads",
+    "max_concurrency",
+    "max_bytes",
+    "max_pixels",
+    "max_images",
+    "max_request_pixels",
+    "max_batch_size",
+    "api_workers",
+    "min_face_size",
+    "max_faces",
+)
+
+
 def _boolean(raw: str) -> bool:
-    if raw.strip().lower() in ("1", "true", "yes", "on"):
+    if raw.strip().lower() in TRUE:
         return True
-    if raw.strip().lower() in ("0", "false", "no", "off"):
+    if raw.strip().lower() in FALSE:
         return False
     raise ValueError(raw)
 

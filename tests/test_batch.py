@@ -122,6 +122,10 @@ def test_resume_and_csv(model_tag: str, photo_dir: Path, tmp_path: Path) -> None
         (["--out", "x.txt", "."], "--out must end in .jsonl or .csv"),
         (["--out", "x.jsonl", "no/such/folder"], "does not exist"),
         (["--out", "x.jsonl", "--model", "age_gender:nope", "."], "is not in the BentoML store"),
+        (
+            ["--out", "README.md/x.jsonl", "--url", "http://127.0.0.1:9", "README.md"],
+            "README.md: File exists",
+        ),  # its folder, a file
     ],
 )
 def test_bad_arguments_fail_in_one_line(args: list[str], message: str, bentoml_home: Path, tmp_path: Path) -> None:
@@ -167,3 +171,25 @@ def test_url_mode_retries_busy_answers(photo_dir: Path, tmp_path: Path) -> None:
     finally:
         loop.call_soon_threadsafe(server.close)
         loop.call_soon_threadsafe(loop.stop)
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_each_photos_rows_reach_the_file_in_one_write(suffix: str, tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from predict.rows import Output
+
+    out = tmp_path / f"faces.{suffix}"
+    writes: list[int] = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(len(data)) or real_write(fd, data))
+    crowd = [{"file": "crowd.jpg", "face": i, "age": 30.5, "gender": "female"} for i in range(500)]
+    with Output(out) as output:
+        header = len(writes)
+        output.write(crowd)  # over 8 KiB: more than a file object's buffer, which writes such rows in pieces
+    assert len(writes) == header + 1 and writes[-1] > 8192
+    inode, whole = out.stat().st_ino, out.read_bytes()
+    with out.open("ab") as f:
+        f.write(b'{"file": "next.jpg", "fa')  # a run killed mid-line
+    assert Output(out).done() == {"crowd.jpg"}
+    assert out.read_bytes() == whole and out.stat().st_ino == inode  # cut in place, nothing rewritten

@@ -33,8 +33,8 @@ BASE_GB, PER_DETECTOR_GB, PEAK_PER_DETECTOR_GB = 0.73, 0.15, 0.68
 
 def uploads_held(detectors: int, max_bytes: int, max_images: int) -> int:
     """Bytes the API process holds at most under uploads: a largest upload per detector process on its way
-    there, twice (read, pickled: service.py's ByteBudget), those being checked, twice, and BentoML's read
-    of one (benchmarks.edge measured (2 x 2 + 3) x 21 MB with 2 detector processes); and the parsed form
+    there, twice (read, pickled: serving.dependencies.ByteBudget), those being checked, twice, and BentoML's
+    read of one (benchmarks.edge measured (2 x 2 + 3) x 21 MB with 2 detector processes); and the parsed form
     of each request being handled, its file parts in memory up to SPOOL_BYTES each (serving/patches.py)."""
     forms = Settings.max_concurrency * max_images * SPOOL_BYTES
     return (2 * detectors + 2 * CHECKS_AT_ONCE + 1) * max_bytes + forms

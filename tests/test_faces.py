@@ -325,8 +325,10 @@ def test_face_limit_answers_the_largest_and_counts_the_rest() -> None:
     assert found == 3 and len(faces) == 2
     assert all(np.linalg.norm(_centre(f) - c) < 30 for f, c in zip(faces, centres[:2], strict=True))
     assert len(FaceDetector(DetectorConfig(max_faces=3)).detect(np.asarray(photo))) == 3
-    with pytest.raises(UserError, match="at least 1"):
+    with pytest.raises(UserError, match="max_faces must be at least 1, not 0"):
         FaceDetector(DetectorConfig(max_faces=0))
+    with pytest.raises(UserError, match="min_face_size must be at least 1, not 0"):  # divided by
+        FaceDetector(DetectorConfig(min_face_size=0))
 
 
 def test_work_per_photo_is_bounded_by_the_face_limit(monkeypatch) -> None:

@@ -62,19 +62,19 @@ def test_workers_memory_stays_flat_under_many_requests(server: str) -> None:
     windows = [_window(server, workers) for _ in range(3)]
     growth = {name: min(window[name] for window in windows) for name in windows[0]}
     report = f"PSS kB per request, three windows of {REQUESTS}: {windows}"
-    # after the fixes, workers: 0-3.5 kB per request while allocator pools settle (then ~0 over a long
-    # run: make soak), single windows up to 36 when a heap step falls in them; the old detector's leak was 23-35
+    # workers: 0-3.5 kB per request while allocator pools settle (then ~0 over a long run: make soak), single
+    # windows up to 36 when a heap step falls in them; a leak of 23-35 (yuface's, BENCHMARKS.md) shows in all
     workers_growth = [kb for name, kb in growth.items() if not name.startswith("AgeGender ")]
     assert all(kb < 6 for kb in workers_growth), report
     # the public API process: 3.5-12 kB per request over such a short window (0.35-0.55 over 10-minute
-    # soaks); BentoML's uncancelled request timers made it 40-150 kB
+    # soaks); BentoML's request timers, left uncancelled (serving/patches.py), show as 40-150 kB
     assert growth[next(n for n in growth if n.startswith("AgeGender "))] < 25, report
 
 
 def test_memory_returns_after_large_photos(server: str) -> None:
     """12 Mpx phone-sized photos, alone, two at once and through /annotate: each process needs hundreds of
     MB while it works on them (decoded RGB is 36 MB, MTCNN's first pyramid level on the photo more) and
-    must give it back. MTCNN's ONNX Runtime sessions kept their arena, 838 MB after four such photos."""
+    must give it back. An ONNX Runtime session with its memory arena keeps it: 838 MB after four such photos."""
     asyncio.run(_traffic(server, 40))  # warm-up with small photos
     workers = _workers(server)
     before = {pid: pss_kb(pid) for pid in workers}

@@ -112,6 +112,11 @@ def test_settings_from_the_environment(monkeypatch, env: dict, field: str, value
     [
         ({"AGE_GENDER_SMALL_FACES": "maybe"}, "not a valid bool"),
         ({"AGE_GENDER_INTERVAL_LEVEL": "0.99"}, "0.5 and 0.98"),
+        ({"AGE_GENDER_MAX_BATCH_SIZE": "0"}, "AGE_GENDER_MAX_BATCH_SIZE must be at least 1, not 0"),
+        ({"AGE_GENDER_DETECTOR_WORKERS": "-2"}, "AGE_GENDER_DETECTOR_WORKERS must be at least 0, not -2"),
+        ({"AGE_GENDER_IDLE_TIMEOUT": "0"}, "AGE_GENDER_IDLE_TIMEOUT must be more than 0 seconds"),
+        ({"AGE_GENDER_MIN_FACE_SIZE": "0"}, "AGE_GENDER_MIN_FACE_SIZE must be at least 1, not 0"),
+        ({"AGE_GENDER_DETECTOR": "retina"}, "AGE_GENDER_DETECTOR: unknown detector 'retina'"),
     ],
 )
 def test_bad_settings_name_the_variable(monkeypatch, env: dict, message: str) -> None:

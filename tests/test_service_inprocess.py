@@ -53,19 +53,22 @@ def test_detector_returns_aligned_crops(service, monkeypatch) -> None:
     ("data", "status", "message"),
     [
         (b"", 400, "empty"),
-        (b"plain text", 400, "not an image"),
+        (b"plain text", 415, "not an image"),
         (encode(astronaut())[:2000], 400, "corrupt or truncated"),
         (encode(Image.new("RGB", (4000, 4000)), "PNG"), 413, "limit"),
     ],
 )
 def test_detector_errors(service, data: bytes, status: int, message: str) -> None:
-    """A UserError crosses from the detector process as data ({"error", "too_large"}), raised again by the API."""
-    from models.errors import TooLarge, UserError, raised
+    """A UserError crosses from the detector process as data ({"error", "kind"}), raised again by the API as
+    the same kind, which names its status."""
+    from models.errors import UserError, raised
+    from serving.answers import status_of
 
     out = service.FaceDetection().detect(data)
-    assert message in out["error"] and out["too_large"] == (status == 413)
-    with pytest.raises(TooLarge if status == 413 else UserError, match=message):
+    assert message in out["error"]
+    with pytest.raises(UserError, match=message) as caught:
         raised(out)
+    assert status_of(caught.value) == status
 
 
 def test_model_service_matches_the_network(service, model_tag: str) -> None:

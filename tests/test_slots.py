@@ -55,8 +55,8 @@ def test_parallel_large_uploads_are_spooled_not_held_in_memory(server: str) -> N
     assert statuses == [200] * 32, statuses
     grown, held = pss["peak"] - pss["before"], 32 * len(photo) / 2**20
     # 32 x 2.9 MB = 90 MB of uploads: measured 11-22 MB, what the API process may hold at most being
-    # (2 x 2 detector processes + 3) x 2.9 MB = 20 MB (tests/test_deploy.py: uploads_held); 343 MB when
-    # every body was held in memory, twice
+    # (2 x 2 detector processes + 3) x 2.9 MB = 20 MB (tests/test_deploy.py: uploads_held); bodies held in
+    # memory, twice, would be 343 MB
     assert grown < held / 3, f"API process PSS peak {grown:.0f} MB above its level before, {held:.0f} MB of uploads"
 
 

@@ -34,6 +34,9 @@ def test_synth_is_reproducible_and_refuses_to_overwrite(tmp_path: Path) -> None:
     assert [p.name for p in a] == [p.name for p in b]
     assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b, strict=True))
     assert "already exists" in assert_one_line_error(run_cli("synth", "--out", str(tmp_path / "a"), "--n", "5"))
+    (tmp_path / "file").write_text("")
+    unwritable = run_cli("synth", "--out", str(tmp_path / "file" / "c"), "--n", "5")
+    assert "file: File exists" in assert_one_line_error(unwritable)
 
 
 def _predict(module, metadata: Path, split: str = "test"):
@@ -105,6 +108,7 @@ def test_fit_cli_trains_and_exports(metadata_file: Path, tmp_path: Path) -> None
         (["model.backbone=resnet35"], "unknown backbone 'resnet35'; choose from resnet18, resnet34, resnet50"),
         (["model.age_weight=-1"], "model.age_weight must be >= 0"),
         (["model.lr_rate=1"], "unknown key model.lr_rate; choose from backbone"),
+        (["data.seed=1"], "unknown key data.seed; choose from metadata"),  # the run's seed is the top-level one
         (["data.metadata=/nonexistent.csv"], "does not exist"),
         (["nonsense"], "must look like section.key=value"),
     ],

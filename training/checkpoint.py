@@ -18,6 +18,7 @@ from models.runtime import TorchRuntime
 from training import fingerprint
 from training.data import UTKFaceDataModule
 from training.module import AgeGenderModule
+from training.utkface import SPLITS
 
 
 def load_module(checkpoint: str | Path) -> AgeGenderModule:
@@ -41,7 +42,8 @@ def datamodule_for(module: AgeGenderModule) -> UTKFaceDataModule:
 
 
 def held_out_splits(datamodule: UTKFaceDataModule) -> list[str]:
-    return [s for s in ("val", "test") if s not in datamodule.train_splits and not datamodule.split(s).empty]
+    """val and test, where not trained on and not empty."""
+    return [s for s in SPLITS[1:] if s not in datamodule.train_splits and not datamodule.split(s).empty]
 
 
 def train_split_of(module: AgeGenderModule, datamodule: UTKFaceDataModule) -> tuple[list[str], str]:
@@ -71,7 +73,7 @@ def describe(
             name=dataset,
             metadata=str(Path(datamodule.hparams.metadata).resolve()),
             train_splits=list(datamodule.train_splits),
-            **{f"n_{s}": int(counts.get(s, 0)) for s in ("train", "val", "test")},
+            **{f"n_{s}": int(counts.get(s, 0)) for s in SPLITS},
             # the training images' fingerprint; their hashes are in the model folder (training.fingerprint)
             train_split={**fingerprint.summary(train_split[0]), "recorded_by": train_split[1]},
         ),

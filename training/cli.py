@@ -27,7 +27,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_metadata(args: argparse.Namespace) -> None:
-    from training.utkface import build_metadata
+    from training.utkface import SPLITS, build_metadata
 
     df, report = build_metadata(
         args.data_dir, args.out, balance=args.balance, fractions=tuple(args.split), seed=args.seed
@@ -35,7 +35,7 @@ def cmd_metadata(args: argparse.Namespace) -> None:
     for line in report.lines():
         print(line)
     counts = df.split.value_counts()
-    print(f"wrote {args.out}: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in ("train", "val", "test")))
+    print(f"wrote {args.out}: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS))
 
 
 def _fit(config: Path, overrides: list[str], export: bool, resume: bool = False) -> None:
@@ -198,7 +198,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test")
     s.add_argument("--tta", action="store_true", help="average with the mirrored image")
     s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--level", type=level, default=INTERVAL_LEVEL, help="age interval level (default 0.8)")
+    s.add_argument("--level", type=level, default=INTERVAL_LEVEL, help=f"age interval level (default {INTERVAL_LEVEL})")
     s.add_argument(
         "--runtime",
         default="auto",

@@ -19,11 +19,12 @@ from training.module import AgeGenderModule
 
 TOP_LEVEL = {"seed": 42, "name": "age_gender", "logdir": "runs", "early_stopping_patience": None}
 SECTIONS = {
-    "data": UTKFaceDataModule,  # image_size comes from model.image_size
+    "data": UTKFaceDataModule,  # image_size comes from model.image_size, seed from the top level
     "model": AgeGenderModule,
     "trainer": L.Trainer,
 }
-_NOT_CONFIGURABLE = {"self", "image_size"}
+_NOT_CONFIGURABLE = {"self", "image_size", "seed"}
+_UNSET = object()
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
@@ -35,6 +36,11 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + key] = value
     return out
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """The keys of two flat dicts whose values differ, a key missing from one included, sorted."""
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, _UNSET) != new.get(k, _UNSET))
 
 
 def allowed_keys(section: str) -> list[str]:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from models.errors import UserError
 from models.pipeline import load_crops
-from models.presets import ArrayPreset, normalize
+from models.presets import IMAGE_SIZE, ArrayPreset, normalize
 from training.augment import Augment
 from training.utkface import SPLITS, read_metadata
 
@@ -103,7 +103,7 @@ class UTKFaceDataModule(L.LightningDataModule):
         metadata: str,
         batch_size: int = 64,
         num_workers: int = 2,
-        image_size: int = 224,
+        image_size: int = IMAGE_SIZE,
         train_splits: Sequence[str] = ("train",),
         augment: dict | None = None,
         seed: int = 0,

@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from models.presets import IMAGE_SIZE
 from training import fingerprint
 from training.data import UTKFaceDataModule
 from training.module import AgeGenderModule
@@ -16,7 +17,7 @@ from training.resume import AtomicCheckpointIO, StopOnSignal, check_same_config,
 
 def build(cfg: dict) -> tuple[AgeGenderModule, UTKFaceDataModule]:
     model_args = dict(cfg["model"])
-    datamodule = UTKFaceDataModule(**cfg["data"], image_size=model_args.get("image_size", 224), seed=cfg["seed"])
+    datamodule = UTKFaceDataModule(**cfg["data"], image_size=model_args.get("image_size", IMAGE_SIZE), seed=cfg["seed"])
     if model_args.get("normalize_age"):
         # the normalisation statistics belong to the training split; stored in hparams and weights
         model_args["age_mean"], model_args["age_std"] = datamodule.age_stats()

@@ -19,9 +19,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from models.artifact import GENDER_CLASSES
 from models.errors import UserError
 from models.network import AgeGenderNet, check_age_head
+from models.presets import IMAGE_SIZE
+from training.utkface import SPLITS
 
 AGE_LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss}
-STAGES = ("train", "val", "test")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}  # adamw: weight decay decoupled from Adam
 # plateau: halve the rate when the monitored loss stalls (no fixed length); cosine: linear warm-up over
 # warmup_epochs, then a cosine to zero at trainer.max_epochs, stepped every batch (a fixed budget)
@@ -36,7 +37,7 @@ class AgeGenderModule(L.LightningModule):
         weights_path: str | None = None,
         head_width: int = 256,
         dropout: float = 0.2,
-        image_size: int = 224,
+        image_size: int = IMAGE_SIZE,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         age_loss: str = "mse",
@@ -85,7 +86,7 @@ class AgeGenderModule(L.LightningModule):
                         "gender_acc": MulticlassAccuracy(num_classes=len(GENDER_CLASSES), average="micro"),
                     }
                 )
-                for stage in STAGES
+                for stage in SPLITS
             }
         )
         self.training_config: dict[str, Any] | None = None  # set by `fit`, stored in checkpoints

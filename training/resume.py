@@ -21,7 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from models.errors import Interrupted, UserError
 from training.atomic import atomic_path
-from training.config import flatten
+from training.config import changed_keys, flatten
 
 LAST = "last.ckpt"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # what Kubernetes, spot reclaims, batch systems and Ctrl-C send
@@ -99,8 +99,7 @@ def check_same_config(checkpoint: Path, cfg: dict) -> None:
     # mmap: only the pickled dicts are read here; the weights stay on disk until Lightning loads them to resume
     stored = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("training_config") or {}
     old, new = flatten(stored), flatten(cfg)
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed_keys(old, new)]
     if changed:
         raise UserError(
             f"{checkpoint} was trained with another config ({'; '.join(changed)}); resume with the same "

@@ -26,7 +26,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 from models.errors import Interrupted, UserError
 from training.atomic import atomic_path
-from training.config import flatten, set_key, validate
+from training.config import changed_keys, flatten, set_key, validate
 from training.fit import fit
 from training.utkface import read_metadata
 
@@ -134,10 +134,6 @@ def identity(base: dict, space: dict) -> dict:
     }
 
 
-def _changed(old: dict, new: dict) -> list[str]:
-    return sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
-
-
 def check_identity(study: optuna.Study, base: dict, space: dict) -> None:
     """Record what a new study runs under; refuse to resume one whose base config or search space changed."""
     current = identity(base, space)
@@ -155,7 +151,7 @@ def check_identity(study: optuna.Study, base: dict, space: dict) -> None:
         ("search space", "search_space_sha256", "search_space"),
     ):
         if stored.get(key) != current[key]:
-            problems.append(f"{what} (changed: {', '.join(_changed(stored.get(data, {}), current[data]))[:200]})")
+            problems.append(f"{what} (changed: {', '.join(changed_keys(stored.get(data, {}), current[data]))[:200]})")
     if problems:
         raise UserError(
             f"study {study.study_name!r} was run with another {' and '.join(problems)}: its trials would not "
