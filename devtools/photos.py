@@ -48,9 +48,10 @@ def save(image: Image.Image, path: Path, fmt: str = "JPEG") -> Path:
     return path
 
 
-def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
+def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
+    """The image as a file of this format; options are Pillow's for it (quality, progressive, save_all...)."""
     buf = io.BytesIO()
-    image.save(buf, format=fmt)
+    image.save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
@@ -102,18 +103,12 @@ def many_scans_jpeg(image: Image.Image, scans: int) -> bytes:
     """A progressive JPEG of the image whose smallest scan (with the tables before it) is repeated until
     the file has `scans` scans: a decoder bomb of a few kB per hundred scans (libjpeg warns of the odd
     progression and decodes every scan)."""
-    data = encode_jpeg(image, progressive=True)
+    data = encode(image, "JPEG", progressive=True)
     starts = [m.start() for m in re.finditer(rb"\xff\xda", data)]  # Pillow writes no thumbnail: all are scans
     ends = [scan_end(data, s) for s in starts]
     units = [data[e:s2] + data[s2:e2] for e, s2, e2 in zip(ends, starts[1:], ends[1:], strict=False)]
     smallest = min(units, key=len)  # the tables (DHT) between two scans, then the second scan
     return data[: ends[-1]] + smallest * (scans - len(starts)) + data[ends[-1] :]
-
-
-def encode_jpeg(image: Image.Image, **options) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", **options)
-    return buf.getvalue()
 
 
 def one_bit_png(side: int) -> bytes:

@@ -1,15 +1,13 @@
-"""The request guard (serving/guard.py), the OpenAPI rewriting (serving/openapi.py) and decode_image, in-process.
+"""The request guard (serving/guard.py) and the OpenAPI rewriting (serving/openapi.py), in-process: what a
+request may hold (tests/test_guard_body.py: how and how fast it arrives).
 
 The guard is wrapped around a tiny stand-in BentoML service with the same API signatures as the real one
-(no model): BentoML parses what the guard passes on exactly as in production, in about a second. Slow and
-stalled clients are played by hand-written ASGI receive() functions.
+(no model): BentoML parses what the guard passes on exactly as in production, in about a second.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import io
 import os
 import time
 from pathlib import Path
@@ -18,14 +16,12 @@ import bentoml
 import numpy as np
 import pytest
 from PIL import Image
-from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
 from devtools.forms import MALFORMED, MULTIPART, PNG, B, form, part
 from devtools.photos import astronaut, encode
-from models.faces import FaceDetector
-from models.images import decode_image, image_format
-from serving.guard import DRAIN_UP_TO, FileField, RequestGuard
+from models.images import image_format
+from serving.guard import FileField, RequestGuard
 from serving.openapi import StandardOpenAPI
 from serving.uploads import SPOOL_BYTES
 
@@ -116,7 +112,7 @@ def test_images_are_recognised_from_their_bytes(client) -> None:
             assert r.status_code == 200 and r.json()["format"] == fmt, (fmt, declared, r.text)
             suffix = {"JPEG": "jpg", "TIFF": "tif"}.get(fmt, fmt.lower())
             assert r.json()["name"].endswith(f"image-0.{suffix}")
-    mpo = _saved(photo, "MPO", save_all=True, append_images=[photo])  # a JPEG with a second picture (phones)
+    mpo = encode(photo, "MPO", save_all=True, append_images=[photo])  # a JPEG with a second picture (phones)
     r, _ = post(client, "/predict", form(part(b"image", mpo)))
     assert r.status_code == 200 and r.json()["format"] == "JPEG" and r.json()["name"].endswith("image-0.jpg")
     for data in (b"just some text", encode(photo, "ICO"), encode(photo, "PPM"), b"GIF89a but not really", b"\x00" * 64):
@@ -209,258 +205,6 @@ def test_openapi_requires_bodies_and_documents_error_objects(client) -> None:
     assert images["properties"]["images"]["minItems"] == 1 and images["properties"]["images"]["type"] == "array"
     assert spec["components"]["schemas"]["Error"]["required"] == ["error"]
     assert "'type': 'file'" not in str(spec)
-
-
-# slow and stalled clients: the guard called directly, its receive() played by hand
-
-
-async def _call_guard(receive, headers: list | None = None) -> tuple[list[dict], bool]:
-    reached = False
-
-    async def app(scope, receive, send):
-        nonlocal reached
-        reached = True
-
-    sent: list[dict] = []
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    guard = RequestGuard(app, ROUTES, **LIMITS)
-    headers = headers or [(b"content-type", b"multipart/form-data; boundary=" + B)]
-    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers}
-    await asyncio.wait_for(guard(scope, receive, send), timeout=5)
-    return sent, reached
-
-
-def _answer(sent: list[dict]) -> tuple[int, dict, str]:
-    import json
-
-    start, body = sent[0], sent[-1]
-    return start["status"], dict(start["headers"]), json.loads(body["body"])["error"]
-
-
-def test_stalled_body_answers_408_after_the_idle_timeout() -> None:
-    async def receive() -> dict:
-        if not receive.calls:
-            receive.calls += 1
-            return {"type": "http.request", "body": b"--" + B + b"\r\n", "more_body": True}
-        await asyncio.Event().wait()  # the client sent the headers and a little, then went quiet
-
-    receive.calls = 0
-    start = time.perf_counter()
-    sent, reached = asyncio.run(_call_guard(receive))
-    status, headers, message = _answer(sent)
-    assert status == 408 and "no request body bytes for 0.3 s" in message and not reached
-    assert headers[b"connection"] == b"close" and time.perf_counter() - start < 1
-
-
-def test_slow_body_answers_408_at_the_upload_deadline() -> None:
-    async def receive() -> dict:
-        await asyncio.sleep(0.05)  # never idle long enough for the idle timeout, 1,000 bytes/s
-        return {"type": "http.request", "body": b"x" * 50, "more_body": True}
-
-    start = time.perf_counter()
-    sent, reached = asyncio.run(_call_guard(receive))
-    status, _, message = _answer(sent)
-    assert status == 408 and "longer than 1 s" in message and not reached
-    assert time.perf_counter() - start < 2
-
-
-def test_trickling_body_is_cut_once_its_rate_is_below_the_minimum() -> None:
-    async def receive() -> dict:
-        await asyncio.sleep(0.05)  # a byte now and then: never idle, 20 bytes/s
-        return {"type": "http.request", "body": b"x", "more_body": True}
-
-    start = time.perf_counter()
-    sent, reached = asyncio.run(_call_guard(receive))
-    status, headers, message = _answer(sent)
-    assert status == 408 and "under the minimum of 100 bytes/s" in message and not reached
-    assert headers[b"connection"] == b"close" and 0.3 <= time.perf_counter() - start < 0.6
-
-
-def test_declared_oversized_body_answers_413_before_reading() -> None:
-    async def receive() -> dict:
-        await asyncio.Event().wait()  # nothing is read: the declared length decides
-
-    headers = [(b"content-type", b"multipart/form-data; boundary=" + B), (b"content-length", b"%d" % 10**9)]
-    start = time.perf_counter()
-    sent, reached = asyncio.run(_call_guard(receive, headers))
-    status, headers_out, message = _answer(sent)
-    assert status == 413 and "byte limit" in message and not reached and headers_out[b"connection"] == b"close"
-    assert time.perf_counter() - start < 0.2
-
-
-@pytest.mark.parametrize("times", [1.5, 3.0])
-def test_body_somewhat_over_the_limit_is_read_to_its_end_before_its_413(times: float) -> None:
-    """A client that writes its whole body before reading the answer (http.client, requests) reads the 413
-    only if the body was read: up to DRAIN_UP_TO x max_bytes it is, past that the answer comes at once."""
-    chunk, total = 1_000_000, int(times * LIMITS["max_bytes"])
-    pieces = total // chunk
-
-    async def receive() -> dict:
-        receive.calls += 1
-        return {"type": "http.request", "body": b"x" * chunk, "more_body": receive.calls < pieces}
-
-    receive.calls = 0
-    sent, reached = asyncio.run(_call_guard(receive))
-    status, headers, message = _answer(sent)
-    assert status == 413 and "byte limit" in message and not reached and headers[b"connection"] == b"close"
-    read_all = receive.calls == pieces
-    assert read_all == (times < DRAIN_UP_TO), (receive.calls, pieces)
-
-
-def test_client_gone_mid_body_is_not_served() -> None:
-    messages = iter([{"type": "http.request", "body": b"--" + B, "more_body": True}, {"type": "http.disconnect"}])
-
-    async def receive() -> dict:
-        return next(messages)
-
-    sent, reached = asyncio.run(_call_guard(receive))
-    assert sent == [] and not reached
-
-
-def test_uploads_being_received_hold_no_handling_slot() -> None:
-    """Two limits: bodies being received (max_uploads) and requests being handled (max_concurrency), the
-    second counted from a complete body. Stalled uploads fill the first and leave the second to others;
-    past either, 429 at once naming its setting; health checks are never limited."""
-    release = asyncio.Event()
-
-    async def app(scope, receive, send) -> None:
-        if scope["path"] == "/slow":
-            await release.wait()
-        await JSONResponse({"ok": True})(scope, receive, send)
-
-    async def stalled() -> dict:  # a client that sent its headers, then nothing
-        await asyncio.Event().wait()
-
-    limits = {**LIMITS, "idle_timeout": 5, "upload_timeout": 10, "max_uploads": 2, "max_concurrency": 1}
-    guard = RequestGuard(app, ROUTES, **limits)
-
-    async def call(method: str, path: str, body: bytes | None = None) -> list[dict]:
-        sent: list[dict] = []
-
-        async def send(message: dict) -> None:
-            sent.append(message)
-
-        async def whole() -> dict:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        headers = [(b"content-type", b"multipart/form-data; boundary=" + B)]
-        scope = {"type": "http", "method": method, "path": path, "headers": headers}
-        await guard(scope, stalled if body is None else whole, send)
-        return sent
-
-    async def scenario() -> None:
-        uploads = [asyncio.create_task(call("POST", "/predict")) for _ in range(2)]
-        await asyncio.sleep(0.05)
-        assert (await asyncio.wait_for(call("GET", "/docs"), 1))[0]["status"] == 200
-        status, headers, message = _answer(await asyncio.wait_for(call("POST", "/predict"), 1))
-        assert status == 429 and "2 uploads are being received" in message and "AGE_GENDER_MAX_UPLOADS" in message
-        assert headers[b"connection"] == b"close"  # its body was not read
-        slow = asyncio.create_task(call("GET", "/slow"))
-        await asyncio.sleep(0.05)
-        status, headers, message = _answer(await asyncio.wait_for(call("GET", "/docs"), 1))
-        assert status == 429 and "AGE_GENDER_MAX_CONCURRENCY" in message and headers[b"retry-after"] == b"1"
-        uploads[0].cancel()  # a slot to receive one more body, which is complete: refused once checked
-        await asyncio.gather(uploads[0], return_exceptions=True)
-        status, _, message = _answer(await asyncio.wait_for(call("POST", "/predict", form(part(b"image", PNG))), 1))
-        assert status == 429 and "AGE_GENDER_MAX_CONCURRENCY" in message
-        assert (await asyncio.wait_for(call("GET", "/readyz"), 1))[0]["status"] == 200
-        release.set()
-        await slow
-        assert (await asyncio.wait_for(call("GET", "/docs"), 1))[0]["status"] == 200
-        uploads[1].cancel()
-
-    asyncio.run(scenario())
-
-
-# decode_image: every Pillow mode to 8-bit RGB
-
-
-def _saved(image: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    a = alpha.astype(np.uint32)[:, :, None]
-    return ((rgb.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
-
-
-def _mode_cases() -> dict[str, tuple[bytes, np.ndarray, int]]:
-    """name -> (file bytes, expected RGB, tolerance)."""
-    rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
-    rgb[0, 0], rgb[0, 1] = 0, 255  # the full range: stretched values map back exactly
-    grey = rgb[:, :, 0]
-    alpha = rng.integers(0, 256, (24, 32), dtype=np.uint8)
-    grey3 = np.repeat(grey[:, :, None], 3, axis=2)
-    bits = grey > 127
-    palette = Image.fromarray(rgb).quantize(8)
-    index = np.asarray(palette)
-    lookup = np.asarray(palette.convert("RGB"))
-    blocks = np.zeros((24, 32, 3), np.uint8)
-    blocks[:, :16] = (255, 0, 0)
-    blocks[:, 16:] = (0, 0, 255)
-    frames = [Image.fromarray(blocks), Image.new("RGB", (32, 24), (0, 255, 0))]
-    return {
-        "RGB png": (_saved(Image.fromarray(rgb), "PNG"), rgb, 0),
-        "L png": (_saved(Image.fromarray(grey), "PNG"), grey3, 0),
-        "1 bmp": (_saved(Image.fromarray(bits), "BMP"), np.repeat(bits[:, :, None] * 255, 3, 2).astype(np.uint8), 0),
-        "P png": (_saved(palette, "PNG"), lookup, 0),
-        "P png, transparent entry": (
-            _saved(palette, "PNG", transparency=int(index[0, 0])),
-            np.where((index == index[0, 0])[:, :, None], 255, lookup).astype(np.uint8),
-            0,
-        ),
-        "RGBA png": (_saved(Image.fromarray(np.dstack([rgb, alpha])), "PNG"), _over_white(rgb, alpha), 1),
-        "RGBA webp": (
-            _saved(Image.fromarray(np.dstack([rgb, alpha])), "WEBP", lossless=True),
-            _over_white(rgb, alpha),
-            1,
-        ),
-        "LA png": (_saved(Image.fromarray(np.dstack([grey, alpha]), "LA"), "PNG"), _over_white(grey3, alpha), 1),
-        "CMYK tiff": (_saved(Image.fromarray(rgb).convert("CMYK"), "TIFF"), rgb, 0),
-        "I;16 png": (_saved(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"), grey3, 0),
-        "I;16B tiff": (_saved(Image.fromarray((grey.astype(np.uint16) * 257).astype(">u2")), "TIFF"), grey3, 0),
-        "I tiff": (_saved(Image.fromarray(grey.astype(np.int32) * 257), "TIFF"), grey3, 0),
-        "I tiff, negative": (_saved(Image.fromarray(grey.astype(np.int32) * 1000 - 100_000), "TIFF"), grey3, 1),
-        "F tiff, 0..1": (_saved(Image.fromarray(grey.astype(np.float32) / 255), "TIFF"), grey3, 0),
-        "animated gif": (_saved(frames[0], "GIF", save_all=True, append_images=frames[1:]), blocks, 0),
-        "MPO, first picture": (
-            _saved(
-                Image.new("RGB", (32, 24), (40, 160, 90)),
-                "MPO",
-                save_all=True,
-                append_images=[Image.new("RGB", (32, 24))],
-            ),
-            np.full((24, 32, 3), (40, 160, 90), np.uint8),
-            3,
-        ),
-        "multi-page tiff": (_saved(Image.fromarray(rgb), "TIFF", save_all=True, append_images=frames), rgb, 0),
-    }
-
-
-def test_decode_image_converts_every_mode() -> None:
-    wrong = {}
-    for name, (data, expected, tolerance) in _mode_cases().items():
-        out = decode_image(data, 10**6)
-        assert out.shape == expected.shape and out.dtype == np.uint8, name
-        error = int(np.abs(out.astype(int) - expected.astype(int)).max())
-        if error > tolerance:
-            wrong[name] = error
-    assert not wrong, f"max pixel error per mode: {wrong}"
-
-
-def test_16_bit_greyscale_photo_finds_the_face_like_8_bit() -> None:
-    grey = np.asarray(astronaut().convert("L"))
-    eight = decode_image(_saved(Image.fromarray(grey), "PNG"), 10**6)
-    sixteen = decode_image(_saved(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"), 10**6)
-    assert np.array_equal(eight, sixteen)
-    detector = FaceDetector()
-    assert len(detector.detect(eight)) == 1 and len(detector.detect(sixteen)) == 1
 
 
 def test_guard_covers_every_api_from_its_signature() -> None:

@@ -1,0 +1,175 @@
+"""The request guard (serving/guard.py) with slow, stalled, oversized and departing clients: the guard called
+directly, its receive() played by hand-written ASGI functions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from starlette.responses import JSONResponse
+
+from devtools.forms import PNG, B, form, part
+from serving.guard import DRAIN_UP_TO, RequestGuard
+from tests.test_guard import LIMITS, ROUTES
+
+
+async def _call_guard(receive, headers: list | None = None) -> tuple[list[dict], bool]:
+    reached = False
+
+    async def app(scope, receive, send):
+        nonlocal reached
+        reached = True
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    guard = RequestGuard(app, ROUTES, **LIMITS)
+    headers = headers or [(b"content-type", b"multipart/form-data; boundary=" + B)]
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers}
+    await asyncio.wait_for(guard(scope, receive, send), timeout=5)
+    return sent, reached
+
+
+def _answer(sent: list[dict]) -> tuple[int, dict, str]:
+    import json
+
+    start, body = sent[0], sent[-1]
+    return start["status"], dict(start["headers"]), json.loads(body["body"])["error"]
+
+
+def test_stalled_body_answers_408_after_the_idle_timeout() -> None:
+    async def receive() -> dict:
+        if not receive.calls:
+            receive.calls += 1
+            return {"type": "http.request", "body": b"--" + B + b"\r\n", "more_body": True}
+        await asyncio.Event().wait()  # the client sent the headers and a little, then went quiet
+
+    receive.calls = 0
+    start = time.perf_counter()
+    sent, reached = asyncio.run(_call_guard(receive))
+    status, headers, message = _answer(sent)
+    assert status == 408 and "no request body bytes for 0.3 s" in message and not reached
+    assert headers[b"connection"] == b"close" and time.perf_counter() - start < 1
+
+
+def test_slow_body_answers_408_at_the_upload_deadline() -> None:
+    async def receive() -> dict:
+        await asyncio.sleep(0.05)  # never idle long enough for the idle timeout, 1,000 bytes/s
+        return {"type": "http.request", "body": b"x" * 50, "more_body": True}
+
+    start = time.perf_counter()
+    sent, reached = asyncio.run(_call_guard(receive))
+    status, _, message = _answer(sent)
+    assert status == 408 and "longer than 1 s" in message and not reached
+    assert time.perf_counter() - start < 2
+
+
+def test_trickling_body_is_cut_once_its_rate_is_below_the_minimum() -> None:
+    async def receive() -> dict:
+        await asyncio.sleep(0.05)  # a byte now and then: never idle, 20 bytes/s
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    start = time.perf_counter()
+    sent, reached = asyncio.run(_call_guard(receive))
+    status, headers, message = _answer(sent)
+    assert status == 408 and "under the minimum of 100 bytes/s" in message and not reached
+    assert headers[b"connection"] == b"close" and 0.3 <= time.perf_counter() - start < 0.6
+
+
+def test_declared_oversized_body_answers_413_before_reading() -> None:
+    async def receive() -> dict:
+        await asyncio.Event().wait()  # nothing is read: the declared length decides
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=" + B), (b"content-length", b"%d" % 10**9)]
+    start = time.perf_counter()
+    sent, reached = asyncio.run(_call_guard(receive, headers))
+    status, headers_out, message = _answer(sent)
+    assert status == 413 and "byte limit" in message and not reached and headers_out[b"connection"] == b"close"
+    assert time.perf_counter() - start < 0.2
+
+
+@pytest.mark.parametrize("times", [1.5, 3.0])
+def test_body_somewhat_over_the_limit_is_read_to_its_end_before_its_413(times: float) -> None:
+    """A client that writes its whole body before reading the answer (http.client, requests) reads the 413
+    only if the body was read: up to DRAIN_UP_TO x max_bytes it is, past that the answer comes at once."""
+    chunk, total = 1_000_000, int(times * LIMITS["max_bytes"])
+    pieces = total // chunk
+
+    async def receive() -> dict:
+        receive.calls += 1
+        return {"type": "http.request", "body": b"x" * chunk, "more_body": receive.calls < pieces}
+
+    receive.calls = 0
+    sent, reached = asyncio.run(_call_guard(receive))
+    status, headers, message = _answer(sent)
+    assert status == 413 and "byte limit" in message and not reached and headers[b"connection"] == b"close"
+    read_all = receive.calls == pieces
+    assert read_all == (times < DRAIN_UP_TO), (receive.calls, pieces)
+
+
+def test_client_gone_mid_body_is_not_served() -> None:
+    messages = iter([{"type": "http.request", "body": b"--" + B, "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive() -> dict:
+        return next(messages)
+
+    sent, reached = asyncio.run(_call_guard(receive))
+    assert sent == [] and not reached
+
+
+def test_uploads_being_received_hold_no_handling_slot() -> None:
+    """Two limits: bodies being received (max_uploads) and requests being handled (max_concurrency), the
+    second counted from a complete body. Stalled uploads fill the first and leave the second to others;
+    past either, 429 at once naming its setting; health checks are never limited."""
+    release = asyncio.Event()
+
+    async def app(scope, receive, send) -> None:
+        if scope["path"] == "/slow":
+            await release.wait()
+        await JSONResponse({"ok": True})(scope, receive, send)
+
+    async def stalled() -> dict:  # a client that sent its headers, then nothing
+        await asyncio.Event().wait()
+
+    limits = {**LIMITS, "idle_timeout": 5, "upload_timeout": 10, "max_uploads": 2, "max_concurrency": 1}
+    guard = RequestGuard(app, ROUTES, **limits)
+
+    async def call(method: str, path: str, body: bytes | None = None) -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async def whole() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        headers = [(b"content-type", b"multipart/form-data; boundary=" + B)]
+        scope = {"type": "http", "method": method, "path": path, "headers": headers}
+        await guard(scope, stalled if body is None else whole, send)
+        return sent
+
+    async def scenario() -> None:
+        uploads = [asyncio.create_task(call("POST", "/predict")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert (await asyncio.wait_for(call("GET", "/docs"), 1))[0]["status"] == 200
+        status, headers, message = _answer(await asyncio.wait_for(call("POST", "/predict"), 1))
+        assert status == 429 and "2 uploads are being received" in message and "AGE_GENDER_MAX_UPLOADS" in message
+        assert headers[b"connection"] == b"close"  # its body was not read
+        slow = asyncio.create_task(call("GET", "/slow"))
+        await asyncio.sleep(0.05)
+        status, headers, message = _answer(await asyncio.wait_for(call("GET", "/docs"), 1))
+        assert status == 429 and "AGE_GENDER_MAX_CONCURRENCY" in message and headers[b"retry-after"] == b"1"
+        uploads[0].cancel()  # a slot to receive one more body, which is complete: refused once checked
+        await asyncio.gather(uploads[0], return_exceptions=True)
+        status, _, message = _answer(await asyncio.wait_for(call("POST", "/predict", form(part(b"image", PNG))), 1))
+        assert status == 429 and "AGE_GENDER_MAX_CONCURRENCY" in message
+        assert (await asyncio.wait_for(call("GET", "/readyz"), 1))[0]["status"] == 200
+        release.set()
+        await slow
+        assert (await asyncio.wait_for(call("GET", "/docs"), 1))[0]["status"] == 200
+        uploads[1].cancel()
+
+    asyncio.run(scenario())
