@@ -37,6 +37,30 @@ def level(raw: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def at_least(low: int):
+    """argparse type of an integer option: at least `low`."""
+
+    def parse(raw: str) -> int:
+        if int(raw) < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {raw}")
+        return int(raw)
+
+    parse.__name__ = "integer"  # argparse names the type in its message for a value that is not one
+    return parse
+
+
+def more_than(low: float):
+    """argparse type of a number option: more than `low`."""
+
+    def parse(raw: str) -> float:
+        if not float(raw) > low:
+            raise argparse.ArgumentTypeError(f"must be more than {low:g}, not {raw}")
+        return float(raw)
+
+    parse.__name__ = "number"
+    return parse
+
+
 def exit_code(command, interrupted: str = "interrupted") -> int:
     """Run a command: 0; a UserError, or a file or folder that cannot be read or written (OSError): one
     `error:` line on stderr and 2 (debugging: raised, with its traceback); Ctrl-C: 130; a run stopped by a

@@ -190,10 +190,15 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     except Exception as exc:
         raise unexpected(exc, doing) from exc
     try:
-        rgb = _to_rgb(image)  # the pixels are loaded: a failure here is ours, not the file's
+        return image_rgb(image)  # the pixels are loaded: a failure here is ours, not the file's
     except Exception as exc:
         raise unexpected(exc, doing) from exc
-    return _upright(rgb, image)
+
+
+def image_rgb(image: Image.Image) -> np.ndarray:
+    """A Pillow image (its pixels loaded) -> (H, W, 3) uint8 RGB, upright per EXIF, as decode_image maps
+    every mode: the Python API takes PIL images the way the service takes their files."""
+    return _upright(_to_rgb(image), image)
 
 
 def _jpeg_rgb(data: bytes, doing: str) -> np.ndarray | None:

@@ -21,12 +21,13 @@ from PIL import Image
 from models.artifact import INTERVAL_LEVEL, MODEL_NAME, ModelMeta, stored_model
 from models.errors import UserError
 from models.faces import DetectorConfig
-from models.images import MAX_PIXELS
+from models.images import MAX_PIXELS, image_rgb
 from models.outputs import check_level
 from models.pipeline import Detection, Estimator, FaceFinder, load_crops, photo_results
 from models.schemas import FaceAttributes, PhotoResult
 
-ImageInput = str | Path | bytes | Image.Image | np.ndarray
+ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray
+IMAGE_INPUTS = "a path, bytes, a PIL image or an (H, W, 3) uint8 RGB array"
 
 
 class Predictor:
@@ -44,6 +45,10 @@ class Predictor:
     ) -> Predictor:
         """A stored model's folder (it holds model.yaml); faces found as `detection` says, in photos of at
         most max_pixels pixels (the service's AGE_GENDER_MAX_PIXELS)."""
+        if not isinstance(detection, DetectorConfig):
+            raise UserError(f"detection must be a models.faces.DetectorConfig, not {type(detection).__name__}")
+        if isinstance(level, bool) or not isinstance(level, int | float):
+            raise UserError(f"level must be a number (0.5-0.98), not {type(level).__name__}")
         path = Path(path)
         try:
             raw = yaml.safe_load((path / "model.yaml").read_text())["metadata"]
@@ -55,21 +60,19 @@ class Predictor:
     @classmethod
     def from_store(cls, tag: str = f"{MODEL_NAME}:latest", **options: Any) -> Predictor:
         """A model of the BentoML store ($BENTOML_HOME), by tag; options as for from_folder."""
+        if not isinstance(tag, str):
+            raise UserError(f"a model tag is a string such as {MODEL_NAME}:latest, not {type(tag).__name__}")
         return cls.from_folder(stored_model(tag).path, **options)
 
     def detect(self, image: ImageInput) -> Detection:
-        """Any supported input -> its faces. Files and bytes go through the upload rules (formats, size)."""
-        if isinstance(image, str | Path):
-            try:
-                image = Path(image).read_bytes()
-            except OSError as exc:
-                raise UserError(f"cannot read {exc.filename}: {exc.strerror}") from exc
-        if isinstance(image, bytes):
-            return self.finder.find(image)
+        """Any supported input -> its faces. Files and bytes go through the upload rules (formats, size); a
+        PIL image's pixels are mapped to RGB as its file's would be (models.images.image_rgb)."""
+        if isinstance(image, str | Path | bytes | bytearray | memoryview):
+            return self.finder.find(_file_bytes(image))
         if isinstance(image, Image.Image):
-            image = np.asarray(image.convert("RGB"))
+            image = image_rgb(image)
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
-            raise UserError("an image must be a path, bytes, a PIL image or an (H, W, 3) uint8 RGB array")
+            raise UserError(f"an image must be {IMAGE_INPUTS}, not {type(image).__name__}")
         return self.finder.find_in(image)
 
     def answer(self, detections: list[Detection]) -> list[PhotoResult]:
@@ -85,9 +88,31 @@ class Predictor:
     def predict_many(self, images: Iterable[ImageInput]) -> list[PhotoResult]:
         """Several photos, in order; the first unreadable one raises (the batch command records errors
         per photo instead)."""
+        if isinstance(images, str | Path | bytes):
+            raise UserError("predict_many takes a list of images; for one, call predict")
         return self.answer([self.detect(image) for image in images])
 
-    def predict_faces(self, crops: list[bytes]) -> list[FaceAttributes]:
-        """Already-cropped faces (UTKFace-like framing), no detection: as POST /predict_faces."""
-        rows = self.estimator(load_crops(crops, self.finder.max_pixels))
+    def predict_faces(self, crops: Iterable[str | Path | bytes]) -> list[FaceAttributes]:
+        """Already-cropped faces (UTKFace-like framing) as files or their bytes, no detection: as POST
+        /predict_faces."""
+        if isinstance(crops, str | Path | bytes):
+            raise UserError("predict_faces takes a list of cropped faces (files or bytes)")
+        data = []
+        for crop in crops:
+            if not isinstance(crop, str | Path | bytes | bytearray | memoryview):
+                raise UserError(f"a cropped face must be a path or bytes, not {type(crop).__name__}")
+            data.append(_file_bytes(crop))
+        if not data:
+            raise UserError("predict_faces needs at least one cropped face")
+        rows = self.estimator(load_crops(data, self.finder.max_pixels))
         return [FaceAttributes(**a) for a in self.estimator.answers(rows)]
+
+
+def _file_bytes(image: str | Path | bytes | bytearray | memoryview) -> bytes:
+    """A file's bytes, or bytes-like input as bytes."""
+    if not isinstance(image, str | Path):
+        return bytes(image)
+    try:
+        return Path(image).read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {exc.filename}: {exc.strerror}") from exc

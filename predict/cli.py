@@ -10,13 +10,15 @@ there. Bad arguments: one line, exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import urllib.parse
 from pathlib import Path
 
 from tqdm import tqdm
 
 from models.artifact import INTERVAL_LEVEL, MODEL_NAME
-from models.cli import Debug, OneLineParser, exit_code, level
+from models.cli import Debug, OneLineParser, at_least, exit_code, level, more_than
 from models.errors import UserError
 from models.faces import DetectorConfig
 from models.predictor import Predictor
@@ -47,29 +49,46 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", default=DetectorConfig.detector, help="local mode: mtcnn or haar")
     p.add_argument(
         "--workers",
-        type=int,
+        type=at_least(1),
         default=cpu_cores(),
         help="local mode: detection processes (the cores this process may use)",
     )
     p.add_argument(
         "--level", type=level, default=INTERVAL_LEVEL, help="local mode: level of the age interval, 0.5-0.98"
     )
-    p.add_argument("--concurrency", type=int, default=8, help="--url mode: requests in flight")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("AGE_GENDER_API_KEY", ""),
+        help="--url mode: the service's API key (default: $AGE_GENDER_API_KEY, the variable the service reads)",
+    )
+    p.add_argument("--concurrency", type=at_least(1), default=8, help="--url mode: requests in flight")
     p.add_argument(
         "--retries",
-        type=int,
+        type=at_least(0),
         default=5,
         help=f"--url mode: retries, with exponential backoff, after HTTP {'/'.join(map(str, RETRY_STATUSES))}, "
         "a refused or dropped connection, or a timeout",
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=more_than(0.0),
         default=120,
         help="--url mode: seconds to wait to connect, to send, and for each read of the answer",
     )
     p.add_argument("--debug", action=Debug)
     return p
+
+
+def service_url(url: str) -> str:
+    """--url checked before any photo is sent: http(s), a host, a port that can exist."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError where out of range
+    except ValueError as exc:
+        raise UserError(f"--url {url!r}: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"--url must look like http://host:port or https://host, got {url!r}")
+    return url
 
 
 def run(args: argparse.Namespace) -> dict[str, int]:
@@ -80,9 +99,9 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     skipped = len(todo) - len(todo_new)
     counts = {"photos": len(todo), "skipped": skipped, "passed_over": passed_over, "faces": 0, "errors": 0}
     if args.url:
-        if not args.url.startswith(("http://", "https://")):
-            raise UserError(f"--url must start with http:// or https://, got {args.url!r}")
-        outcomes = run_remote(args.url, todo_new, max(1, args.concurrency), max(0, args.retries), args.timeout)
+        outcomes = run_remote(
+            service_url(args.url), todo_new, args.concurrency, args.retries, args.timeout, args.api_key
+        )
     else:
         model = Path(args.model)
         detection = DetectorConfig(detector=args.detector)
@@ -90,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, int]:
         predictor = (
             Predictor.from_folder(model, **options) if model.is_dir() else Predictor.from_store(args.model, **options)
         )
-        outcomes = run_local(predictor, todo_new, max(1, args.workers), detection)
+        outcomes = run_local(predictor, todo_new, args.workers, detection)
     with out, tqdm(total=len(todo_new), unit="photo", desc="predict") as bar:
         for path, result, error in outcomes:
             out.write(rows(str(path), result, error))

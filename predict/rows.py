@@ -36,29 +36,56 @@ FORMATS = ("jsonl", "csv")
 
 
 def photos(inputs: list[str]) -> tuple[list[Path], int]:
-    """Files, folders (searched recursively for models.images.IMAGE_SUFFIXES, in any case) and @list files
-    (one path per line) -> (photos, in order, each once; how many files in the folders were passed over for
-    their suffix). Files named on the command line or in a list are tried whatever their suffix."""
+    """Files, folders (searched recursively for models.images.IMAGE_SUFFIXES, in any case, symbolic links
+    followed) and @list files (one file or folder per line, relative to the current folder; `#` comments)
+    -> (photos, in order, each once; how many files in the folders were passed over for their suffix).
+    Files named on the command line or in a list are tried whatever their suffix."""
     found: list[Path] = []
     passed_over = 0
-    for item in inputs:
-        if item.startswith("@"):
-            listing = Path(item[1:])
-            try:
-                lines = listing.read_text().splitlines()
-            except OSError as exc:
-                raise UserError(f"cannot read the list file {listing}: {exc.strerror}") from exc
-            found += [Path(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
-        elif Path(item).is_dir():
-            files = [p for p in Path(item).rglob("*") if p.is_file()]
-            images = sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
+    for item in _listed(inputs):
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(_files_under(path))
+            images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
             found += images
             passed_over += len(files) - len(images)
-        elif Path(item).exists():
-            found.append(Path(item))
+        elif path.is_file():
+            found.append(path)
+        elif path.exists():  # reading a pipe or a device would wait for data that may never come
+            raise UserError(f"{item} is neither a file nor a folder")
         else:
             raise UserError(f"{item} does not exist (give files, folders or @list files of paths)")
     return list(dict.fromkeys(found)), passed_over
+
+
+def _listed(inputs: list[str]) -> Iterator[str]:
+    """The inputs with each @list file replaced by the paths it lists."""
+    for item in inputs:
+        if not item.startswith("@"):
+            yield item
+            continue
+        try:
+            lines = Path(item[1:]).read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines()
+        except OSError as exc:
+            raise UserError(f"cannot read the list file {item[1:]}: {exc.strerror}") from exc
+        yield from (line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+
+
+def _files_under(folder: Path) -> Iterator[Path]:
+    """The files anywhere under a folder, through symbolic links to folders (each real folder once); a
+    subfolder that cannot be listed is a UserError, not photos silently left out."""
+
+    def refuse(exc: OSError) -> None:
+        raise UserError(f"cannot list the folder {exc.filename}: {exc.strerror}") from exc
+
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(folder, onerror=refuse, followlinks=True):
+        stat = os.stat(root)
+        if (stat.st_dev, stat.st_ino) in seen:  # a link back up the tree, or a second link to one folder
+            dirs.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        yield from (p for p in (Path(root, name) for name in files) if p.is_file())
 
 
 def rows(file: str, result: PhotoResult | None, error: str | None) -> list[dict[str, Any]]:
@@ -103,10 +130,15 @@ class Output:
         self._repair()
         if not self.path.exists():
             return set()
-        return {row["file"] for row in self._read() if not (row.get("error") or "").startswith(TRANSIENT)}
+        try:
+            return {row["file"] for row in self._read() if not (row.get("error") or "").startswith(TRANSIENT)}
+        except (ValueError, KeyError, TypeError, AttributeError, csv.Error) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            raise UserError(f"{self.path} is not a results file of this command ({why}); give another --out") from exc
 
     def _read(self) -> Iterator[dict[str, Any]]:
-        with self.path.open(newline="") as f:
+        # file names that are not UTF-8 (any bytes but / on Linux) go through as Python holds them
+        with self.path.open(newline="", errors="surrogateescape") as f:
             if self.format == "csv":
                 yield from csv.DictReader(f)
             else:
@@ -135,9 +167,14 @@ class Output:
             csv.DictWriter(text, FIELDS, extrasaction="ignore").writerows(rows)
         else:
             text.writelines(json.dumps({k: row.get(k) for k in FIELDS}) + "\n" for row in rows)
-        data = text.getvalue().encode()
-        while data:  # one write(2) for a regular file; the loop covers the rare short write
-            data = data[os.write(self.fd, data) :]
+        data = text.getvalue().encode(errors="surrogateescape")
+        end = os.lseek(self.fd, 0, os.SEEK_END)
+        try:
+            while data:  # one write(2) for a regular file; the loop covers a short write (a disk filling up)
+                data = data[os.write(self.fd, data) :]
+        except OSError:
+            os.ftruncate(self.fd, end)  # none of the photo's rows rather than some: a rerun answers it whole
+            raise
 
     def __exit__(self, *exc) -> None:
         os.close(self.fd)

@@ -13,12 +13,17 @@ never stops the run.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
 import queue
 import random
+import signal
+import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import cv2
@@ -36,6 +41,7 @@ TRANSIENT = "gave up after"  # how a remote photo's error starts when every retr
 # for its next photo while the network runs, few enough that decoded photos (up to 150 MB each at 50 Mpx)
 # stay bounded however slow the network is.
 IN_FLIGHT_PER_WORKER = 4
+PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal a process gets when its parent dies
 # Detected photos per network call, per detection process, when their faces do not fill a batch first:
 # photos of one or two faces still reach the network in batches, and answers are not held back long.
 ANSWER_EVERY_PER_WORKER = 2
@@ -45,6 +51,10 @@ _finder: FaceFinder | None = None  # one per worker process
 
 def _start_worker(config: DetectorConfig) -> None:
     global _finder
+    # Ctrl-C reaches every process of the terminal's group: the command answers it, its workers finish quietly
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":  # and a command killed alone (kill PID, the OOM killer) takes its workers along
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     cv2.setNumThreads(1)  # one detection per core: no thread teams on top
     _finder = FaceFinder(config)
 
@@ -67,18 +77,29 @@ def _detect(path: Path) -> Detection | str:
 def run_local(predictor: Predictor, paths: list[Path], workers: int, detection: DetectorConfig) -> Iterator[Outcome]:
     """Detection in `workers` processes, at most IN_FLIGHT_PER_WORKER photos per process in flight; whenever a
     batch of faces or ANSWER_EVERY_PER_WORKER photos per process are detected, their crops go through the
-    network together."""
-    with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(detection,)) as pool:
-        window: deque[tuple[Path, Future]] = deque()
-        pending: list = []
-        for path in paths:
-            window.append((path, pool.submit(_detect, path)))
-            if len(window) < IN_FLIGHT_PER_WORKER * workers:
-                continue
-            yield from _collect(predictor, window.popleft(), pending, workers)
-        while window:
-            yield from _collect(predictor, window.popleft(), pending, workers)
-        yield from _answer(predictor, pending)
+    network together. A detection process that dies (the OOM killer) costs the photos then in flight their
+    answers, marked TRANSIENT so that a rerun tries them again; the run goes on in new processes."""
+    todo = deque(paths)
+    while todo:
+        with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(detection,)) as pool:
+            window: deque[tuple[Path, Future]] = deque()  # submitted, not collected
+            pending: list = []
+            try:
+                while todo or window:
+                    while todo and len(window) < IN_FLIGHT_PER_WORKER * workers:
+                        window.append((todo[0], pool.submit(_detect, todo[0])))
+                        todo.popleft()
+                    yield from _collect(predictor, window[0], pending, workers)
+                    window.popleft()
+                yield from _answer(predictor, pending)
+            except BrokenProcessPool:
+                lost = [(path, future) for path, future in window if future.exception() is not None]
+                for path, future in window:  # detected before the process died: answered
+                    if future.exception() is None:
+                        yield from _collect(predictor, (path, future), pending, workers)
+                yield from _answer(predictor, pending)
+                died = f"a detection process died (out of memory?) with this photo among {len(lost)} in flight"
+                yield from ((path, None, f"{TRANSIENT} {died}") for path, _ in lost)
 
 
 def _collect(predictor: Predictor, item, pending: list, workers: int) -> Iterator[Outcome]:
@@ -101,35 +122,47 @@ def _answer(predictor: Predictor, pending: list[tuple[Path, Detection]]) -> Iter
     yield from ((path, result, None) for (path, _), result in zip(pending, results, strict=True))
 
 
-def run_remote(url: str, paths: list[Path], concurrency: int, retries: int, timeout: float) -> Iterator[Outcome]:
-    """The photos sent to `url`'s /predict from a background event loop; outcomes as they arrive."""
+def run_remote(
+    url: str, paths: list[Path], concurrency: int, retries: int, timeout: float, api_key: str = ""
+) -> Iterator[Outcome]:
+    """The photos sent to `url`'s /predict from a background event loop; outcomes as they arrive. A 401 (the
+    API key) stops the run: every photo would get it."""
     outcomes: queue.Queue = queue.Queue()
     done = object()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def loop() -> None:
         try:
-            asyncio.run(_send_all(url.rstrip("/"), paths, concurrency, retries, timeout, outcomes.put))
+            asyncio.run(_send_all(url.rstrip("/"), paths, concurrency, retries, timeout, headers, outcomes.put))
+        except UserError as exc:
+            outcomes.put(exc)
         finally:
             outcomes.put(done)
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     while (item := outcomes.get()) is not done:
+        if isinstance(item, UserError):
+            raise item
         yield item
     thread.join()
 
 
-async def _send_all(url: str, paths: list[Path], concurrency: int, retries: int, timeout: float, put) -> None:
+async def _send_all(
+    url: str, paths: list[Path], concurrency: int, retries: int, timeout: float, headers: dict, put
+) -> None:
     import httpx
 
     slots = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as client:
 
         async def one(path: Path) -> None:
             async with slots:
                 try:
                     put((path, *await _send(client, url, path, retries)))
+                except UserError:
+                    raise
                 except Exception as exc:  # e.g. a 200 that is not our JSON (a proxy's page): that photo's error
                     if debugging():
                         raise
@@ -145,18 +178,21 @@ async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult
         data = path.read_bytes()
     except OSError as exc:
         return None, f"cannot read the file: {exc.strerror}"
+    name = os.fsencode(path.name).decode(errors="replace")  # a header holds text: bytes that are not UTF-8 go
     problem = ""
     for attempt in range(retries + 1):
         if attempt:  # 0.5, 1, 2, 4 ... s, +-25 % so that many clients do not retry in step
             await asyncio.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.75, 1.25))
         try:
-            r = await client.post(f"{url}/predict", files={"image": (path.name, data, "application/octet-stream")})
+            r = await client.post(f"{url}/predict", files={"image": (name, data, "application/octet-stream")})
         except httpx.HTTPError as exc:  # refused, reset, timed out: the service may be restarting
             problem = f"{type(exc).__name__} {exc}".strip()
             continue
         if r.status_code == 200:
             return PhotoResult.model_validate(r.json()), None
         problem = _error_text(r)
+        if r.status_code == 401:
+            raise UserError(f"{url} refused the API key ({problem}): give the service's key with --api-key")
         if r.status_code not in RETRY_STATUSES:
             return None, problem
     return None, f"{TRANSIENT} {retries + 1} tries: {problem}"

@@ -193,3 +193,38 @@ def test_each_photos_rows_reach_the_file_in_one_write(suffix: str, tmp_path: Pat
         f.write(b'{"file": "next.jpg", "fa')  # a run killed mid-line
     assert Output(out).done() == {"crowd.jpg"}
     assert out.read_bytes() == whole and out.stat().st_ino == inode  # cut in place, nothing rewritten
+
+
+def test_python_api_takes_a_pil_image_as_it_takes_its_file(model_tag: str) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from models.predictor import Predictor
+
+    predictor = Predictor.from_store(model_tag)
+    photo = astronaut()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: stored turned, shown upright
+    grey = np.asarray(photo.convert("L"))
+    files = {
+        "EXIF-turned JPEG": encode(photo, "JPEG", exif=exif),
+        "16-bit grey PNG": encode(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"),
+        "transparent PNG": encode(Image.fromarray(np.dstack([np.asarray(photo), np.zeros_like(grey)])), "PNG"),
+    }
+    for name, data in files.items():
+        as_file, as_image = predictor.predict(data), predictor.predict(Image.open(io.BytesIO(data)))
+        assert as_image == as_file, name
+    assert len(predictor.predict(files["16-bit grey PNG"]).faces) == 1  # scaled to 8 bits, not clamped
+    assert predictor.predict(files["transparent PNG"]).faces == []  # over white: nothing to see
+    for call, bad, message in [
+        (predictor.predict_faces, [], "at least one cropped face"),
+        (predictor.predict_faces, [photo], "must be a path or bytes, not Image"),
+        (predictor.predict_faces, b"...", "takes a list"),
+        (predictor.predict_many, "photo.jpg", "takes a list"),
+        (predictor.predict, 12, "not int"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            call(bad)
+    assert len(predictor.predict_faces([bytearray(encode(photo.resize((200, 200))))])) == 1

@@ -1,0 +1,155 @@
+"""The batch command's files (predict/rows.py, predict/runners.py): which photos a run finds, how its results
+file survives odd names, foreign files, a full disk and a detection process that dies."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from devtools.photos import astronaut, no_face
+from models.errors import UserError
+from predict.rows import Output, photos
+from predict.runners import TRANSIENT, _detect
+
+
+def _dies_on_oom(path: Path):
+    """predict.runners._detect, but a photo named oom.jpg ends its process, as the OOM killer would."""
+    if path.name == "oom.jpg":
+        os._exit(137)
+    return _detect(path)
+
+
+def test_folders_are_searched_through_links_and_lists_like_the_command_line(tmp_path: Path) -> None:
+    elsewhere, photos_dir = tmp_path / "elsewhere", tmp_path / "photos"
+    elsewhere.mkdir(), photos_dir.mkdir()
+    astronaut().save(elsewhere / "a.jpg")
+    no_face("coffee").save(photos_dir / "b.jpg")
+    (photos_dir / "linked").symlink_to(elsewhere)  # a folder reached through a link
+    (photos_dir / "loop").symlink_to(photos_dir)  # and a link back up: each folder once
+    found, _ = photos([str(photos_dir)])
+    assert sorted(p.name for p in found) == ["a.jpg", "b.jpg"]
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"\ufeff{photos_dir / 'b.jpg'}\n   # an indented comment\n{elsewhere}\n", encoding="utf-8")
+    assert [p.name for p in photos([f"@{listing}"])[0]] == ["b.jpg", "a.jpg"]  # BOM dropped, folder searched
+
+
+def test_inputs_that_cannot_be_read_stop_the_run_before_it_starts(tmp_path: Path, monkeypatch) -> None:
+    os.mkfifo(tmp_path / "fifo.jpg")  # reading it would wait for a writer forever
+    with pytest.raises(UserError, match="fifo.jpg is neither a file nor a folder"):
+        photos([str(tmp_path / "fifo.jpg")])
+    (tmp_path / "locked").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path):  # a folder its user may not list (chmod 000 does not stop root, who runs CI)
+        if str(path).endswith("locked"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(UserError, match="cannot list the folder .*locked: Permission denied"):
+        photos([str(tmp_path)])
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_file_names_that_are_not_utf8_round_trip(suffix: str, tmp_path: Path) -> None:
+    name = os.fsdecode(b"bad\xffbyte.jpg")  # any bytes but / make a Linux file name
+    out = tmp_path / f"faces.{suffix}"
+    with Output(out) as output:
+        output.write([{"file": name, "face": None, "error": None}])
+    assert Output(out).done() == {name}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'{"file": "x"}\nnot json\n', b"a,b\n1,2\n", b"[1]\n", b"\xff\xfe\n"],
+    ids=["json", "csv", "list", "bytes"],
+)
+def test_an_out_file_of_something_else_is_refused(content: bytes, tmp_path: Path) -> None:
+    out = tmp_path / ("faces.csv" if content.startswith(b"a,b") else "faces.jsonl")
+    out.write_bytes(content)
+    with pytest.raises(UserError, match="is not a results file of this command"):
+        Output(out).done()
+    assert out.read_bytes() == content  # left as it was
+
+
+def test_a_disk_that_fills_up_leaves_none_of_a_photos_rows(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "faces.jsonl"
+    with Output(out) as output:
+        output.write([{"file": "first.jpg", "face": 0}])
+        before = out.read_bytes()
+        real_write = os.write
+
+        def full(fd, data):  # half of it fits, then the disk is full
+            if len(data) > 1000:
+                real_write(fd, data[: len(data) // 2])
+                return len(data) // 2
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "write", full)
+        with pytest.raises(OSError, match="No space left"):
+            output.write([{"file": "crowd.jpg", "face": i} for i in range(100)])
+    assert out.read_bytes() == before
+
+
+def test_a_detection_process_that_dies_costs_only_the_photos_in_flight(model_tag: str, tmp_path: Path) -> None:
+    """The OOM killer, played by a photo whose detection ends its process: the photos in flight then get a
+    TRANSIENT row (a rerun tries them), every photo gets exactly one outcome, the run goes on."""
+    from models.faces import DetectorConfig
+    from models.predictor import Predictor
+    from predict import runners
+
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"{i:02d}.jpg")
+        astronaut().save(paths[-1])
+    paths[3] = tmp_path / "oom.jpg"
+    astronaut().save(paths[3])
+    runners._detect = _dies_on_oom  # the pool's processes are forked from this one: they see it too
+    try:
+        outcomes = list(runners.run_local(Predictor.from_store(model_tag), paths, 2, DetectorConfig()))
+    finally:
+        runners._detect = _detect
+    assert sorted(p.name for p, _, _ in outcomes) == sorted(p.name for p in paths)
+    lost = {p.name for p, _, error in outcomes if error}
+    assert "oom.jpg" in lost and len(lost) <= 8, lost  # at most IN_FLIGHT_PER_WORKER x workers
+    assert all(error.startswith(TRANSIENT) and "died" in error for _, _, error in outcomes if error)
+    assert all(len(result.faces) == 1 for p, result, _ in outcomes if p.name not in lost)
+    assert next(result for p, result, _ in outcomes if p == paths[-1])  # sent after the loss: new processes
+
+
+def test_url_mode_sends_the_api_key_and_stops_at_a_401(tmp_path: Path) -> None:
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from predict.runners import run_remote
+
+    class Keyed(BaseHTTPRequestHandler):  # a service started with AGE_GENDER_API_KEY=k, as serving/edge.py
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            ok = self.headers.get("authorization") == "Bearer k"
+            body = {"width": 1, "height": 1, "faces": []} if ok else {"error": "missing or wrong API key"}
+            data = json.dumps(body).encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Keyed)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    photo = tmp_path / "a.jpg"
+    astronaut().save(photo)
+    try:
+        [(_, result, error)] = list(run_remote(url, [photo], 1, 0, 10, api_key="k"))
+        assert error is None and result is not None and result.faces == []
+        with pytest.raises(UserError, match="refused the API key .*HTTP 401: missing or wrong API key.*--api-key"):
+            list(run_remote(url, [photo] * 3, 2, 5, 10))  # no key: the first 401 ends the run, no retries
+    finally:
+        server.shutdown()
