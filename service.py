@@ -255,5 +255,5 @@ AgeGender.add_asgi_middleware(
     no_input_routes=NO_INPUT_ROUTES,
 )
 AgeGender.add_asgi_middleware(WatchCaller, cancel=True)  # inside the guard: from a complete body on
-AgeGender.add_asgi_middleware(StandardOpenAPI)
+AgeGender.add_asgi_middleware(StandardOpenAPI, max_images=SETTINGS.max_images, api_key=bool(SETTINGS.api_key))
 AgeGender.add_asgi_middleware(ModelCardRoute, model=SETTINGS.model)

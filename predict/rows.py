@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,10 @@ def rows(file: str, result: PhotoResult | None, error: str | None) -> list[dict[
     return out
 
 
+def _transient(row: dict[str, Any]) -> bool:
+    return (row.get("error") or "").startswith(TRANSIENT)
+
+
 class Output:
     """Rows appended to a JSONL or CSV file (by its suffix), each photo's rows in one write: a run killed at
     any moment leaves whole photos, and at most a last line cut short, which the next run drops."""
@@ -125,16 +130,30 @@ class Output:
 
     def done(self) -> set[str]:
         """Files already in the output: a second run skips them, except photos a service was too busy to
-        answer (TRANSIENT errors: tried again). A last line cut short by an interrupt is dropped first
-        (that photo runs again)."""
+        answer (TRANSIENT errors), whose rows are dropped (the file replaced at once) to be tried again. A
+        last line cut short by an interrupt is dropped first (that photo runs again)."""
         self._repair()
         if not self.path.exists():
             return set()
         try:
-            return {row["file"] for row in self._read() if not (row.get("error") or "").startswith(TRANSIENT)}
+            done, again = set(), 0
+            for row in self._read():
+                if _transient(row):
+                    again += 1
+                else:
+                    done.add(row["file"])
         except (ValueError, KeyError, TypeError, AttributeError, csv.Error) as exc:
             why = f"{type(exc).__name__}: {exc}"
             raise UserError(f"{self.path} is not a results file of this command ({why}); give another --out") from exc
+        if again:
+            kept = self.path.with_name(f".kept.{self.path.name}")  # same suffix: same format
+            kept.unlink(missing_ok=True)  # a copy a killed run left
+            rows = (row for row in self._read() if not _transient(row))
+            with Output(kept) as out:
+                while chunk := list(itertools.islice(rows, 10_000)):
+                    out.write(chunk)
+            os.replace(kept, self.path)
+        return done
 
     def _read(self) -> Iterator[dict[str, Any]]:
         # file names that are not UTF-8 (any bytes but / on Linux) go through as Python holds them
@@ -161,7 +180,7 @@ class Output:
         if data and not data.endswith(b"\n"):
             os.truncate(self.path, data.rfind(b"\n") + 1)
 
-    def write(self, rows: list[dict[str, Any]]) -> None:
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
         text = io.StringIO(newline="")
         if self.format == "csv":
             csv.DictWriter(text, FIELDS, extrasaction="ignore").writerows(rows)

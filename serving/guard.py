@@ -121,10 +121,10 @@ class RequestGuard:
             send = rewrite_response(send, as_error_object, lambda status: status >= 400)
         path = scope["path"]
         field = self.routes.get(path)
-        if path in OPEN_PATHS:  # health checks and /metrics: never limited
+        # health checks, /metrics and what is not an API (the page, its scripts, the docs, a 404) take no slot:
+        # a browser loading /ui asks for three files at once, and AGE_GENDER_MAX_CONCURRENCY may be 2
+        if path in OPEN_PATHS or scope["method"] != "POST" or (field is None and path not in self.no_input_routes):
             return await self.app(scope, receive, send)
-        if scope["method"] != "POST" or (field is None and path not in self.no_input_routes):
-            return await self._handle(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > DRAIN_UP_TO * self.max_bytes:  # not worth reading to its end
             return await error(413, f"request body over the {self.max_bytes} byte limit", close=True)(

@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from serving import card
 from serving.answers import rewrite_response
+from serving.edge import OPEN_PATHS
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -26,6 +27,19 @@ ERROR_SCHEMA = {
 # what RequestGuard answers itself, for every route that reads a body
 BODY_ERRORS = {"400": "Bad Request", "408": "Request Timeout", "413": "Request Too Large"}
 UPLOAD_ERRORS = {**BODY_ERRORS, "415": "Unsupported Media Type"}
+# what any of the service's APIs may answer under load or a restart; the guard makes each an {"error"} too
+LOAD_ERRORS = {
+    "429": "Too Many Requests: a limit of this server is reached; retry after Retry-After seconds",
+    "500": "Internal Server Error: a bug; its message says no more than that",
+    "503": "Service Unavailable: a model batch could not be served in time, or a worker is restarting",
+    "504": "Gateway Timeout: the request took longer than the service's timeout",
+}
+KEY_ERROR = {"401": "Unauthorized: the API key (AGE_GENDER_API_KEY) is missing or wrong"}
+# the two ways serving/edge.py takes the key
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
 
 
 MODEL_CARD_PATH = {
@@ -43,12 +57,13 @@ MODEL_CARD_PATH = {
 }
 
 
-def standard_openapi(spec: dict) -> dict:
+def standard_openapi(spec: dict, max_images: int, api_key: bool) -> dict:
     """Make BentoML's spec standard and generator-friendly: OpenAPI 3.0 types instead of "file" and
     "tensor", operation ids named after the APIs (`predict`, not `AgeGender__predict`), schema names
     without BentoML's `IODescriptor` suffix or unused `__Input` copies; GET /model_card listed; multipart
-    request bodies required
-    and file arrays non-empty; the 400 / 408 / 413 / 415 `{"error"}` answers of the request guard."""
+    request bodies required and file arrays of 1 to max_images; the `{"error"}` answers of the request
+    guard (400 / 408 / 413 / 415) and of any API (429 / 500 / 503 / 504; 401 and the key's security
+    schemes when the service takes an API key)."""
 
     def fix(node):
         if isinstance(node, dict):
@@ -69,32 +84,34 @@ def standard_openapi(spec: dict) -> dict:
         del schemas[name]
     schemas["Error"] = ERROR_SCHEMA
     spec.setdefault("paths", {})[card.ROUTE] = MODEL_CARD_PATH  # a mounted route BentoML does not list
-    for operations in spec["paths"].values():
+    for path, operations in spec["paths"].items():
         for op in operations.values():
             if not isinstance(op, dict):
                 continue
-            if "x-bentoml-name" in op:
+            errors = KEY_ERROR if api_key and path not in OPEN_PATHS else {}
+            if api_key and path in OPEN_PATHS:
+                op["security"] = []  # probes and scrapers carry no key
+            if "x-bentoml-name" in op:  # one of the service's APIs
                 op["operationId"] = op["x-bentoml-name"]
+                errors |= LOAD_ERRORS
             content = op.get("requestBody", {}).get("content", {})
-            if not content:
-                continue
-            errors = BODY_ERRORS
+            if content:
+                errors |= BODY_ERRORS
             if "multipart/form-data" in content:
-                errors = UPLOAD_ERRORS
+                errors |= UPLOAD_ERRORS
                 op["requestBody"]["required"] = True
                 for prop in content["multipart/form-data"].get("schema", {}).get("properties", {}).values():
                     if prop.get("type") == "array":
-                        prop["minItems"] = 1
+                        prop["minItems"], prop["maxItems"] = 1, max_images
             for status, text in errors.items():
                 op.setdefault("responses", {})[status] = {
                     "description": text,
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
                 }
+    if api_key:
+        spec["components"]["securitySchemes"] = SECURITY_SCHEMES
+        spec["security"] = [{name: []} for name in SECURITY_SCHEMES]  # either one
     return spec
-
-
-def _openapi_body(status: int, body: bytes) -> bytes:
-    return json.dumps(standard_openapi(json.loads(body))).encode()
 
 
 DOCS_PAGE = """<!DOCTYPE html>
@@ -121,12 +138,15 @@ class StandardOpenAPI:
     """ASGI middleware: the OpenAPI document at `path` comes out through standard_openapi(); `/` is
     DOCS_PAGE."""
 
-    def __init__(self, app, path: str = "/docs.json") -> None:
-        self.app, self.path = app, path
+    def __init__(self, app, max_images: int, api_key: bool, path: str = "/docs.json") -> None:
+        self.app, self.path, self.max_images, self.api_key = app, path, max_images, api_key
+
+    def _rewrite(self, status: int, body: bytes) -> bytes:
+        return json.dumps(standard_openapi(json.loads(body), self.max_images, self.api_key)).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
             return await HTMLResponse(DOCS_PAGE)(scope, receive, send)
         if scope["type"] == "http" and scope["path"] == self.path and scope["method"] == "GET":
-            send = rewrite_response(send, _openapi_body, lambda status: status == 200)
+            send = rewrite_response(send, self._rewrite, lambda status: status == 200)
         await self.app(scope, receive, send)

@@ -75,6 +75,19 @@ def test_an_out_file_of_something_else_is_refused(content: bytes, tmp_path: Path
     assert out.read_bytes() == content  # left as it was
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_rows_of_photos_to_try_again_go_before_they_are_tried(suffix: str, tmp_path: Path) -> None:
+    out = tmp_path / f"faces.{suffix}"
+    with Output(out) as output:
+        output.write([{"file": "a.jpg", "face": 0, "age": 30.5}, {"file": "a.jpg", "face": 1, "age": 41.25}])
+        output.write([{"file": "b.jpg", "face": None, "error": f"{TRANSIENT} 6 tries: HTTP 503: busy"}])
+        output.write([{"file": "c.jpg", "face": None, "error": "the file is empty"}])
+    kept = [line for line in out.read_text().splitlines() if "b.jpg" not in line]
+    assert Output(out).done() == {"a.jpg", "c.jpg"}
+    assert out.read_text().splitlines() == kept  # b.jpg's row gone, the others as they were
+    assert Output(out).done() == {"a.jpg", "c.jpg"} and out.read_text().splitlines() == kept
+
+
 def test_a_disk_that_fills_up_leaves_none_of_a_photos_rows(tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "faces.jsonl"
     with Output(out) as output:

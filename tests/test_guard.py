@@ -57,7 +57,7 @@ class StandIn:
 
 
 StandIn.add_asgi_middleware(RequestGuard, routes=ROUTES, **LIMITS)
-StandIn.add_asgi_middleware(StandardOpenAPI)
+StandIn.add_asgi_middleware(StandardOpenAPI, max_images=MAX_IMAGES, api_key=False)
 
 
 @pytest.fixture(scope="module")
@@ -201,10 +201,27 @@ def test_openapi_requires_bodies_and_documents_error_objects(client) -> None:
             assert op["responses"][status]["content"]["application/json"]["schema"] == {
                 "$ref": "#/components/schemas/Error"
             }
+        for status in ("429", "500", "503", "504"):  # under load or a restart, whatever the route
+            assert status in op["responses"] and status in spec["paths"]["/model_info"]["post"]["responses"]
+        assert "401" not in op["responses"] and "security" not in spec  # this stand-in takes no key
     images = spec["paths"]["/predict_batch"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert images["properties"]["images"]["minItems"] == 1 and images["properties"]["images"]["type"] == "array"
+    images = images["properties"]["images"]
+    assert (images["type"], images["minItems"], images["maxItems"]) == ("array", 1, MAX_IMAGES)
     assert spec["components"]["schemas"]["Error"]["required"] == ["error"]
     assert "'type': 'file'" not in str(spec)
+
+
+def test_openapi_names_the_api_key_where_one_is_set() -> None:
+    from serving.openapi import standard_openapi
+
+    paths = {"/predict": {"post": {"responses": {}}}, "/readyz": {"get": {"responses": {}}}}
+    spec = standard_openapi({"paths": paths}, max_images=2, api_key=True)
+    assert spec["paths"]["/predict"]["post"]["responses"]["401"]["content"]["application/json"]
+    assert (
+        spec["paths"]["/readyz"]["get"]["security"] == [] and "401" not in spec["paths"]["/readyz"]["get"]["responses"]
+    )
+    assert set(spec["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    assert spec["security"] == [{"bearer": []}, {"apiKey": []}]  # either of the two headers
 
 
 def test_guard_covers_every_api_from_its_signature() -> None:

@@ -123,11 +123,12 @@ def test_client_gone_mid_body_is_not_served() -> None:
 def test_uploads_being_received_hold_no_handling_slot() -> None:
     """Two limits: bodies being received (max_uploads) and requests being handled (max_concurrency), the
     second counted from a complete body. Stalled uploads fill the first and leave the second to others;
-    past either, 429 at once naming its setting; health checks are never limited."""
+    past either, 429 at once naming its setting; health checks and what is not an API (the page's files,
+    the docs) are never limited."""
     release = asyncio.Event()
 
     async def app(scope, receive, send) -> None:
-        if scope["path"] == "/slow":
+        if scope["path"] == "/predict":
             await release.wait()
         await JSONResponse({"ok": True})(scope, receive, send)
 
@@ -151,25 +152,29 @@ def test_uploads_being_received_hold_no_handling_slot() -> None:
         await guard(scope, stalled if body is None else whole, send)
         return sent
 
+    async def handling(n: int) -> None:
+        while guard.handling != n:
+            await asyncio.sleep(0.01)
+
     async def scenario() -> None:
+        slow = asyncio.create_task(call("POST", "/predict", form(part(b"image", PNG))))  # held until released
+        await asyncio.wait_for(handling(1), 5)  # the one handling slot is taken
         uploads = [asyncio.create_task(call("POST", "/predict")) for _ in range(2)]
         await asyncio.sleep(0.05)
-        assert (await asyncio.wait_for(call("GET", "/docs"), 1))[0]["status"] == 200
+        for path in ("/docs", "/ui/app.js", "/readyz"):
+            assert (await asyncio.wait_for(call("GET", path), 1))[0]["status"] == 200, path
         status, headers, message = _answer(await asyncio.wait_for(call("POST", "/predict"), 1))
         assert status == 429 and "2 uploads are being received" in message and "AGE_GENDER_MAX_UPLOADS" in message
         assert headers[b"connection"] == b"close"  # its body was not read
-        slow = asyncio.create_task(call("GET", "/slow"))
-        await asyncio.sleep(0.05)
-        status, headers, message = _answer(await asyncio.wait_for(call("GET", "/docs"), 1))
-        assert status == 429 and "AGE_GENDER_MAX_CONCURRENCY" in message and headers[b"retry-after"] == b"1"
         uploads[0].cancel()  # a slot to receive one more body, which is complete: refused once checked
         await asyncio.gather(uploads[0], return_exceptions=True)
-        status, _, message = _answer(await asyncio.wait_for(call("POST", "/predict", form(part(b"image", PNG))), 1))
-        assert status == 429 and "AGE_GENDER_MAX_CONCURRENCY" in message
-        assert (await asyncio.wait_for(call("GET", "/readyz"), 1))[0]["status"] == 200
+        status, headers, message = _answer(
+            await asyncio.wait_for(call("POST", "/predict", form(part(b"image", PNG))), 1)
+        )
+        assert status == 429 and "AGE_GENDER_MAX_CONCURRENCY" in message and headers[b"retry-after"] == b"1"
         release.set()
         await slow
-        assert (await asyncio.wait_for(call("GET", "/docs"), 1))[0]["status"] == 200
+        assert (await asyncio.wait_for(call("POST", "/predict", form(part(b"image", PNG))), 5))[0]["status"] == 200
         uploads[1].cancel()
 
     asyncio.run(scenario())
