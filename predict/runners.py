@@ -36,6 +36,7 @@ from models.schemas import PhotoResult
 
 Outcome = tuple[Path, PhotoResult | None, str | None]
 RETRY_STATUSES = (429, 502, 503, 504)
+MAX_RETRY_AFTER = 60.0  # seconds: a Retry-After longer than this is waited this long (a job does not stall for hours)
 TRANSIENT = "gave up after"  # how a remote photo's error starts when every retry was busy or dropped
 # Local mode's flow control. Photos in flight per detection process: enough that a process never waits
 # for its next photo while the network runs, few enough that decoded photos (up to 150 MB each at 50 Mpx)
@@ -179,10 +180,10 @@ async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult
     except OSError as exc:
         return None, f"cannot read the file: {exc.strerror}"
     name = os.fsencode(path.name).decode(errors="replace")  # a header holds text: bytes that are not UTF-8 go
-    problem = ""
+    problem, asked = "", 0.0
     for attempt in range(retries + 1):
-        if attempt:  # 0.5, 1, 2, 4 ... s, +-25 % so that many clients do not retry in step
-            await asyncio.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.75, 1.25))
+        if attempt:  # 0.5, 1, 2, 4 ... s, +-25 % so that many clients do not retry in step; or what the server asked
+            await asyncio.sleep(max(asked, min(30.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.75, 1.25)))
         try:
             r = await client.post(f"{url}/predict", files={"image": (name, data, "application/octet-stream")})
         except httpx.HTTPError as exc:  # refused, reset, timed out: the service may be restarting
@@ -195,6 +196,8 @@ async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult
             raise UserError(f"{url} refused the API key ({problem}): give the service's key with --api-key")
         if r.status_code not in RETRY_STATUSES:
             return None, problem
+        retry_after = r.headers.get("retry-after", "")
+        asked = min(MAX_RETRY_AFTER, float(retry_after)) if retry_after.isdigit() else 0.0
     return None, f"{TRANSIENT} {retries + 1} tries: {problem}"
 
 

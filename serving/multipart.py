@@ -144,9 +144,11 @@ def _text(value: bytes) -> str:
 
 
 def label(filename: str | None, index: int) -> str:
+    """How an answer names a file: its place (counted from 1, as people count, and as the pipeline's
+    "image #N" does) and, where the client gave one, its name, shortened."""
     if not filename:
-        return f"#{index + 1}"  # counted from 1, as people count
-    return repr(filename if len(filename) <= 60 else f"{filename[:40]}...{filename[-12:]}")
+        return f"#{index + 1}"
+    return f"#{index + 1} ({filename if len(filename) <= 60 else f'{filename[:40]}...{filename[-12:]}'!r})"
 
 
 def build_form(name: str, files: list[tuple[Part, str]], body: Buffer) -> tuple[list[Segment], bytes]:

@@ -3,8 +3,14 @@ file survives odd names, foreign files, a full disk and a detection process that
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -12,7 +18,7 @@ import pytest
 from devtools.photos import astronaut, no_face
 from models.errors import UserError
 from predict.rows import Output, photos
-from predict.runners import TRANSIENT, _detect
+from predict.runners import TRANSIENT, _detect, run_remote
 
 
 def _dies_on_oom(path: Path):
@@ -133,36 +139,60 @@ def test_a_detection_process_that_dies_costs_only_the_photos_in_flight(model_tag
     assert next(result for p, result, _ in outcomes if p == paths[-1])  # sent after the loss: new processes
 
 
-def test_url_mode_sends_the_api_key_and_stops_at_a_401(tmp_path: Path) -> None:
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+@contextlib.contextmanager
+def stand_in_service(answer) -> Iterator[str]:
+    """A local HTTP server whose every POST is answered by answer(headers) -> (status, headers, JSON body)."""
 
-    from predict.runners import run_remote
-
-    class Keyed(BaseHTTPRequestHandler):  # a service started with AGE_GENDER_API_KEY=k, as serving/edge.py
+    class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["content-length"]))
-            ok = self.headers.get("authorization") == "Bearer k"
-            body = {"width": 1, "height": 1, "faces": []} if ok else {"error": "missing or wrong API key"}
+            status, headers, body = answer(self.headers)
             data = json.dumps(body).encode()
-            self.send_response(200 if ok else 401)
-            self.send_header("content-length", str(len(data)))
+            self.send_response(status)
+            for item in {**headers, "content-length": str(len(data))}.items():
+                self.send_header(*item)
             self.end_headers()
             self.wfile.write(data)
 
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Keyed)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+NO_FACE = {"width": 1, "height": 1, "faces": []}
+
+
+def test_url_mode_sends_the_api_key_and_stops_at_a_401(tmp_path: Path) -> None:
+    def keyed(headers):  # a service started with AGE_GENDER_API_KEY=k, as serving/edge.py checks it
+        if headers.get("authorization") == "Bearer k":
+            return 200, {}, NO_FACE
+        return 401, {}, {"error": "missing or wrong API key"}
+
     photo = tmp_path / "a.jpg"
     astronaut().save(photo)
-    try:
+    with stand_in_service(keyed) as url:
         [(_, result, error)] = list(run_remote(url, [photo], 1, 0, 10, api_key="k"))
         assert error is None and result is not None and result.faces == []
         with pytest.raises(UserError, match="refused the API key .*HTTP 401: missing or wrong API key.*--api-key"):
             list(run_remote(url, [photo] * 3, 2, 5, 10))  # no key: the first 401 ends the run, no retries
-    finally:
-        server.shutdown()
+
+
+def test_url_mode_waits_as_long_as_a_busy_service_asks(tmp_path: Path) -> None:
+    calls: list[float] = []
+
+    def busy_once(headers):
+        calls.append(time.monotonic())
+        return (429, {"retry-after": "2"}, {"error": "busy"}) if len(calls) == 1 else (200, {}, NO_FACE)
+
+    photo = tmp_path / "a.jpg"
+    astronaut().save(photo)
+    with stand_in_service(busy_once) as url:
+        [(_, result, error)] = list(run_remote(url, [photo], 1, 3, 10))
+    assert error is None and len(calls) == 2
+    assert calls[1] - calls[0] >= 2  # its own first backoff is 0.5 s

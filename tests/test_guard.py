@@ -121,6 +121,14 @@ def test_images_are_recognised_from_their_bytes(client) -> None:
         assert "not an image" in message and "JPEG, PNG, WebP, BMP, GIF or TIFF" in message, message
 
 
+def test_a_bad_file_among_several_is_named_by_place_and_name(client) -> None:
+    files = [part(b"images", PNG, b"a.png"), part(b"images", b"plain text", b"notes.png"), part(b"images", PNG, b"")]
+    r, _ = post(client, "/predict_batch", form(*files))
+    assert error_of(r, 415).startswith("file #2 ('notes.png') is not an image")
+    r, _ = post(client, "/predict_batch", form(part(b"images", PNG), part(b"images", b"", b"")))
+    assert error_of(r, 400) == "file #2: the file is empty"  # no name given: its place alone
+
+
 def test_large_files_arrive_whole_through_the_spool(client) -> None:
     """Bodies past SPOOL_BYTES are kept in a temporary file and handed on in chunks: every byte arrives."""
     noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
