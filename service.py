@@ -4,7 +4,7 @@ Three services, each in its own process(es), around the two halves of models/pip
 - FaceDetection:  FaceFinder: upload bytes -> decoded photo, faces, aligned 200x200 crops (CPU).
 - AgeGenderModel: Estimator: aligned crops -> answer rows, adaptive batching across requests (GPU if any).
 - AgeGender:      the public HTTP API; fans photos out to the detectors, crops into shared model batches,
-                  joins the two; a UserError anywhere is a 400/413 `{"error"}` (serving/answers.py).
+                  joins the two; a UserError anywhere is a 400/413/415 `{"error"}` (serving/answers.py).
 Settings come from AGE_GENDER_* environment variables (serving/settings.py).
 """
 

@@ -46,8 +46,8 @@ def as_data(call) -> dict:
     try:
         return call()
     except UserError as exc:
-        kind = type(exc).__name__
-        return {"error": str(exc), "kind": kind if kind in KINDS else UserError.__name__}
+        kind = next(k.__name__ for k in type(exc).__mro__ if k.__name__ in KINDS)  # its own, or what it extends
+        return {"error": str(exc), "kind": kind}
 
 
 def raised(answer: dict) -> dict:

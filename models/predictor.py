@@ -28,6 +28,8 @@ from models.schemas import FaceAttributes, PhotoResult
 
 ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray
 IMAGE_INPUTS = "a path, bytes, a PIL image or an (H, W, 3) uint8 RGB array"
+FILE_INPUT = str | Path | bytes | bytearray | memoryview  # a photo's file, or its bytes
+ONE_IMAGE = (FILE_INPUT, Image.Image, np.ndarray)  # isinstance: not a list of images
 
 
 class Predictor:
@@ -54,7 +56,10 @@ class Predictor:
             raw = yaml.safe_load((path / "model.yaml").read_text())["metadata"]
         except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
             raise UserError(f"{path} is not a stored model folder (no readable model.yaml)") from exc
-        check_level(level)
+        try:
+            check_level(level)
+        except ValueError as exc:
+            raise UserError(f"level: {exc}") from exc
         return cls(FaceFinder(detection, max_pixels), Estimator.open(path, ModelMeta.load(raw), runtime, level))
 
     @classmethod
@@ -67,7 +72,7 @@ class Predictor:
     def detect(self, image: ImageInput) -> Detection:
         """Any supported input -> its faces. Files and bytes go through the upload rules (formats, size); a
         PIL image's pixels are mapped to RGB as its file's would be (models.images.image_rgb)."""
-        if isinstance(image, str | Path | bytes | bytearray | memoryview):
+        if isinstance(image, FILE_INPUT):
             return self.finder.find(_file_bytes(image))
         if isinstance(image, Image.Image):
             image = image_rgb(image)
@@ -88,7 +93,7 @@ class Predictor:
     def predict_many(self, images: Iterable[ImageInput]) -> list[PhotoResult]:
         """Several photos, in order; the first unreadable one raises (the batch command records errors
         per photo instead)."""
-        if isinstance(images, str | Path | bytes):
+        if isinstance(images, ONE_IMAGE):
             raise UserError("predict_many takes a list of images; for one, call predict")
         return self.answer([self.detect(image) for image in images])
 
@@ -99,7 +104,7 @@ class Predictor:
             raise UserError("predict_faces takes a list of cropped faces (files or bytes)")
         data = []
         for crop in crops:
-            if not isinstance(crop, str | Path | bytes | bytearray | memoryview):
+            if not isinstance(crop, FILE_INPUT):
                 raise UserError(f"a cropped face must be a path or bytes, not {type(crop).__name__}")
             data.append(_file_bytes(crop))
         if not data:
@@ -108,7 +113,7 @@ class Predictor:
         return [FaceAttributes(**a) for a in self.estimator.answers(rows)]
 
 
-def _file_bytes(image: str | Path | bytes | bytearray | memoryview) -> bytes:
+def _file_bytes(image: FILE_INPUT) -> bytes:
     """A file's bytes, or bytes-like input as bytes."""
     if not isinstance(image, str | Path):
         return bytes(image)

@@ -94,7 +94,7 @@ def service_url(url: str) -> str:
 def run(args: argparse.Namespace) -> dict[str, int]:
     out = Output(args.out)
     todo, passed_over = photos(args.inputs)
-    done = out.done()
+    done = out.done({str(p) for p in todo})
     todo_new = [p for p in todo if str(p) not in done]
     skipped = len(todo) - len(todo_new)
     counts = {"photos": len(todo), "skipped": skipped, "passed_over": passed_over, "faces": 0, "errors": 0}

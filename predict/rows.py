@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -128,40 +129,54 @@ class Output:
         if self.format not in FORMATS:
             raise UserError(f"--out must end in .{' or .'.join(FORMATS)}, got {path.name}")
 
-    def done(self) -> set[str]:
-        """Files already in the output: a second run skips them, except photos a service was too busy to
-        answer (TRANSIENT errors), whose rows are dropped (the file replaced at once) to be tried again. A
-        last line cut short by an interrupt is dropped first (that photo runs again)."""
-        self._repair()
+    def done(self, retried: set[str]) -> set[str]:
+        """Files already in the output: a second run skips them, except photos that failed for a while
+        (TRANSIENT errors: a busy service, a detection process that died). Those of them in `retried` (this
+        run's photos) lose their rows, the file replaced at once, to be answered again. The file is checked
+        to be this command's first; then a last line cut short by an interrupt is dropped (that photo runs
+        again)."""
         if not self.path.exists():
             return set()
+        done, again = set(), 0
         try:
-            done, again = set(), 0
             for row in self._read():
-                if _transient(row):
-                    again += 1
-                else:
+                if not _transient(row):
                     done.add(row["file"])
+                elif row["file"] in retried:
+                    again += 1
         except (ValueError, KeyError, TypeError, AttributeError, csv.Error) as exc:
             why = f"{type(exc).__name__}: {exc}"
             raise UserError(f"{self.path} is not a results file of this command ({why}); give another --out") from exc
+        self._repair()
         if again:
-            kept = self.path.with_name(f".kept.{self.path.name}")  # same suffix: same format
-            kept.unlink(missing_ok=True)  # a copy a killed run left
-            rows = (row for row in self._read() if not _transient(row))
-            with Output(kept) as out:
-                while chunk := list(itertools.islice(rows, 10_000)):
-                    out.write(chunk)
-            os.replace(kept, self.path)
+            self._rewrite(row for row in self._read() if not (_transient(row) and row["file"] in retried))
         return done
 
     def _read(self) -> Iterator[dict[str, Any]]:
+        """The rows of the file's complete lines (a last line cut short is not read)."""
         # file names that are not UTF-8 (any bytes but / on Linux) go through as Python holds them
-        with self.path.open(newline="", errors="surrogateescape") as f:
-            if self.format == "csv":
-                yield from csv.DictReader(f)
-            else:
-                yield from (json.loads(line) for line in f if line.strip())
+        with self.path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+        lines = io.StringIO(text[: text.rfind("\n") + 1], newline="")
+        if self.format == "csv":
+            yield from csv.DictReader(lines)
+        else:
+            yield from (json.loads(line) for line in lines if line.strip())
+
+    def _rewrite(self, rows: Iterator[dict[str, Any]]) -> None:
+        """The file replaced at once by these rows, with its permissions, where a link points to it."""
+        path = self.path.resolve()
+        kept = path.with_name(f".kept.{path.name}")  # same suffix: same format
+        kept.unlink(missing_ok=True)  # a copy a killed run left
+        try:
+            with Output(kept) as out:
+                while chunk := list(itertools.islice(rows, 10_000)):
+                    out.write(chunk)
+            os.chmod(kept, stat.S_IMODE(path.stat().st_mode))
+            os.replace(kept, path)
+        except BaseException:
+            kept.unlink(missing_ok=True)
+            raise
 
     def __enter__(self) -> Output:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ def run_local(predictor: Predictor, paths: list[Path], workers: int, detection: 
     batch of faces or ANSWER_EVERY_PER_WORKER photos per process are detected, their crops go through the
     network together. A detection process that dies (the OOM killer) costs the photos then in flight their
     answers, marked TRANSIENT so that a rerun tries them again; the run goes on in new processes."""
-    todo = deque(paths)
+    todo, fruitless = deque(paths), 0  # pools in a row that died before detecting any photo
     while todo:
         with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(detection,)) as pool:
             window: deque[tuple[Path, Future]] = deque()  # submitted, not collected
@@ -92,15 +92,26 @@ def run_local(predictor: Predictor, paths: list[Path], workers: int, detection: 
                         todo.popleft()
                     yield from _collect(predictor, window[0], pending, workers)
                     window.popleft()
+                    fruitless = 0
                 yield from _answer(predictor, pending)
             except BrokenProcessPool:
                 lost = [(path, future) for path, future in window if future.exception() is not None]
                 for path, future in window:  # detected before the process died: answered
                     if future.exception() is None:
+                        fruitless = 0
                         yield from _collect(predictor, (path, future), pending, workers)
                 yield from _answer(predictor, pending)
                 died = f"a detection process died (out of memory?) with this photo among {len(lost)} in flight"
                 yield from ((path, None, f"{TRANSIENT} {died}") for path, _ in lost)
+                fruitless += 1
+                if fruitless == 2 and todo:
+                    raise UserError(
+                        "detection processes died twice in a row before detecting a photo (out of memory?): "
+                        "run again with fewer --workers, or on smaller photos"
+                    ) from None
+            except BaseException:  # Ctrl-C: the photos still queued are not detected first
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
 
 
 def _collect(predictor: Predictor, item, pending: list, workers: int) -> Iterator[Outcome]:
@@ -179,7 +190,7 @@ async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult
         data = path.read_bytes()
     except OSError as exc:
         return None, f"cannot read the file: {exc.strerror}"
-    name = os.fsencode(path.name).decode(errors="replace")  # a header holds text: bytes that are not UTF-8 go
+    name = os.fsencode(path.name).decode(errors="replace")  # a header holds text: bytes not UTF-8 are replaced
     problem, asked = "", 0.0
     for attempt in range(retries + 1):
         if attempt:  # 0.5, 1, 2, 4 ... s, +-25 % so that many clients do not retry in step; or what the server asked
@@ -187,7 +198,7 @@ async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult
         try:
             r = await client.post(f"{url}/predict", files={"image": (name, data, "application/octet-stream")})
         except httpx.HTTPError as exc:  # refused, reset, timed out: the service may be restarting
-            problem = f"{type(exc).__name__} {exc}".strip()
+            problem, asked = f"{type(exc).__name__} {exc}".strip(), 0.0
             continue
         if r.status_code == 200:
             return PhotoResult.model_validate(r.json()), None
@@ -197,7 +208,8 @@ async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult
         if r.status_code not in RETRY_STATUSES:
             return None, problem
         retry_after = r.headers.get("retry-after", "")
-        asked = min(MAX_RETRY_AFTER, float(retry_after)) if retry_after.isdigit() else 0.0
+        seconds = retry_after.isascii() and retry_after.isdigit()  # its date form is not taken
+        asked = min(MAX_RETRY_AFTER, float(retry_after)) if seconds else 0.0
     return None, f"{TRANSIENT} {retries + 1} tries: {problem}"
 
 

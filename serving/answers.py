@@ -20,7 +20,7 @@ def error(status: int, message: str, close: bool = False) -> JSONResponse:
 
 def status_of(exc: UserError) -> int:
     """The HTTP status of a UserError: 413 over a size limit, 415 not an image, 400 anything else."""
-    return {TooLarge: 413, NotAnImage: 415}.get(type(exc), 400)
+    return 413 if isinstance(exc, TooLarge) else 415 if isinstance(exc, NotAnImage) else 400
 
 
 def answers_user_errors(api):

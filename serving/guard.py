@@ -66,6 +66,8 @@ def api_routes(service) -> tuple[dict[str, FileField], list[str]]:
     files: dict[str, FileField] = {}
     empty: list[str] = []
     for api in service.apis.values():
+        if api.is_task:  # its /submit, /status and /get routes would pass the guard unchecked
+            raise TypeError(f"{service.name}.{api.name} is a task API: serving/guard.py does not check its routes")
         inputs = [(name, kind) for name, kind in typing.get_type_hints(api.func).items() if name != "return"]
         if not inputs:
             empty.append(api.route)
@@ -88,7 +90,8 @@ class RequestGuard:
     Two limits per process, in place of BentoML's one (its max_concurrency is counted from before the body
     is read, so slow uploads took every slot): at most max_uploads bodies being received or checked, and
     at most max_concurrency requests being handled, counted only once a body is complete and checked.
-    Past either: 429 at once. Health checks and /metrics are never limited."""
+    Past either: 429 at once. Health checks, /metrics and what is not an API (the page, the docs) are never
+    limited."""
 
     def __init__(
         self,

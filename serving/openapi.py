@@ -8,6 +8,7 @@ assets BentoML serves itself, with Swagger's online validator off: it calls no o
 
 from __future__ import annotations
 
+import copy
 import json
 
 from starlette.responses import HTMLResponse
@@ -83,12 +84,12 @@ def standard_openapi(spec: dict, max_images: int, api_key: bool) -> dict:
     for name in [n for n in schemas if n.endswith("__Input")]:
         del schemas[name]
     schemas["Error"] = ERROR_SCHEMA
-    spec.setdefault("paths", {})[card.ROUTE] = MODEL_CARD_PATH  # a mounted route BentoML does not list
+    spec.setdefault("paths", {})[card.ROUTE] = copy.deepcopy(MODEL_CARD_PATH)  # a mounted route BentoML does not list
     for path, operations in spec["paths"].items():
         for op in operations.values():
             if not isinstance(op, dict):
                 continue
-            errors = KEY_ERROR if api_key and path not in OPEN_PATHS else {}
+            errors = dict(KEY_ERROR) if api_key and path not in OPEN_PATHS else {}
             if api_key and path in OPEN_PATHS:
                 op["security"] = []  # probes and scrapers carry no key
             if "x-bentoml-name" in op:  # one of the service's APIs

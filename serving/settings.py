@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -60,11 +61,13 @@ class Settings:
             raise UserError(f"{PREFIX}INTERVAL_LEVEL: {exc}") from exc
         at_least = {name: 1 for name in _COUNTS} | {"min_upload_rate": 0, "detector_workers": 0, "max_latency_ms": 1}
         for name, low in at_least.items():
-            if getattr(self, name) < low:
+            if not getattr(self, name) >= low:  # nan too
                 raise UserError(f"{PREFIX}{name.upper()} must be at least {low}, not {getattr(self, name)}")
         for name in ("idle_timeout", "upload_timeout"):
-            if getattr(self, name) <= 0:
+            if not 0 < getattr(self, name) < math.inf:
                 raise UserError(f"{PREFIX}{name.upper()} must be more than 0 seconds, not {getattr(self, name)}")
+        if not 0 <= self.score_threshold <= 1:  # a probability: over 1, no face is ever found
+            raise UserError(f"{PREFIX}SCORE_THRESHOLD must be 0-1, not {self.score_threshold}")
         try:
             detector_name(self.detector)
         except UserError as exc:

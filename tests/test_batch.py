@@ -191,7 +191,7 @@ def test_each_photos_rows_reach_the_file_in_one_write(suffix: str, tmp_path: Pat
     inode, whole = out.stat().st_ino, out.read_bytes()
     with out.open("ab") as f:
         f.write(b'{"file": "next.jpg", "fa')  # a run killed mid-line
-    assert Output(out).done() == {"crowd.jpg"}
+    assert Output(out).done(set()) == {"crowd.jpg"}
     assert out.read_bytes() == whole and out.stat().st_ino == inode  # cut in place, nothing rewritten
 
 
@@ -228,3 +228,7 @@ def test_python_api_takes_a_pil_image_as_it_takes_its_file(model_tag: str) -> No
         with pytest.raises(UserError, match=message):
             call(bad)
     assert len(predictor.predict_faces([bytearray(encode(photo.resize((200, 200))))])) == 1
+    with pytest.raises(UserError, match="takes a list"):
+        predictor.predict_many(np.asarray(photo))  # one image, not a list of rows
+    with pytest.raises(UserError, match="level: .*0.5"):
+        Predictor.from_store(model_tag, level=0.3)

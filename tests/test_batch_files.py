@@ -65,19 +65,19 @@ def test_file_names_that_are_not_utf8_round_trip(suffix: str, tmp_path: Path) ->
     out = tmp_path / f"faces.{suffix}"
     with Output(out) as output:
         output.write([{"file": name, "face": None, "error": None}])
-    assert Output(out).done() == {name}
+    assert Output(out).done(set()) == {name}
 
 
 @pytest.mark.parametrize(
     "content",
-    [b'{"file": "x"}\nnot json\n', b"a,b\n1,2\n", b"[1]\n", b"\xff\xfe\n"],
-    ids=["json", "csv", "list", "bytes"],
+    [b'{"file": "x"}\nnot json\n', b"a,b\n1,2\n", b"[1]\n", b"\xff\xfe\n", b"name,age\nalice,30\nbob,41"],
+    ids=["json", "csv", "list", "bytes", "csv without a last newline"],
 )
 def test_an_out_file_of_something_else_is_refused(content: bytes, tmp_path: Path) -> None:
-    out = tmp_path / ("faces.csv" if content.startswith(b"a,b") else "faces.jsonl")
+    out = tmp_path / ("faces.csv" if content[:1] in b"an" else "faces.jsonl")
     out.write_bytes(content)
     with pytest.raises(UserError, match="is not a results file of this command"):
-        Output(out).done()
+        Output(out).done(set())
     assert out.read_bytes() == content  # left as it was
 
 
@@ -88,10 +88,30 @@ def test_rows_of_photos_to_try_again_go_before_they_are_tried(suffix: str, tmp_p
         output.write([{"file": "a.jpg", "face": 0, "age": 30.5}, {"file": "a.jpg", "face": 1, "age": 41.25}])
         output.write([{"file": "b.jpg", "face": None, "error": f"{TRANSIENT} 6 tries: HTTP 503: busy"}])
         output.write([{"file": "c.jpg", "face": None, "error": "the file is empty"}])
+        output.write([{"file": "d.jpg", "face": None, "error": f"{TRANSIENT} 6 tries: HTTP 503: busy"}])
+    out.chmod(0o600)
     kept = [line for line in out.read_text().splitlines() if "b.jpg" not in line]
-    assert Output(out).done() == {"a.jpg", "c.jpg"}
-    assert out.read_text().splitlines() == kept  # b.jpg's row gone, the others as they were
-    assert Output(out).done() == {"a.jpg", "c.jpg"} and out.read_text().splitlines() == kept
+    assert Output(out).done({"a.jpg", "b.jpg"}) == {"a.jpg", "c.jpg"}  # this run: a.jpg and b.jpg
+    assert out.read_text().splitlines() == kept  # b.jpg's row gone; d.jpg's, not this run's, kept
+    assert out.stat().st_mode & 0o777 == 0o600  # and the file's permissions
+    assert Output(out).done({"a.jpg", "b.jpg"}) == {"a.jpg", "c.jpg"} and out.read_text().splitlines() == kept
+
+
+def test_detection_processes_that_die_every_time_stop_the_run(model_tag: str, tmp_path: Path) -> None:
+    from models.faces import DetectorConfig
+    from models.predictor import Predictor
+    from predict import runners
+
+    paths = [tmp_path / "oom.jpg"] * 20  # every photo ends its process: no pool detects anything
+    astronaut().save(paths[0])
+    runners._detect = _dies_on_oom
+    outcomes = []
+    try:
+        with pytest.raises(UserError, match="died twice in a row before detecting a photo"):
+            outcomes.extend(runners.run_local(Predictor.from_store(model_tag), paths, 2, DetectorConfig()))
+    finally:
+        runners._detect = _detect
+    assert 0 < len(outcomes) < len(paths) and all(error.startswith(TRANSIENT) for _, _, error in outcomes)
 
 
 def test_a_disk_that_fills_up_leaves_none_of_a_photos_rows(tmp_path: Path, monkeypatch) -> None:

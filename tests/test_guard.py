@@ -222,8 +222,11 @@ def test_openapi_requires_bodies_and_documents_error_objects(client) -> None:
 def test_openapi_names_the_api_key_where_one_is_set() -> None:
     from serving.openapi import standard_openapi
 
-    paths = {"/predict": {"post": {"responses": {}}}, "/readyz": {"get": {"responses": {}}}}
+    api = {"post": {"x-bentoml-name": "predict", "responses": {}}}
+    paths = {"/predict": api, "/readyz": {"get": {"responses": {}}}, "/model_card": {"get": {"responses": {}}}}
     spec = standard_openapi({"paths": paths}, max_images=2, api_key=True)
+    assert set(spec["paths"]["/model_card"]["get"]["responses"]) == {"200", "404", "401"}  # not an API's
+    assert {"401", "429", "503"} <= set(spec["paths"]["/predict"]["post"]["responses"])
     assert spec["paths"]["/predict"]["post"]["responses"]["401"]["content"]["application/json"]
     assert (
         spec["paths"]["/readyz"]["get"]["security"] == [] and "401" not in spec["paths"]["/readyz"]["get"]["responses"]

@@ -99,7 +99,8 @@ def check_same_config(checkpoint: Path, cfg: dict) -> None:
     # mmap: only the pickled dicts are read here; the weights stay on disk until Lightning loads them to resume
     stored = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("training_config") or {}
     old, new = flatten(stored), flatten(cfg)
-    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed_keys(old, new)]
+    shown = lambda config, k: repr(config[k]) if k in config else "<unset>"  # noqa: E731
+    changed = [f"{k}: {shown(old, k)} -> {shown(new, k)}" for k in changed_keys(old, new)]
     if changed:
         raise UserError(
             f"{checkpoint} was trained with another config ({'; '.join(changed)}); resume with the same "
