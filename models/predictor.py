@@ -97,10 +97,10 @@ class Predictor:
             raise UserError("predict_many takes a list of images; for one, call predict")
         return self.answer([self.detect(image) for image in images])
 
-    def predict_faces(self, crops: Iterable[str | Path | bytes]) -> list[FaceAttributes]:
+    def predict_faces(self, crops: Iterable[FILE_INPUT]) -> list[FaceAttributes]:
         """Already-cropped faces (UTKFace-like framing) as files or their bytes, no detection: as POST
         /predict_faces."""
-        if isinstance(crops, str | Path | bytes):
+        if isinstance(crops, FILE_INPUT):
             raise UserError("predict_faces takes a list of cropped faces (files or bytes)")
         data = []
         for crop in crops:

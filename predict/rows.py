@@ -82,11 +82,11 @@ def _files_under(folder: Path) -> Iterator[Path]:
 
     seen: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(folder, onerror=refuse, followlinks=True):
-        stat = os.stat(root)
-        if (stat.st_dev, stat.st_ino) in seen:  # a link back up the tree, or a second link to one folder
+        info = os.stat(root)
+        if (info.st_dev, info.st_ino) in seen:  # a link back up the tree, or a second link to one folder
             dirs.clear()
             continue
-        seen.add((stat.st_dev, stat.st_ino))
+        seen.add((info.st_dev, info.st_ino))
         yield from (p for p in (Path(root, name) for name in files) if p.is_file())
 
 

@@ -37,7 +37,9 @@ from models.schemas import PhotoResult
 Outcome = tuple[Path, PhotoResult | None, str | None]
 RETRY_STATUSES = (429, 502, 503, 504)
 MAX_RETRY_AFTER = 60.0  # seconds: a Retry-After longer than this is waited this long (a job does not stall for hours)
-TRANSIENT = "gave up after"  # how a remote photo's error starts when every retry was busy or dropped
+# how the error of a photo that failed for a while starts (every retry busy or dropped, or its detection
+# process killed): a rerun tries it again
+TRANSIENT = "gave up after"
 # Local mode's flow control. Photos in flight per detection process: enough that a process never waits
 # for its next photo while the network runs, few enough that decoded photos (up to 150 MB each at 50 Mpx)
 # stay bounded however slow the network is.
@@ -79,7 +81,8 @@ def run_local(predictor: Predictor, paths: list[Path], workers: int, detection: 
     """Detection in `workers` processes, at most IN_FLIGHT_PER_WORKER photos per process in flight; whenever a
     batch of faces or ANSWER_EVERY_PER_WORKER photos per process are detected, their crops go through the
     network together. A detection process that dies (the OOM killer) costs the photos then in flight their
-    answers, marked TRANSIENT so that a rerun tries them again; the run goes on in new processes."""
+    answers, marked TRANSIENT so that a rerun tries them again; the run goes on in new processes, unless
+    twice in a row they die before detecting any photo."""
     todo, fruitless = deque(paths), 0  # pools in a row that died before detecting any photo
     while todo:
         with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(detection,)) as pool:
