@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--api-key",
-        default=os.environ.get("AGE_GENDER_API_KEY", ""),
+        default=argparse.SUPPRESS,  # not shown by --help: the default is a secret
         help="--url mode: the service's API key (default: $AGE_GENDER_API_KEY, the variable the service reads)",
     )
     p.add_argument("--concurrency", type=at_least(1), default=8, help="--url mode: requests in flight")
@@ -99,9 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     skipped = len(todo) - len(todo_new)
     counts = {"photos": len(todo), "skipped": skipped, "passed_over": passed_over, "faces": 0, "errors": 0}
     if args.url:
-        outcomes = run_remote(
-            service_url(args.url), todo_new, args.concurrency, args.retries, args.timeout, args.api_key
-        )
+        key = getattr(args, "api_key", os.environ.get("AGE_GENDER_API_KEY", ""))
+        outcomes = run_remote(service_url(args.url), todo_new, args.concurrency, args.retries, args.timeout, key)
     else:
         model = Path(args.model)
         detection = DetectorConfig(detector=args.detector)

@@ -216,3 +216,28 @@ def test_url_mode_waits_as_long_as_a_busy_service_asks(tmp_path: Path) -> None:
         [(_, result, error)] = list(run_remote(url, [photo], 1, 3, 10))
     assert error is None and len(calls) == 2
     assert calls[1] - calls[0] >= 2  # its own first backoff is 0.5 s
+
+
+def test_the_command_takes_the_key_from_the_environment_and_never_shows_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, assert_one_line_error
+
+    def keyed(headers):
+        ok = headers.get("authorization") == "Bearer s3cret"
+        return (200, {}, NO_FACE) if ok else (401, {}, {"error": "missing or wrong API key"})
+
+    photo = tmp_path / "a.jpg"
+    astronaut().save(photo)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AGE_GENDER_API_KEY": "s3cret"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "predict", *args], env=env, capture_output=True, text=True)
+
+    assert "s3cret" not in run("--help").stdout
+    with stand_in_service(keyed) as url:
+        ok = run(str(photo), "--out", str(tmp_path / "ok.jsonl"), "--url", url)
+        assert ok.returncode == 0 and "1 photos (0 already in" in ok.stdout, ok.stderr
+        wrong = run(str(photo), "--out", str(tmp_path / "wrong.jsonl"), "--url", url, "--api-key", "guess")
+        assert "refused the API key" in assert_one_line_error(wrong)
