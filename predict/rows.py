@@ -137,9 +137,13 @@ class Output:
         again)."""
         if not self.path.exists():
             return set()
+        # file names that are not UTF-8 (any bytes but / on Linux) go through as Python holds them
+        with self.path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]  # a last line cut short is not read
         done, again = set(), 0
         try:
-            for row in self._read():
+            for row in self._rows(complete):
                 if not _transient(row):
                     done.add(row["file"])
                 elif row["file"] in retried:
@@ -147,17 +151,15 @@ class Output:
         except (ValueError, KeyError, TypeError, AttributeError, csv.Error) as exc:
             why = f"{type(exc).__name__}: {exc}"
             raise UserError(f"{self.path} is not a results file of this command ({why}); give another --out") from exc
-        self._repair()
+        if len(complete) < len(text):  # cut in place, so that a kill now loses nothing more
+            os.truncate(self.path, len(complete.encode(errors="surrogateescape")))
         if again:
-            self._rewrite(row for row in self._read() if not (_transient(row) and row["file"] in retried))
+            self._rewrite(row for row in self._rows(complete) if not (_transient(row) and row["file"] in retried))
         return done
 
-    def _read(self) -> Iterator[dict[str, Any]]:
-        """The rows of the file's complete lines (a last line cut short is not read)."""
-        # file names that are not UTF-8 (any bytes but / on Linux) go through as Python holds them
-        with self.path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
-        lines = io.StringIO(text[: text.rfind("\n") + 1], newline="")
+    def _rows(self, text: str) -> Iterator[dict[str, Any]]:
+        """The rows of complete lines of the file's format."""
+        lines = io.StringIO(text, newline="")
         if self.format == "csv":
             yield from csv.DictReader(lines)
         else:
@@ -185,15 +187,6 @@ class Output:
         if new and self.format == "csv":
             self.write([dict(zip(FIELDS, FIELDS, strict=True))])  # the header
         return self
-
-    def _repair(self) -> None:
-        """Drop a partial last line (the previous run was killed mid-write) so appending stays parseable;
-        cut in place, so that a kill now loses nothing more."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            os.truncate(self.path, data.rfind(b"\n") + 1)
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         text = io.StringIO(newline="")
