@@ -61,6 +61,13 @@ def more_than(low: float):
     return parse
 
 
+def fraction(raw: str) -> float:
+    """argparse type of a probability option: a number in 0-1."""
+    if not 0 <= float(raw) <= 1:  # nan too
+        raise argparse.ArgumentTypeError(f"must be 0-1, not {raw}")
+    return float(raw)
+
+
 def exit_code(command, interrupted: str = "interrupted") -> int:
     """Run a command: 0; a UserError, or a file or folder that cannot be read or written (OSError): one
     `error:` line on stderr and 2 (debugging: raised, with its traceback); Ctrl-C: 130; a run stopped by a

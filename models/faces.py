@@ -73,6 +73,8 @@ class DetectorConfig:
         for name in ("min_face_size", "max_faces"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not 0 <= self.score_threshold <= 1:  # a probability: over 1, no face is ever found
+            raise UserError(f"score_threshold must be 0-1, not {self.score_threshold}")
 
 
 @dataclass(frozen=True)

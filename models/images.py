@@ -4,10 +4,10 @@ The accepted formats are recognised from the bytes (magic number, then Pillow's 
 only), never from the client's declared content type. What decoding will cost is bounded before anything
 is decoded, from the header and the bytes: pixels, pixels per byte of file, and a JPEG's scans.
 
-JPEGs (all but CMYK ones) are decoded by simplejpeg: libjpeg-turbo as in Pillow, with the same pixels
-(all 23,707 UTKFace chips and the test photos, compared), a little faster (a 12 Mpx photo: 97 against 140
-CPU ms), and it reports what libjpeg only warns of and Pillow lets pass: a file whose data ends early but
-is closed by an end marker, whose missing rows would decode grey.
+JPEGs are decoded by simplejpeg: libjpeg-turbo as in Pillow, with the same pixels (all 23,707 UTKFace chips
+and the test photos, compared), a little faster (a 12 Mpx photo: 97 against 140 CPU ms), and it reports
+what libjpeg only warns of and Pillow lets pass: a file whose data ends early but is closed by an end
+marker, whose missing rows would decode grey. CMYK JPEGs are only checked that way; Pillow converts them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import re
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import simplejpeg
@@ -64,6 +65,8 @@ _MAGIC = (
 # any photo (which has tens; a thousand with restart markers, skipped inside scans) is refused as costly
 MAX_JPEG_MARKERS = 10_000
 STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD9)])  # TEM, RST0-7, SOI: no length field
+FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-15 (0xC4, 0xC8, 0xCC are others)
+TOO_MANY_MARKERS = -1
 # where libjpeg's next_marker finds the next marker: it skips any bytes up to 0xFF, fill bytes (0xFF) and
 # stuffed zeros (0xFF 0x00); group 1 is the marker
 _NEXT_MARKER = re.compile(rb"\xff+([^\x00\xff])")
@@ -113,6 +116,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise TooLarge(f"the image has far more pixels than the limit of {max_pixels}") from exc
     except CORRUPT as exc:
+        bits = jpeg_bits(data) if fmt == "JPEG" else None
+        if bits not in (None, 8):  # 12-bit (medical, raw-camera) and 16-bit lossless JPEGs: Pillow reads 8 only
+            raise NotAnImage(f"the JPEG has {bits}-bit samples: send an 8-bit JPEG, or a 16-bit PNG or TIFF") from exc
         raise NotAnImage(f"the file starts like {fmt} but is not an image PIL can read (send {FORMAT_NAMES})") from exc
     except Exception as exc:
         raise unexpected(exc, f"reading a {fmt} header") from exc
@@ -134,31 +140,50 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 def jpeg_scans(data: bytes) -> int:
     """The number of scans (SOS markers) that libjpeg would decode, counted without decoding; once past
-    MAX_JPEG_SCANS, or past MAX_JPEG_MARKERS markers, MAX_JPEG_SCANS + 1.
+    MAX_JPEG_SCANS, or past MAX_JPEG_MARKERS markers, MAX_JPEG_SCANS + 1."""
+    scans = 0
+    for marker, _ in _jpeg_markers(data):
+        scans += marker == 0xDA
+        if marker == TOO_MANY_MARKERS or scans > MAX_JPEG_SCANS:
+            return MAX_JPEG_SCANS + 1
+    return scans
+
+
+def jpeg_bits(data: bytes) -> int | None:
+    """A JPEG's bits per sample, from its frame header (SOF), without decoding; None where it has none."""
+    for marker, pos in _jpeg_markers(data):
+        if marker in FRAME_MARKERS:
+            return data[pos + 4] if pos + 4 < len(data) else None
+        if marker in (0xDA, TOO_MANY_MARKERS):  # the frame header comes before the first scan
+            return None
+    return None
+
+
+def _jpeg_markers(data: bytes) -> Iterator[tuple[int, int]]:
+    """(marker, its position) for each marker libjpeg meets after SOI, up to EOI; past MAX_JPEG_MARKERS
+    markers, (TOO_MANY_MARKERS, position) last.
 
     Markers are found as libjpeg finds them (stray bytes between segments are skipped, with a warning that
     Pillow lets pass), segments stepped over by their lengths (EXIF, whose thumbnail is a JPEG of its own,
     ICC profiles, tables; a length under 2 steps over the length field, as libjpeg does), each scan's
     entropy-coded data to the marker after it. What follows the end marker is not the decoder's and not
-    counted: a phone's motion photo appends its video there (random bytes hold 0xFF 0xDA once per 64 kB)."""
-    pos, scans = 2, 0  # after SOI
+    met: a phone's motion photo appends its video there (random bytes hold 0xFF 0xDA once per 64 kB)."""
+    pos = 2  # after SOI
     for _ in range(MAX_JPEG_MARKERS):
         found = _NEXT_MARKER.search(data, pos)
         if found is None:
-            return scans
+            return
         marker, pos = found[1][0], found.start(1) - 1
         if marker == 0xD9:  # EOI
-            return scans
+            return
+        yield marker, pos
         if marker in STANDALONE_MARKERS:
             pos += 2
         elif marker == 0xDA:
-            scans += 1
-            if scans > MAX_JPEG_SCANS:
-                return scans
             pos = scan_end(data, pos)
         else:
             pos += 2 + max(2, int.from_bytes(data[pos + 2 : pos + 4], "big"))
-    return MAX_JPEG_SCANS + 1
+    yield TOO_MANY_MARKERS, pos
 
 
 def scan_end(data: bytes, sos: int) -> int:
@@ -183,6 +208,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         rgb = _jpeg_rgb(data, doing)
         if rgb is not None:
             return _upright(rgb, image)
+    elif image_format(data) == "JPEG":  # CMYK: only libjpeg's check that no rows are missing, then Pillow's pixels
+        _jpeg_rgb(data, doing, "CMYK")
     try:
         image.load()  # the first frame
     except CORRUPT as exc:
@@ -201,14 +228,15 @@ def image_rgb(image: Image.Image) -> np.ndarray:
     return _upright(_to_rgb(image), image)
 
 
-def _jpeg_rgb(data: bytes, doing: str) -> np.ndarray | None:
-    """A JPEG's bytes -> (H, W, 3) uint8 RGB; UserError where its data ends early. None where libjpeg warned
-    of anything else (ENDS_EARLY's comment) or failed: Pillow decodes those or says why not."""
+def _jpeg_rgb(data: bytes, doing: str, colorspace: str = "RGB") -> np.ndarray | None:
+    """A JPEG's bytes -> (H, W, channels) uint8 pixels in colorspace; UserError where its data ends early. None
+    where libjpeg warned of anything else (ENDS_EARLY's comment) or failed: Pillow decodes those or says why
+    not."""
     try:
         # strict: libjpeg's warnings raise. One that comes late costs a second decode, by Pillow (a 12 Mpx
         # progressive JPEG with a stray byte before its last scan: 199 against 62 ms): at most twice what
         # the scan limit bounds.
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        return simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True)
     except ValueError as exc:
         if ENDS_EARLY in str(exc).lower():
             why = f"its JPEG data ends before the last rows ({exc}): the file is cut short or its header is wrong"

@@ -40,8 +40,8 @@ class Detection:
 
 class FaceFinder:
     def __init__(self, config: DetectorConfig = DetectorConfig(), max_pixels: int = MAX_PIXELS) -> None:
+        self.config, self.max_pixels = config, max_pixels
         self.detector = FaceDetector(config)
-        self.max_pixels = max_pixels
 
     @property
     def name(self) -> str:

@@ -13,18 +13,20 @@ import argparse
 import os
 import sys
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
 
 from models.artifact import INTERVAL_LEVEL, MODEL_NAME
-from models.cli import Debug, OneLineParser, at_least, exit_code, level, more_than
+from models.cli import Debug, OneLineParser, at_least, exit_code, fraction, level, more_than
 from models.errors import UserError
 from models.faces import DetectorConfig
+from models.images import MAX_PIXELS
 from models.predictor import Predictor
 from models.runtime import RUNTIMES, cpu_cores
 from predict.rows import Output, photos, rows
-from predict.runners import RETRY_STATUSES, run_local, run_remote
+from predict.runners import RETRY_STATUSES, Outcome, run_local, run_remote
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,6 +49,34 @@ def parser() -> argparse.ArgumentParser:
         "--runtime", default="auto", choices=RUNTIMES, help="local mode: how the network runs, as AGE_GENDER_RUNTIME"
     )
     p.add_argument("--detector", default=DetectorConfig.detector, help="local mode: mtcnn or haar")
+    # local mode's detection and decoding, as the service's AGE_GENDER_* settings of the same names
+    p.add_argument(
+        "--min-face-size",
+        type=at_least(1),
+        default=DetectorConfig.min_face_size,
+        help="local mode: smallest face answered, in pixels (12 finds faces from ~16 px in large photos, slowly)",
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=fraction,
+        default=DetectorConfig.score_threshold,
+        help="local mode: the detector's face probability a face needs, 0-1",
+    )
+    p.add_argument(
+        "--max-faces", type=at_least(1), default=DetectorConfig.max_faces, help="local mode: faces answered per photo"
+    )
+    p.add_argument(
+        "--no-small-faces",
+        dest="small_faces",
+        action="store_false",
+        help="local mode: no second pass for faces under ~75 px in photos over 640 px (faster on large photos)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=at_least(1),
+        default=MAX_PIXELS,
+        help="local mode: larger photos get an error row instead of being decoded",
+    )
     p.add_argument(
         "--workers",
         type=at_least(1),
@@ -92,30 +122,35 @@ def service_url(url: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, int]:
-    out = Output(args.out)
     todo, passed_over = photos(args.inputs)
-    done = out.done({str(p) for p in todo})
-    todo_new = [p for p in todo if str(p) not in done]
-    skipped = len(todo) - len(todo_new)
-    counts = {"photos": len(todo), "skipped": skipped, "passed_over": passed_over, "faces": 0, "errors": 0}
+    with Output(args.out) as out:  # locked: a second run on the same --out stops here
+        done = out.done({str(p) for p in todo})
+        todo_new = [p for p in todo if str(p) not in done]
+        counts = {"photos": len(todo), "skipped": len(todo) - len(todo_new), "passed_over": passed_over}
+        counts |= {"faces": 0, "errors": 0}
+        answers = outcomes(args, todo_new)  # the model loaded (or the URL checked) before the progress bar
+        with tqdm(total=len(todo_new), unit="photo", desc="predict") as bar:
+            for path, result, error in answers:
+                out.write(rows(str(path), result, error))
+                counts["faces"] += len(result.faces) if result else 0
+                counts["errors"] += error is not None
+                bar.update()
+    return counts
+
+
+def outcomes(args: argparse.Namespace, paths: list[Path]) -> Iterator[Outcome]:
+    """The photos answered by the service at --url, or in this machine's processes."""
     if args.url:
         key = getattr(args, "api_key", os.environ.get("AGE_GENDER_API_KEY", ""))
-        outcomes = run_remote(service_url(args.url), todo_new, args.concurrency, args.retries, args.timeout, key)
-    else:
-        model = Path(args.model)
-        detection = DetectorConfig(detector=args.detector)
-        options = {"runtime": args.runtime, "level": args.level, "detection": detection}
-        predictor = (
-            Predictor.from_folder(model, **options) if model.is_dir() else Predictor.from_store(args.model, **options)
-        )
-        outcomes = run_local(predictor, todo_new, args.workers, detection)
-    with out, tqdm(total=len(todo_new), unit="photo", desc="predict") as bar:
-        for path, result, error in outcomes:
-            out.write(rows(str(path), result, error))
-            counts["faces"] += len(result.faces) if result else 0
-            counts["errors"] += error is not None
-            bar.update()
-    return counts
+        return run_remote(service_url(args.url), paths, args.concurrency, args.retries, args.timeout, key)
+    settings = ("detector", "score_threshold", "min_face_size", "small_faces", "max_faces")
+    detection = DetectorConfig(**{name: getattr(args, name) for name in settings})
+    options = {"runtime": args.runtime, "level": args.level, "detection": detection, "max_pixels": args.max_pixels}
+    model = Path(args.model)
+    predictor = (
+        Predictor.from_folder(model, **options) if model.is_dir() else Predictor.from_store(args.model, **options)
+    )
+    return run_local(predictor, paths, args.workers)
 
 
 def main(argv: list[str] | None = None) -> int:

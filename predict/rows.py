@@ -4,6 +4,8 @@ or with an error) in JSONL or CSV, appended as photos finish so that an interrup
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import io
 import itertools
 import json
@@ -121,7 +123,12 @@ def _transient(row: dict[str, Any]) -> bool:
 
 class Output:
     """Rows appended to a JSONL or CSV file (by its suffix), each photo's rows in one write: a run killed at
-    any moment leaves whole photos, and at most a last line cut short, which the next run drops."""
+    any moment leaves whole photos, and at most a last line cut short, which the next run drops. The file
+    is locked while open (flock(2)): a second run on it stops at once instead of answering every photo twice.
+    Used as a context manager; done() and write() inside it."""
+
+    fd: int  # open from __enter__ to __exit__
+    unused: int | None  # the file's size before any photo's rows, where this run created it
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -175,17 +182,27 @@ class Output:
                 while chunk := list(itertools.islice(rows, 10_000)):
                     out.write(chunk)
             os.chmod(kept, stat.S_IMODE(path.stat().st_mode))
-            os.replace(kept, path)
+            locked = _open_locked(kept)  # the new file is locked before it takes the name: no gap for another run
         except BaseException:
             kept.unlink(missing_ok=True)
             raise
+        try:
+            os.replace(kept, path)
+        except BaseException:
+            os.close(locked)
+            kept.unlink(missing_ok=True)
+            raise
+        os.close(self.fd)
+        self.fd = locked
 
     def __enter__(self) -> Output:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        if new and self.format == "csv":
+        created = not self.path.exists()
+        self.fd = _open_locked(self.path)
+        if self.format == "csv" and os.fstat(self.fd).st_size == 0:
             self.write([dict(zip(FIELDS, FIELDS, strict=True))])  # the header
+        # a run that fails before its first photo (a model that does not load) leaves no file it created
+        self.unused = os.fstat(self.fd).st_size if created else None
         return self
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
@@ -203,5 +220,25 @@ class Output:
             os.ftruncate(self.fd, end)  # none of the photo's rows rather than some: a rerun answers it whole
             raise
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
+        if kind is not None and self.unused == os.fstat(self.fd).st_size:
+            self.path.unlink(missing_ok=True)
         os.close(self.fd)
+
+
+def _open_locked(path: Path) -> int:
+    """The file opened for appending (created where missing), locked for this process; a UserError where
+    another run holds it. Where the file system has no locks, it is opened unlocked."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(
+            f"{path} is being written by another run of this command: wait for it to end, or give another --out"
+        ) from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            os.close(fd)
+            raise
+    return fd

@@ -52,14 +52,14 @@ ANSWER_EVERY_PER_WORKER = 2
 _finder: FaceFinder | None = None  # one per worker process
 
 
-def _start_worker(config: DetectorConfig) -> None:
+def _start_worker(config: DetectorConfig, max_pixels: int) -> None:
     global _finder
     # Ctrl-C reaches every process of the terminal's group: the command answers it, its workers finish quietly
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform == "linux":  # and a command killed alone (kill PID, the OOM killer) takes its workers along
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     cv2.setNumThreads(1)  # one detection per core: no thread teams on top
-    _finder = FaceFinder(config)
+    _finder = FaceFinder(config, max_pixels)
 
 
 def _detect(path: Path) -> Detection | str:
@@ -77,15 +77,16 @@ def _detect(path: Path) -> Detection | str:
         return f"{type(exc).__name__}: {exc}"
 
 
-def run_local(predictor: Predictor, paths: list[Path], workers: int, detection: DetectorConfig) -> Iterator[Outcome]:
-    """Detection in `workers` processes, at most IN_FLIGHT_PER_WORKER photos per process in flight; whenever a
-    batch of faces or ANSWER_EVERY_PER_WORKER photos per process are detected, their crops go through the
-    network together. A detection process that dies (the OOM killer) costs the photos then in flight their
-    answers, marked TRANSIENT so that a rerun tries them again; the run goes on in new processes, unless
-    twice in a row they die before detecting any photo."""
+def run_local(predictor: Predictor, paths: list[Path], workers: int) -> Iterator[Outcome]:
+    """Detection in `workers` processes (with the predictor's settings), at most IN_FLIGHT_PER_WORKER photos
+    per process in flight; whenever a batch of faces or ANSWER_EVERY_PER_WORKER photos per process are
+    detected, their crops go through the network together. A detection process that dies (the OOM killer)
+    costs the photos then in flight their answers, marked TRANSIENT so that a rerun tries them again; the
+    run goes on in new processes, unless twice in a row they die before detecting any photo."""
     todo, fruitless = deque(paths), 0  # pools in a row that died before detecting any photo
     while todo:
-        with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(detection,)) as pool:
+        settings = (predictor.finder.config, predictor.finder.max_pixels)
+        with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=settings) as pool:
             window: deque[tuple[Path, Future]] = deque()  # submitted, not collected
             pending: list = []
             try:

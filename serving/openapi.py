@@ -9,6 +9,7 @@ assets BentoML serves itself, with Swagger's online validator off: it calls no o
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 
 from starlette.responses import HTMLResponse
@@ -84,6 +85,9 @@ def standard_openapi(spec: dict, max_images: int, api_key: bool) -> dict:
     for name in [n for n in schemas if n.endswith("__Input")]:
         del schemas[name]
     schemas["Error"] = ERROR_SCHEMA
+    info = spec.setdefault("info", {})
+    if str(info.get("version")) in ("None", ""):  # served from source, not a built Bento (whose tag it is)
+        info["version"] = _release()
     spec.setdefault("paths", {})[card.ROUTE] = copy.deepcopy(MODEL_CARD_PATH)  # a mounted route BentoML does not list
     for path, operations in spec["paths"].items():
         for op in operations.values():
@@ -113,6 +117,14 @@ def standard_openapi(spec: dict, max_images: int, api_key: bool) -> dict:
         spec["components"]["securitySchemes"] = SECURITY_SCHEMES
         spec["security"] = [{name: []} for name in SECURITY_SCHEMES]  # either one
     return spec
+
+
+def _release() -> str:
+    """This project's version where it is installed (pip install -e . in a checkout), else "unreleased"."""
+    try:
+        return importlib.metadata.version("age-gender")
+    except importlib.metadata.PackageNotFoundError:
+        return "unreleased"
 
 
 DOCS_PAGE = """<!DOCTYPE html>

@@ -116,12 +116,39 @@ def test_resume_and_csv(model_tag: str, photo_dir: Path, tmp_path: Path) -> None
     assert [row["file"] for row in rows].count(str(photo_dir / "astronaut.jpg")) == 1
 
 
+def test_local_detection_takes_the_services_settings(model_tag: str, photo_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "faces.jsonl"
+    group, astronaut_jpg = photo_dir / "nested" / "group.png", photo_dir / "astronaut.jpg"
+    options = ["--max-faces", "2", "--max-pixels", "300000", "--min-face-size", "30", "--score-threshold", "0.9"]
+    r = run_predict(str(group), str(astronaut_jpg), "--out", str(out), "--model", model_tag, *options)
+    assert r.returncode == 1, r.stderr  # the group photo: 960x640 is over --max-pixels
+    rows = {row["file"]: row for row in read_rows(out)}
+    assert "the limit is 300000 pixels" in rows[str(group)]["error"]
+    r = run_predict(str(group), "--out", str(tmp_path / "group.jsonl"), "--model", model_tag, "--max-faces", "2")
+    assert r.returncode == 0, r.stderr
+    assert [row["face"] for row in read_rows(tmp_path / "group.jsonl")] == [0, 1]  # 3 faces, the largest 2
+    assert rows[str(astronaut_jpg)]["face"] == 0
+
+
+def test_a_run_that_fails_before_its_first_photo_leaves_no_file(bentoml_home: Path, tmp_path: Path) -> None:
+    out = tmp_path / "faces.csv"
+    assert "is not in the BentoML store" in assert_one_line_error(
+        run_predict(str(tmp_path), "--out", str(out), "--model", "age_gender:nope")
+    )
+    assert not out.exists()
+    out.write_text("file,face\n")  # a file the user had: kept
+    run_predict(str(tmp_path), "--out", str(out), "--model", "age_gender:nope")
+    assert out.read_text() == "file,face\n"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--out", "x.txt", "."], "--out must end in .jsonl or .csv"),
         (["--out", "x.jsonl", "no/such/folder"], "does not exist"),
         (["--out", "x.jsonl", "--model", "age_gender:nope", "."], "is not in the BentoML store"),
+        (["--out", "x.jsonl", "--max-pixels", "0", "."], "--max-pixels: must be at least 1, not 0"),
+        (["--out", "x.jsonl", "--score-threshold", "nan", "."], "--score-threshold: must be 0-1, not nan"),
         (
             ["--out", "README.md/x.jsonl", "--url", "http://127.0.0.1:9", "README.md"],
             "README.md: File exists",
@@ -191,7 +218,8 @@ def test_each_photos_rows_reach_the_file_in_one_write(suffix: str, tmp_path: Pat
     inode, whole = out.stat().st_ino, out.read_bytes()
     with out.open("ab") as f:
         f.write(b'{"file": "next.jpg", "fa')  # a run killed mid-line
-    assert Output(out).done(set()) == {"crowd.jpg"}
+    with Output(out) as output:
+        assert output.done(set()) == {"crowd.jpg"}
     assert out.read_bytes() == whole and out.stat().st_ino == inode  # cut in place, nothing rewritten
 
 

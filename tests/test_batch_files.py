@@ -65,7 +65,8 @@ def test_file_names_that_are_not_utf8_round_trip(suffix: str, tmp_path: Path) ->
     out = tmp_path / f"faces.{suffix}"
     with Output(out) as output:
         output.write([{"file": name, "face": None, "error": None}])
-    assert Output(out).done(set()) == {name}
+    with Output(out) as output:
+        assert output.done(set()) == {name}
 
 
 @pytest.mark.parametrize(
@@ -76,8 +77,8 @@ def test_file_names_that_are_not_utf8_round_trip(suffix: str, tmp_path: Path) ->
 def test_an_out_file_of_something_else_is_refused(content: bytes, tmp_path: Path) -> None:
     out = tmp_path / ("faces.csv" if content[:1] in b"an" else "faces.jsonl")
     out.write_bytes(content)
-    with pytest.raises(UserError, match="is not a results file of this command"):
-        Output(out).done(set())
+    with pytest.raises(UserError, match="is not a results file of this command"), Output(out) as output:
+        output.done(set())
     assert out.read_bytes() == content  # left as it was
 
 
@@ -91,14 +92,31 @@ def test_rows_of_photos_to_try_again_go_before_they_are_tried(suffix: str, tmp_p
         output.write([{"file": "d.jpg", "face": None, "error": f"{TRANSIENT} 6 tries: HTTP 503: busy"}])
     out.chmod(0o600)
     kept = [line for line in out.read_text().splitlines() if "b.jpg" not in line]
-    assert Output(out).done({"a.jpg", "b.jpg"}) == {"a.jpg", "c.jpg"}  # this run: a.jpg and b.jpg
-    assert out.read_text().splitlines() == kept  # b.jpg's row gone; d.jpg's, not this run's, kept
-    assert out.stat().st_mode & 0o777 == 0o600  # and the file's permissions
-    assert Output(out).done({"a.jpg", "b.jpg"}) == {"a.jpg", "c.jpg"} and out.read_text().splitlines() == kept
+    with Output(out) as output:
+        assert output.done({"a.jpg", "b.jpg"}) == {"a.jpg", "c.jpg"}  # this run: a.jpg and b.jpg
+        assert out.read_text().splitlines() == kept  # b.jpg's row gone; d.jpg's, not this run's, kept
+        assert out.stat().st_mode & 0o777 == 0o600  # and the file's permissions
+        with pytest.raises(UserError, match="being written by another run"), Output(out):
+            pass  # the new file is locked as the old one was
+        output.write([{"file": "b.jpg", "face": None, "error": "the file is empty"}])
+    with Output(out) as output:
+        assert output.done({"a.jpg", "b.jpg"}) == {"a.jpg", "b.jpg", "c.jpg"}
+    assert out.read_text().splitlines()[:-1] == kept and not list(tmp_path.glob(".kept*"))
+
+
+def test_a_second_run_on_one_results_file_stops_at_once(tmp_path: Path) -> None:
+    out = tmp_path / "faces.jsonl"
+    with Output(out) as output:
+        output.write([{"file": "a.jpg", "face": None, "error": None}])
+        before = out.read_bytes()
+        with pytest.raises(UserError, match="being written by another run of this command"), Output(out):
+            pass
+        assert out.read_bytes() == before  # and the first run's file is left as it was
+    with Output(out) as output:  # once the first run is over, the next one may go on
+        assert output.done(set()) == {"a.jpg"}
 
 
 def test_detection_processes_that_die_every_time_stop_the_run(model_tag: str, tmp_path: Path) -> None:
-    from models.faces import DetectorConfig
     from models.predictor import Predictor
     from predict import runners
 
@@ -108,7 +126,7 @@ def test_detection_processes_that_die_every_time_stop_the_run(model_tag: str, tm
     outcomes = []
     try:
         with pytest.raises(UserError, match="died twice in a row before detecting a photo"):
-            outcomes.extend(runners.run_local(Predictor.from_store(model_tag), paths, 2, DetectorConfig()))
+            outcomes.extend(runners.run_local(Predictor.from_store(model_tag), paths, 2))
     finally:
         runners._detect = _detect
     assert 0 < len(outcomes) < len(paths) and all(error.startswith(TRANSIENT) for _, _, error in outcomes)
@@ -136,7 +154,6 @@ def test_a_disk_that_fills_up_leaves_none_of_a_photos_rows(tmp_path: Path, monke
 def test_a_detection_process_that_dies_costs_only_the_photos_in_flight(model_tag: str, tmp_path: Path) -> None:
     """The OOM killer, played by a photo whose detection ends its process: the photos in flight then get a
     TRANSIENT row (a rerun tries them), every photo gets exactly one outcome, the run goes on."""
-    from models.faces import DetectorConfig
     from models.predictor import Predictor
     from predict import runners
 
@@ -148,7 +165,7 @@ def test_a_detection_process_that_dies_costs_only_the_photos_in_flight(model_tag
     astronaut().save(paths[3])
     runners._detect = _dies_on_oom  # the pool's processes are forked from this one: they see it too
     try:
-        outcomes = list(runners.run_local(Predictor.from_store(model_tag), paths, 2, DetectorConfig()))
+        outcomes = list(runners.run_local(Predictor.from_store(model_tag), paths, 2))
     finally:
         runners._detect = _detect
     assert sorted(p.name for p, _, _ in outcomes) == sorted(p.name for p in paths)

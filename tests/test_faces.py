@@ -68,7 +68,8 @@ def test_min_face_size_and_threshold_are_applied() -> None:
     assert len(scores) == 3 and 0.5 <= scores[0] < scores[1] <= 1
     above = [f.score for f in FaceDetector(DetectorConfig(score_threshold=(scores[0] + scores[1]) / 2)).detect(photo)]
     assert sorted(above) == scores[1:]
-    assert FaceDetector(DetectorConfig(score_threshold=1.01)).detect(photo) == []
+    with pytest.raises(UserError, match="score_threshold must be 0-1, not 1.01"):  # it would never find a face
+        DetectorConfig(score_threshold=1.01)
 
 
 @pytest.mark.parametrize("name", ["mtcnn", "haar"])

@@ -8,6 +8,7 @@ The guard is wrapped around a tiny stand-in BentoML service with the same API si
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import time
 from pathlib import Path
@@ -217,6 +218,7 @@ def test_openapi_requires_bodies_and_documents_error_objects(client) -> None:
     assert (images["type"], images["minItems"], images["maxItems"]) == ("array", 1, MAX_IMAGES)
     assert spec["components"]["schemas"]["Error"]["required"] == ["error"]
     assert "'type': 'file'" not in str(spec)
+    assert spec["info"]["version"] == importlib.metadata.version("age-gender")  # not BentoML's "None" from source
 
 
 def test_openapi_names_the_api_key_where_one_is_set() -> None:

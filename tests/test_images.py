@@ -18,7 +18,7 @@ from devtools.photos import (
     many_scans_jpeg,
     one_bit_png,
 )
-from models.errors import TooLarge, UserError
+from models.errors import NotAnImage, TooLarge, UserError
 from models.faces import FaceDetector
 from models.images import MAX_JPEG_MARKERS, MAX_JPEG_SCANS, MAX_PIXELS, decode_image, jpeg_scans, scan_end
 from tests.conftest import ROOT
@@ -144,6 +144,9 @@ def test_a_jpeg_cut_short_and_closed_is_refused_and_camera_quirks_are_not() -> N
     tables = photo.index(b"\xff\xdb")
     quirk = photo[:tables] + b"\x00\x00" + photo[tables:]  # 2 extraneous bytes before marker 0xdb: a warning
     assert np.array_equal(decode_image(quirk, 10**7), decode_image(photo, 10**7))
+    cmyk = encode(astronaut().convert("CMYK"))  # Pillow converts CMYK's colours; the check is libjpeg's still
+    with pytest.raises(UserError, match="data ends before the last rows"):
+        decode_image(cmyk[: len(cmyk) * 2 // 3] + b"\xff\xd9", 10**7)
     mpo = io.BytesIO()  # a JPEG with an index of more pictures after it, which phones write: the same check
     astronaut().save(mpo, "MPO", save_all=True, append_images=[astronaut().resize((64, 64))])
     with pytest.raises(UserError, match="data ends before the last rows"):
@@ -152,6 +155,14 @@ def test_a_jpeg_cut_short_and_closed_is_refused_and_camera_quirks_are_not() -> N
     assert np.array_equal(decode_image(padded, 10**7), decode_image(photo, 10**7))
     with pytest.raises(UserError, match="corrupt or truncated"):  # cut short without an end marker
         decode_image(photo[: len(photo) * 2 // 3], 10**7)
+
+
+def test_a_jpeg_of_more_than_8_bits_a_sample_is_named_as_such() -> None:
+    photo = bytearray(encode(astronaut()))
+    frame = photo.index(b"\xff\xc0")
+    photo[frame + 4] = 12  # the frame header's precision: a 12-bit JPEG (medical, raw-camera), which Pillow cannot read
+    with pytest.raises(NotAnImage, match="the JPEG has 12-bit samples: send an 8-bit JPEG"):
+        decode_image(bytes(photo), 10**7)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
