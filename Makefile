@@ -8,7 +8,7 @@ export BENTOML_DO_NOT_TRACK := True
 
 .PHONY: setup setup-train test test-fast browser lint serve demo build build-gpu bench soak clean utkface bench-utkface
 
-# serving and training only (make serve, make utkface); `setup` adds the test and lint tools
+# serving, training and building (make serve, make utkface, make build); `setup` adds the test and lint tools
 setup-train: $(VENV)/.installed-train
 setup: $(VENV)/.installed
 

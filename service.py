@@ -189,7 +189,7 @@ class AgeGender:
             try:
                 return Detection(**raised(answer))
             except UserError as exc:
-                raise type(exc)(f"image #{i + 1}: {exc}" if len(paths) > 1 else str(exc)) from exc
+                raise type(exc)(f"file #{i + 1}: {exc}" if len(paths) > 1 else str(exc)) from exc
 
         detections = await asyncio.gather(*(detect(i, p) for i, p in enumerate(paths)))
         return photo_results(detections, await self._attributes(np.concatenate([d.crops for d in detections])))

@@ -29,6 +29,7 @@ def form(*parts: bytes) -> bytes:
 MALFORMED = {
     "no boundary": (form(part(b"image", PNG)), "multipart/form-data", "no boundary"),
     "wrong boundary": (form(part(b"image", PNG)), "multipart/form-data; boundary=other", "wrong boundary"),
+    "empty body": (b"", MULTIPART, "the body is empty"),
     "nameless part": (form(part(None, PNG)), MULTIPART, 'name="..."'),
     "folded header": (
         b"--" + B + b'\r\nContent-Disposition: form-data;\r\n name="image"; filename="a.png"\r\n\r\n' + PNG + b"\r\n"

@@ -119,7 +119,10 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         bits = jpeg_bits(data) if fmt == "JPEG" else None
         if bits not in (None, 8):  # 12-bit (medical, raw-camera) and 16-bit lossless JPEGs: Pillow reads 8 only
             raise NotAnImage(f"the JPEG has {bits}-bit samples: send an 8-bit JPEG, or a 16-bit PNG or TIFF") from exc
-        raise NotAnImage(f"the file starts like {fmt} but is not an image PIL can read (send {FORMAT_NAMES})") from exc
+        raise NotAnImage(
+            f"the file starts like {fmt} but Pillow cannot read it (a damaged file, or a kind of {fmt} it does "
+            "not support): save it again as an 8-bit JPEG or PNG"
+        ) from exc
     except Exception as exc:
         raise unexpected(exc, f"reading a {fmt} header") from exc
     pixels = image.width * image.height

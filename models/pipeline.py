@@ -73,7 +73,7 @@ def load_crops(images: list[bytes], max_pixels: int = MAX_PIXELS) -> np.ndarray:
         try:
             rgb = decode_image(data, max_pixels)
         except UserError as exc:
-            raise type(exc)(f"image #{i + 1}: {exc}") from exc
+            raise type(exc)(f"file #{i + 1}: {exc}") from exc
         if rgb.shape[:2] != (CROP_SIZE, CROP_SIZE):
             rgb = cv2.resize(rgb, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA)
         crops.append(rgb)

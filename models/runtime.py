@@ -147,11 +147,17 @@ def format_cost(cost: dict[str, dict[str, float]], metrics=tuple(INT8_MAX_COST))
     return "; ".join(f"{s}: " + ", ".join(f"{m} {d[m]:+.4f}" for m in metrics if m in d) for s, d in cost.items())
 
 
+def runtime_name(name: str) -> str:
+    """The name, checked to be one of RUNTIMES; a UserError naming the choices."""
+    if name not in RUNTIMES:
+        raise UserError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
+    return name
+
+
 def open_runtime(name: str, model_dir: str | Path, meta: ModelMeta):
     """The runtime to serve with, and why (one line, for the log and /model_info). `auto`: on a GPU the
     runtime that can use it; on CPU the INT8 graph when int8_verdict allows it, else the fp32 graph."""
-    if name not in RUNTIMES:
-        raise UserError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
+    runtime_name(name)
     gpu = visible_gpus() > 0
     cpu = ["CPUExecutionProvider"]
     if name == "torch":

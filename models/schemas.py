@@ -63,12 +63,15 @@ class FacesResult(BaseModel):
 
 
 class Metrics(BaseModel):
+    n: int | None = Field(None, description="test faces measured")
     age_mae: float | None = None
     age_rmse: float | None = None
     age_mse: float | None = None
+    cs5: float | None = Field(None, description="cumulative score: share of faces whose age is within 5 years")
     gender_acc: float | None = None
     gender_ece: float | None = Field(None, description="expected calibration error of gender_probability")
     gender_ece_uncalibrated: float | None = Field(None, description="the same before temperature scaling")
+    interval_level: float | None = Field(None, description="the level of the age_interval measured")
     interval_coverage: float | None = Field(None, description="share of true ages inside their age_interval")
     minor_auc: float | None = Field(None, description="ROC AUC of minor_probability for age < 18")
 

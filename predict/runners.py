@@ -36,6 +36,7 @@ from models.schemas import PhotoResult
 
 Outcome = tuple[Path, PhotoResult | None, str | None]
 RETRY_STATUSES = (429, 502, 503, 504)
+PHOTO_ERRORS = (400, 413, 415)  # the service's answers about the photo itself: not an image, broken, too large
 MAX_RETRY_AFTER = 60.0  # seconds: a Retry-After longer than this is waited this long (a job does not stall for hours)
 # how the error of a photo that failed for a while starts (every retry busy or dropped, or its detection
 # process killed): a rerun tries it again
@@ -206,7 +207,9 @@ async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult
             continue
         if r.status_code == 200:
             return PhotoResult.model_validate(r.json()), None
-        problem = _error_text(r)
+        if r.status_code in PHOTO_ERRORS:  # the row says what local mode's says
+            return None, _error_text(r)
+        problem = f"HTTP {r.status_code}: {_error_text(r)}"
         if r.status_code == 401:
             raise UserError(f"{url} refused the API key ({problem}): give the service's key with --api-key")
         if r.status_code not in RETRY_STATUSES:
@@ -218,7 +221,8 @@ async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult
 
 
 def _error_text(r) -> str:
+    """An error answer's message: its JSON {"error"}, or the start of whatever else it is (a proxy's page)."""
     try:
-        return f"HTTP {r.status_code}: {r.json()['error']}"
+        return str(r.json()["error"])
     except (ValueError, KeyError, TypeError):
-        return f"HTTP {r.status_code}: {r.text[:200]}"
+        return r.text[:200]

@@ -26,8 +26,10 @@ from opentelemetry import context as otel
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from starlette.datastructures import MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.settings import cors_origins
 
 # the ID of the request being handled, in a holder emptied when it ends: tasks started while it is handled
 # keep a copy of its context (BentoML's batch dispatcher starts its loop lazily, in the first request's)
@@ -78,12 +80,25 @@ class ApiKey:
         await JSONResponse({"error": message}, 401, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
 
+class JsonCORS(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered as every error is: a JSON {"error"}."""
+
+    def preflight_response(self, request_headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        why = bytes(response.body).decode()
+        message = f"CORS preflight refused ({why}): the service's AGE_GENDER_CORS_ORIGINS does not allow it"
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return JSONResponse({"error": message}, response.status_code, headers)
+
+
 def cors(app: ASGIApp, origins: str) -> ASGIApp:
     """CORS for a comma-separated list of origins (`*`: any); none: the app as it is."""
-    allowed = [o.strip() for o in origins.split(",") if o.strip()]
+    allowed = cors_origins(origins)
     if not allowed:
         return app
-    return CORSMiddleware(
+    return JsonCORS(
         app,
         allow_origins=allowed,
         allow_methods=["GET", "POST"],

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from models.errors import NotAnImage, UserError, debugging
-from models.images import FORMAT_NAMES, image_format, open_image
+from models.images import image_format, open_image
 from serving.answers import as_error_object, busy, error, rewrite_response, status_of
 from serving.edge import OPEN_PATHS
 from serving.multipart import (
@@ -51,6 +51,10 @@ CHECKS_AT_ONCE = 1
 # a body over max_bytes is read to its end, when it ends within this many times max_bytes, before its 413:
 # clients that write the whole body before reading (http.client, requests) otherwise see a reset, not why
 DRAIN_UP_TO = 2
+# a body refused because AGE_GENDER_MAX_UPLOADS are being received is read (and dropped) for up to this many
+# seconds before its 429, for the same reason: a photo on a fast link has arrived by then, and asyncio
+# clients (httpx) lost most of these 429s to resets. A slower or stalled upload is closed on after it.
+BUSY_DRAIN_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ class RequestGuard:
             )
         if self.uploads >= self.max_uploads:
             why = f"{self.uploads} uploads are being received, the limit of this server (AGE_GENDER_MAX_UPLOADS)"
+            await drain(receive, self.max_bytes, min(self.idle_timeout, BUSY_DRAIN_SECONDS), BUSY_DRAIN_SECONDS)
             return await busy(why)(scope, receive, send)
         self.uploads += 1  # until its body is complete and checked
         try:
@@ -252,8 +257,7 @@ class RequestGuard:
                 return image.width * image.height, fmt
         except NotAnImage as exc:
             declared = part.content_type or "none"
-            why = f"is not an image in an accepted format (declared content type {declared})"
-            raise Rejected(status_of(exc), f"file {name} {why}; send {FORMAT_NAMES}") from exc
+            raise Rejected(status_of(exc), f"file {name}: {exc} (declared content type {declared})") from exc
         except UserError as exc:
             raise Rejected(status_of(exc), f"file {name}: {exc}") from exc
 

@@ -58,6 +58,8 @@ def parse_form(body: Buffer, boundary: bytes, max_files: int) -> list[Part]:
     (with the number of parts the body holds, counted without parsing them). Only find() and slicing
     are used on the body (an mmap has no startswith or count)."""
     delimiter = b"--" + boundary
+    if not len(body):
+        raise Rejected(400, "the body is empty: send the photos as multipart/form-data file fields")
     if _at(body, 0, delimiter):
         pos = len(delimiter)
     else:  # a preamble before the first boundary is allowed (RFC 2046)
@@ -145,7 +147,7 @@ def _text(value: bytes) -> str:
 
 def label(filename: str | None, index: int) -> str:
     """How an answer names a file: its place (counted from 1, as people count, and as the pipeline's
-    "image #N" does) and, where the client gave one, its name, shortened."""
+    "file #N" of errors found later does) and, where the client gave one, its name, shortened."""
     if not filename:
         return f"#{index + 1}"
     return f"#{index + 1} ({filename if len(filename) <= 60 else f'{filename[:40]}...{filename[-12:]}'!r})"

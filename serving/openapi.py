@@ -19,6 +19,11 @@ from serving import card
 from serving.answers import rewrite_response
 from serving.edge import OPEN_PATHS
 
+DESCRIPTION = (
+    "Finds every face in a photo and estimates each person's age (years, with an interval) and gender. "
+    'Every error answer is a JSON object `{"error": "..."}` saying what was wrong. How the model was made, '
+    "how well it does and what not to use it for: GET /model_card."
+)
 ERROR_SCHEMA = {
     "type": "object",
     "title": "Error",
@@ -85,9 +90,13 @@ def standard_openapi(spec: dict, max_images: int, api_key: bool) -> dict:
     for name in [n for n in schemas if n.endswith("__Input")]:
         del schemas[name]
     schemas["Error"] = ERROR_SCHEMA
-    info = spec.setdefault("info", {})
-    if str(info.get("version")) in ("None", ""):  # served from source, not a built Bento (whose tag it is)
-        info["version"] = _release()
+    # BentoML's info names its team and links its chat and badges (images from another host, missing offline);
+    # its title (the service's name) stays: generators name the client package after it (age_gender_client)
+    info = spec.get("info", {})
+    version = str(info.get("version"))
+    spec["info"] = {"title": info.get("title", "AgeGender"), "description": DESCRIPTION, "version": version}
+    if version in ("None", ""):  # served from source, not from a built Bento (whose tag's version it is)
+        spec["info"]["version"] = _release()
     spec.setdefault("paths", {})[card.ROUTE] = copy.deepcopy(MODEL_CARD_PATH)  # a mounted route BentoML does not list
     for path, operations in spec["paths"].items():
         for op in operations.values():

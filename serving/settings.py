@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from models.artifact import INTERVAL_LEVEL, MODEL_NAME
-from models.errors import FALSE, TRUE, UserError
+from models.errors import FALSE, TRUE, UserError, debugging
 from models.faces import DetectorConfig, detector_name
 from models.images import MAX_PIXELS
 from models.outputs import check_level
-from models.runtime import cpu_cores
+from models.runtime import cpu_cores, runtime_name
 
 PREFIX = "AGE_GENDER_"
+ORIGIN = re.compile(r"\*|https?://[^/\s?#]+")  # as browsers send Origin: scheme://host[:port], no path
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,11 @@ class Settings:
                 raise UserError(f"{PREFIX}{name.upper()} must be more than 0 seconds, not {getattr(self, name)}")
         if not 0 <= self.score_threshold <= 1:  # a probability: over 1, no face is ever found
             raise UserError(f"{PREFIX}SCORE_THRESHOLD must be 0-1, not {self.score_threshold}")
-        try:
-            detector_name(self.detector)
-        except UserError as exc:
-            raise UserError(f"{PREFIX}DETECTOR: {exc}") from exc
+        for name, check in (("detector", detector_name), ("runtime", runtime_name), ("cors_origins", cors_origins)):
+            try:
+                check(getattr(self, name))
+            except UserError as exc:
+                raise UserError(f"{PREFIX}{name.upper()}: {exc}") from exc
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -103,6 +106,19 @@ _COUNTS = (
 )
 
 
+def cors_origins(raw: str) -> list[str]:
+    """A comma-separated list of origins -> the origins; a UserError for one no browser sends (with a path,
+    a trailing slash) that would never match."""
+    origins = [o.strip() for o in raw.split(",") if o.strip()]
+    for origin in origins:
+        if not ORIGIN.fullmatch(origin):
+            raise UserError(
+                f"{origin!r} is not an origin: give scheme://host[:port] such as https://app.example.com "
+                "(no path, no trailing /), or *"
+            )
+    return origins
+
+
 def _boolean(raw: str) -> bool:
     if raw.strip().lower() in TRUE:
         return True
@@ -111,7 +127,12 @@ def _boolean(raw: str) -> bool:
     raise ValueError(raw)
 
 
-SETTINGS = Settings.from_env()
+try:
+    SETTINGS = Settings.from_env()
+except UserError as exc:  # every process of the service reads them: a bad one stops it in one line
+    if debugging():
+        raise
+    raise SystemExit(f"error: {exc}") from None
 
 
 DETECTOR_WORKERS = SETTINGS.detector_workers or cpu_cores()

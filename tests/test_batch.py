@@ -93,6 +93,7 @@ def test_local_and_url_modes_give_the_same_rows(server: str, model_tag: str, pho
             assert row[k] == pytest.approx(other[k], abs=0.05), (key, k)
     broken = a[(str(photo_dir / "broken.jpg"), None)]["error"]
     assert "truncated" in broken or "cannot" in broken, broken
+    assert b[(str(photo_dir / "broken.jpg"), None)]["error"] == broken  # the same words, whichever mode
     assert a[(str(photo_dir / "coffee.JPG"), None)]["error"] is None  # a photo without faces: one empty row
 
 

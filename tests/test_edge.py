@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from models.errors import UserError
 from serving.edge import ApiKey, CallerRequestId, RequestId, cors, handling, log_request_ids
 
 KEY = "s3cret-key"
@@ -131,5 +132,9 @@ def test_cors_only_for_the_configured_origins(client) -> None:
     )
     r = client.post("/model_info", headers={"Origin": "https://elsewhere.example", "X-API-Key": KEY})
     assert "access-control-allow-origin" not in r.headers
+    r = client.options("/model_info", headers={"Origin": "https://elsewhere.example", **preflight})
+    assert r.status_code == 400 and "Disallowed CORS origin" in r.json()["error"]  # as every error: JSON
+    with pytest.raises(UserError, match="'https://app.example/' is not an origin"):  # it would never match
+        cors(object(), "https://app.example/")
     app = object()
     assert cors(app, "") is app and cors(app, " , ") is app  # off by default

@@ -116,16 +116,19 @@ def test_images_are_recognised_from_their_bytes(client) -> None:
     mpo = encode(photo, "MPO", save_all=True, append_images=[photo])  # a JPEG with a second picture (phones)
     r, _ = post(client, "/predict", form(part(b"image", mpo)))
     assert r.status_code == 200 and r.json()["format"] == "JPEG" and r.json()["name"].endswith("image-0.jpg")
-    for data in (b"just some text", encode(photo, "ICO"), encode(photo, "PPM"), b"GIF89a but not really", b"\x00" * 64):
+    for data in (b"just some text", encode(photo, "ICO"), encode(photo, "PPM"), b"\x00" * 64):
         r, _ = post(client, "/predict", form(part(b"image", data, ctype=b"image/jpeg")))
         message = error_of(r, 415)
         assert "not an image" in message and "JPEG, PNG, WebP, BMP, GIF or TIFF" in message, message
+        assert message.endswith("(declared content type image/jpeg)"), message
+    r, _ = post(client, "/predict", form(part(b"image", b"GIF89a but not really")))
+    assert "the file starts like GIF but Pillow cannot read it" in error_of(r, 415)  # its format, named
 
 
 def test_a_bad_file_among_several_is_named_by_place_and_name(client) -> None:
     files = [part(b"images", PNG, b"a.png"), part(b"images", b"plain text", b"notes.png"), part(b"images", PNG, b"")]
     r, _ = post(client, "/predict_batch", form(*files))
-    assert error_of(r, 415).startswith("file #2 ('notes.png') is not an image")
+    assert error_of(r, 415).startswith("file #2 ('notes.png'): the file is not an image in an accepted format")
     r, _ = post(client, "/predict_batch", form(part(b"images", PNG), part(b"images", b"", b"")))
     assert error_of(r, 400) == "file #2: the file is empty"  # no name given: its place alone
 
@@ -219,6 +222,7 @@ def test_openapi_requires_bodies_and_documents_error_objects(client) -> None:
     assert spec["components"]["schemas"]["Error"]["required"] == ["error"]
     assert "'type': 'file'" not in str(spec)
     assert spec["info"]["version"] == importlib.metadata.version("age-gender")  # not BentoML's "None" from source
+    assert set(spec["info"]) == {"title", "description", "version"} and "bentoml" not in str(spec["info"]).lower()
 
 
 def test_openapi_names_the_api_key_where_one_is_set() -> None:

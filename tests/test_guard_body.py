@@ -10,7 +10,7 @@ import pytest
 from starlette.responses import JSONResponse
 
 from devtools.forms import PNG, B, form, part
-from serving.guard import DRAIN_UP_TO, RequestGuard
+from serving.guard import BUSY_DRAIN_SECONDS, DRAIN_UP_TO, RequestGuard
 from tests.test_guard import LIMITS, ROUTES
 
 
@@ -137,6 +137,7 @@ def test_uploads_being_received_hold_no_handling_slot() -> None:
 
     limits = {**LIMITS, "idle_timeout": 5, "upload_timeout": 10, "max_uploads": 2, "max_concurrency": 1}
     guard = RequestGuard(app, ROUTES, **limits)
+    read: list[bool] = []  # more_body of each message a whole body's receive gave
 
     async def call(method: str, path: str, body: bytes | None = None) -> list[dict]:
         sent: list[dict] = []
@@ -145,6 +146,7 @@ def test_uploads_being_received_hold_no_handling_slot() -> None:
             sent.append(message)
 
         async def whole() -> dict:
+            read.append(False)
             return {"type": "http.request", "body": body, "more_body": False}
 
         headers = [(b"content-type", b"multipart/form-data; boundary=" + B)]
@@ -163,9 +165,13 @@ def test_uploads_being_received_hold_no_handling_slot() -> None:
         await asyncio.sleep(0.05)
         for path in ("/docs", "/ui/app.js", "/readyz"):
             assert (await asyncio.wait_for(call("GET", path), 1))[0]["status"] == 200, path
-        status, headers, message = _answer(await asyncio.wait_for(call("POST", "/predict"), 1))
+        started = time.monotonic()  # a stalled body is waited for BUSY_DRAIN_SECONDS, then closed on
+        status, headers, message = _answer(await asyncio.wait_for(call("POST", "/predict"), BUSY_DRAIN_SECONDS + 1))
         assert status == 429 and "2 uploads are being received" in message and "AGE_GENDER_MAX_UPLOADS" in message
-        assert headers[b"connection"] == b"close"  # its body was not read
+        assert headers[b"connection"] == b"close" and time.monotonic() - started >= BUSY_DRAIN_SECONDS
+        read.clear()  # a whole body is read before its 429: closed on unread, a client sees a reset instead
+        status, _, _ = _answer(await asyncio.wait_for(call("POST", "/predict", form(part(b"image", PNG))), 1))
+        assert status == 429 and read == [False]
         uploads[0].cancel()  # a slot to receive one more body, which is complete: refused once checked
         await asyncio.gather(uploads[0], return_exceptions=True)
         status, headers, message = _answer(

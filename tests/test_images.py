@@ -121,7 +121,7 @@ def test_decode_turns_photos_upright_as_pillow_does(orientation: int, fmt: str) 
 def test_decode_rejects_bad_files() -> None:
     with pytest.raises(UserError, match="empty"):
         decode_image(b"", 10**7)
-    with pytest.raises(UserError, match="not an image"):
+    with pytest.raises(NotAnImage, match="starts like GIF but Pillow cannot read it"):
         decode_image(b"GIF89a but not really", 10**7)
     with pytest.raises(UserError, match="corrupt or truncated"):
         decode_image(encode(astronaut())[:1500], 10**7)

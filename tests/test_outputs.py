@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ import pytest
 from models.artifact import SCHEMA_VERSION, Calibration, ModelMeta, architecture
 from models.errors import UserError
 from models.outputs import answers, decode
+from tests.conftest import ROOT
 from training import calibration
 
 CLASSES = ["male", "female"]
@@ -120,6 +124,8 @@ def test_settings_from_the_environment(monkeypatch, env: dict, field: str, value
         ({"AGE_GENDER_SCORE_THRESHOLD": "2"}, "AGE_GENDER_SCORE_THRESHOLD must be 0-1, not 2.0"),
         ({"AGE_GENDER_MIN_FACE_SIZE": "0"}, "AGE_GENDER_MIN_FACE_SIZE must be at least 1, not 0"),
         ({"AGE_GENDER_DETECTOR": "retina"}, "AGE_GENDER_DETECTOR: unknown detector 'retina'"),
+        ({"AGE_GENDER_RUNTIME": "gpu"}, "AGE_GENDER_RUNTIME: unknown runtime 'gpu'; choose from auto, onnx"),
+        ({"AGE_GENDER_CORS_ORIGINS": "notaurl"}, "AGE_GENDER_CORS_ORIGINS: 'notaurl' is not an origin"),
     ],
 )
 def test_bad_settings_name_the_variable(monkeypatch, env: dict, message: str) -> None:
@@ -130,6 +136,15 @@ def test_bad_settings_name_the_variable(monkeypatch, env: dict, message: str) ->
         monkeypatch.setenv(k, v)
     with pytest.raises(UserError, match=message):
         Settings.from_env()
+
+
+def test_a_bad_setting_stops_the_service_in_one_line() -> None:
+    env = {**os.environ, "AGE_GENDER_MAX_IMAGES": "abc"}
+    env.pop("AGE_GENDER_DEBUG", None)
+    r = subprocess.run(
+        [sys.executable, "-c", "import serving.settings"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 1 and r.stderr == "error: AGE_GENDER_MAX_IMAGES='abc' is not a valid int\n", r.stderr
 
 
 def test_model_metadata_round_trips_and_migrates() -> None:

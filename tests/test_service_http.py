@@ -75,6 +75,9 @@ def test_batch_equals_single(server: str) -> None:
     r = post(server, "/predict_batch", files)
     assert r.status_code == 200, r.text
     assert r.json()["results"] == [predict(server, p) for p in photos]
+    cut = encode(astronaut())[:3000] + b"\xff\xd9"  # whole headers, so that only decoding finds the fault
+    r = post(server, "/predict_batch", [*files[:2], ("images", ("cut.jpg", cut, JPEG))])
+    assert r.status_code == 400 and r.json()["error"].startswith("file #3: the image is corrupt or truncated"), r.text
 
 
 def test_predict_faces_matches_in_process_model(server: str, model_tag: str, metadata_file: Path) -> None:
@@ -287,6 +290,7 @@ def test_answers_carry_an_age_interval_and_p_minor(server: str) -> None:
     info = httpx.post(server + "/model_info").json()
     assert info["age_head"] == "distribution" and info["interval_level"] == 0.8 and info["gender_temperature"] > 0
     assert 0 <= info["test_metrics"]["interval_coverage"] <= 1 and info["model_card"] == "/model_card"
+    assert 0 <= info["test_metrics"]["cs5"] <= 1 and info["test_metrics"]["n"] > 0  # every stored test metric
 
 
 def test_model_card_route(server: str) -> None:
