@@ -59,7 +59,7 @@ def parse_form(body: Buffer, boundary: bytes, max_files: int) -> list[Part]:
     are used on the body (an mmap has no startswith or count)."""
     delimiter = b"--" + boundary
     if not len(body):
-        raise Rejected(400, "the body is empty: send the photos as multipart/form-data file fields")
+        raise Rejected(400, "the body is empty")
     if _at(body, 0, delimiter):
         pos = len(delimiter)
     else:  # a preamble before the first boundary is allowed (RFC 2046)
