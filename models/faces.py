@@ -68,7 +68,7 @@ class DetectorConfig:
     small_faces: bool = True  # photos over MAX_SIDE: a second pass for the faces the shrunk copy loses
     max_faces: int = MAX_FACES  # faces answered per photo, the largest; the answer counts the others
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # each error starts with the field's name (serving/settings.py prefixes it)
         detector_name(self.detector)
         for name in ("min_face_size", "max_faces"):
             if getattr(self, name) < 1:

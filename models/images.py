@@ -66,7 +66,7 @@ _MAGIC = (
 MAX_JPEG_MARKERS = 10_000
 STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD9)])  # TEM, RST0-7, SOI: no length field
 FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-15 (0xC4, 0xC8, 0xCC are others)
-TOO_MANY_MARKERS = -1
+TOO_MANY_MARKERS = -1  # what _jpeg_markers yields last for a file past MAX_JPEG_MARKERS (no marker is negative)
 # where libjpeg's next_marker finds the next marker: it skips any bytes up to 0xFF, fill bytes (0xFF) and
 # stuffed zeros (0xFF 0x00); group 1 is the marker
 _NEXT_MARKER = re.compile(rb"\xff+([^\x00\xff])")
@@ -206,13 +206,12 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     image = open_image(data, max_pixels)
     doing = f"decoding a {image.format} image of {image.width}x{image.height}"
     # the format from the magic number: Pillow names a JPEG whose index lists more pictures after it (phones'
-    # depth and gain maps) MPO; the first is decoded. libjpeg-turbo gives no RGB from CMYK: Pillow does.
-    if image_format(data) == "JPEG" and image.mode != "CMYK":
-        rgb = _jpeg_rgb(data, doing)
-        if rgb is not None:
+    # depth and gain maps) MPO; the first is decoded. libjpeg-turbo gives no RGB from CMYK: Pillow does, after
+    # libjpeg's check (at 1/8 scale) that no rows are missing.
+    if image_format(data) == "JPEG":
+        rgb = _jpeg_rgb(data, doing, "CMYK", smallest=True) if image.mode == "CMYK" else _jpeg_rgb(data, doing)
+        if rgb is not None and image.mode != "CMYK":
             return _upright(rgb, image)
-    elif image_format(data) == "JPEG":  # CMYK: only libjpeg's check that no rows are missing, then Pillow's pixels
-        _jpeg_rgb(data, doing, "CMYK")
     try:
         image.load()  # the first frame
     except CORRUPT as exc:
@@ -231,15 +230,16 @@ def image_rgb(image: Image.Image) -> np.ndarray:
     return _upright(_to_rgb(image), image)
 
 
-def _jpeg_rgb(data: bytes, doing: str, colorspace: str = "RGB") -> np.ndarray | None:
-    """A JPEG's bytes -> (H, W, channels) uint8 pixels in colorspace; UserError where its data ends early. None
-    where libjpeg warned of anything else (ENDS_EARLY's comment) or failed: Pillow decodes those or says why
-    not."""
+def _jpeg_rgb(data: bytes, doing: str, colorspace: str = "RGB", smallest: bool = False) -> np.ndarray | None:
+    """A JPEG's bytes -> (H, W, channels) uint8 pixels in colorspace (smallest: at 1/8 scale); UserError where
+    its data ends early. None where libjpeg warned of anything else (ENDS_EARLY) or failed: Pillow decodes
+    those or says why not."""
     try:
         # strict: libjpeg's warnings raise. One that comes late costs a second decode, by Pillow (a 12 Mpx
         # progressive JPEG with a stray byte before its last scan: 199 against 62 ms): at most twice what
-        # the scan limit bounds.
-        return simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True)
+        # the scan limit bounds. min_width / min_height 1: the smallest scale; 0: full size.
+        least = int(smallest)
+        return simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True, min_width=least, min_height=least)
     except ValueError as exc:
         if ENDS_EARLY in str(exc).lower():
             why = f"its JPEG data ends before the last rows ({exc}): the file is cut short or its header is wrong"
@@ -284,10 +284,8 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     Integers in 0..65535 (16-bit files, whichever mode Pillow reads them as) map 65535 -> 255. Floats in
     0..1 map 1.0 -> 255; floats in 0..255 are kept. Anything else (negative or wider values) is stretched
     linearly from its own minimum and maximum to 0..255."""
-    low: float
-    high: float
     if values.dtype.kind in "ui":
-        low, high = int(values.min()), int(values.max())
+        low, high = float(values.min()), float(values.max())  # exact: 32-bit integers fit a float64
         if low >= 0 and high <= 65535:
             return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
         values = values.astype(np.float64)

@@ -10,6 +10,7 @@ there. Bad arguments: one line, exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import urllib.parse
@@ -27,6 +28,11 @@ from models.predictor import Predictor
 from models.runtime import RUNTIMES, cpu_cores
 from predict.rows import Output, photos, rows
 from predict.runners import RETRY_STATUSES, Outcome, run_local, run_remote
+
+# options of one mode only: given in the other, they would be ignored without a word
+DETECTION = tuple(f.name for f in dataclasses.fields(DetectorConfig))  # each is an option of the same name
+LOCAL_ONLY = ("model", "runtime", "workers", "level", "max_pixels", *DETECTION)
+REMOTE_ONLY = ("api_key", "concurrency", "retries", "timeout")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -122,8 +128,9 @@ def service_url(url: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, int]:
+    out = Output(args.out)  # its suffix checked before folders are searched
     todo, passed_over = photos(args.inputs)
-    with Output(args.out) as out:  # locked: a second run on the same --out stops here
+    with out:  # locked: a second run on the same --out stops here
         done = out.done({str(p) for p in todo})
         todo_new = [p for p in todo if str(p) not in done]
         counts = {"photos": len(todo), "skipped": len(todo) - len(todo_new), "passed_over": passed_over}
@@ -143,8 +150,7 @@ def outcomes(args: argparse.Namespace, paths: list[Path]) -> Iterator[Outcome]:
     if args.url:
         key = getattr(args, "api_key", os.environ.get("AGE_GENDER_API_KEY", ""))
         return run_remote(service_url(args.url), paths, args.concurrency, args.retries, args.timeout, key)
-    settings = ("detector", "score_threshold", "min_face_size", "small_faces", "max_faces")
-    detection = DetectorConfig(**{name: getattr(args, name) for name in settings})
+    detection = DetectorConfig(**{name: getattr(args, name) for name in DETECTION})
     options = {"runtime": args.runtime, "level": args.level, "detection": detection, "max_pixels": args.max_pixels}
     model = Path(args.model)
     predictor = (
@@ -154,7 +160,13 @@ def outcomes(args: argparse.Namespace, paths: list[Path]) -> Iterator[Outcome]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    for name in REMOTE_ONLY if args.url is None else LOCAL_ONLY:
+        if getattr(args, name, p.get_default(name)) != p.get_default(name):
+            option = {"small_faces": "--no-small-faces"}.get(name, "--" + name.replace("_", "-"))
+            mode = "--url mode" if args.url is None else "local mode (without --url; the service's settings apply)"
+            p.error(f"{option} is an option of {mode}")
 
     errors = 0
 

@@ -199,10 +199,16 @@ class Output:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         self.fd = _open_locked(self.path)
-        if self.format == "csv" and os.fstat(self.fd).st_size == 0:
-            self.write([dict(zip(FIELDS, FIELDS, strict=True))])  # the header
         # a run that fails before its first photo (a model that does not load) leaves no file it created
-        self.unused = os.fstat(self.fd).st_size if created else None
+        self.unused = 0 if created else None
+        try:
+            if self.format == "csv" and os.fstat(self.fd).st_size == 0:
+                self.write([dict(zip(FIELDS, FIELDS, strict=True))])  # the header
+        except BaseException as exc:
+            self.__exit__(type(exc))
+            raise
+        if created:
+            self.unused = os.fstat(self.fd).st_size
         return self
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
@@ -229,16 +235,30 @@ class Output:
 def _open_locked(path: Path) -> int:
     """The file opened for appending (created where missing), locked for this process; a UserError where
     another run holds it. Where the file system has no locks, it is opened unlocked."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(
-            f"{path} is being written by another run of this command: wait for it to end, or give another --out"
-        ) from None
-    except OSError as exc:
-        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             os.close(fd)
-            raise
-    return fd
+            raise UserError(
+                f"{path} is being written by another run of this command: wait for it to end, or give another --out"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                os.close(fd)
+                raise
+            return fd
+        # the run that held it may have replaced (or removed) the file between the open and the lock: the
+        # lock is then on a file without this name, and the rows written to it would be lost
+        if _same_file(os.fstat(fd), path):
+            return fd
+        os.close(fd)
+
+
+def _same_file(info: os.stat_result, path: Path) -> bool:
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (info.st_dev, info.st_ino) == (named.st_dev, named.st_ino)

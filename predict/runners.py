@@ -207,9 +207,10 @@ async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult
             continue
         if r.status_code == 200:
             return PhotoResult.model_validate(r.json()), None
-        if r.status_code in PHOTO_ERRORS:  # the row says what local mode's says
-            return None, _error_text(r)
-        problem = f"HTTP {r.status_code}: {_error_text(r)}"
+        said = _service_error(r)
+        if r.status_code in PHOTO_ERRORS and said is not None:  # the row says what local mode's says
+            return None, said
+        problem = f"HTTP {r.status_code}: {r.text[:200] if said is None else said}"
         if r.status_code == 401:
             raise UserError(f"{url} refused the API key ({problem}): give the service's key with --api-key")
         if r.status_code not in RETRY_STATUSES:
@@ -220,9 +221,9 @@ async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult
     return None, f"{TRANSIENT} {retries + 1} tries: {problem}"
 
 
-def _error_text(r) -> str:
-    """An error answer's message: its JSON {"error"}, or the start of whatever else it is (a proxy's page)."""
+def _service_error(r) -> str | None:
+    """The message of the service's JSON {"error"} answer; None for anything else (a proxy's page)."""
     try:
         return str(r.json()["error"])
     except (ValueError, KeyError, TypeError):
-        return r.text[:200]
+        return None

@@ -29,7 +29,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.settings import cors_origins
+from models.errors import UserError
 
 # the ID of the request being handled, in a holder emptied when it ends: tasks started while it is handled
 # keep a copy of its context (BentoML's batch dispatcher starts its loop lazily, in the first request's)
@@ -39,6 +39,9 @@ BAGGAGE = W3CBaggagePropagator()
 VALID_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # what is echoed into headers and logs: nothing to inject
 CARRIED = "age_gender.request_id"  # the baggage entry
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # probes and scrapers carry no key
+# an Origin as browsers send it: scheme://host[:port] with no path (apps' schemes too: capacitor://localhost),
+# or `null` (sandboxed pages, file://); `*` in the setting means any, and nowhere else matches
+ORIGIN = re.compile(r"\*|null|[a-z][a-z0-9+.-]*://[^/\s?#*]+")
 
 
 class RequestId:
@@ -80,6 +83,19 @@ class ApiKey:
         await JSONResponse({"error": message}, 401, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
 
+def cors_origins(raw: str) -> list[str]:
+    """A comma-separated list of origins -> the origins; a UserError for one no browser sends (with a path,
+    a trailing slash, a wildcard in its host) that would never match."""
+    origins = [o.strip() for o in raw.split(",") if o.strip()]
+    for origin in origins:
+        if not ORIGIN.fullmatch(origin):
+            raise UserError(
+                f"{origin!r} is not an origin: give scheme://host[:port] such as https://app.example.com "
+                "(no path, no trailing /, no wildcard), null, or * for any"
+            )
+    return origins
+
+
 class JsonCORS(CORSMiddleware):
     """Starlette's CORS, with a refused preflight answered as every error is: a JSON {"error"}."""
 
@@ -87,8 +103,9 @@ class JsonCORS(CORSMiddleware):
         response = super().preflight_response(request_headers)
         if response.status_code < 400:
             return response
-        why = bytes(response.body).decode()
-        message = f"CORS preflight refused ({why}): the service's AGE_GENDER_CORS_ORIGINS does not allow it"
+        why = bytes(response.body).decode()  # "Disallowed CORS origin, method, headers", those that apply
+        setting = " (the service's AGE_GENDER_CORS_ORIGINS)" if "origin" in why else ""
+        message = f"CORS preflight refused: {why}{setting}"
         headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
         return JSONResponse({"error": message}, response.status_code, headers)
 

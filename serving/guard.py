@@ -51,9 +51,12 @@ CHECKS_AT_ONCE = 1
 # a body over max_bytes is read to its end, when it ends within this many times max_bytes, before its 413:
 # clients that write the whole body before reading (http.client, requests) otherwise see a reset, not why
 DRAIN_UP_TO = 2
+GENERIC_TYPE = "application/octet-stream"  # what clients declare for a file whose type they do not know
 # a body refused because AGE_GENDER_MAX_UPLOADS are being received is read (and dropped) for up to this many
 # seconds before its 429, for the same reason: a photo on a fast link has arrived by then, and asyncio
-# clients (httpx) lost most of these 429s to resets. A slower or stalled upload is closed on after it.
+# clients (httpx) lost most of these 429s to resets. A slower or stalled upload is closed on after it. At
+# most max_uploads bodies are drained at once (past that, and for clients that wait for `100 Continue`
+# before sending, the 429 comes at once: nothing is invited that would be refused).
 BUSY_DRAIN_SECONDS = 2.0
 
 
@@ -118,7 +121,7 @@ class RequestGuard:
         self.idle_timeout, self.upload_timeout, self.min_upload_rate = idle_timeout, upload_timeout, min_upload_rate
         self.max_uploads, self.max_concurrency = max_uploads, max_concurrency
         self.no_input_routes = frozenset(no_input_routes)
-        self.uploads = self.handling = 0  # one event loop per process: plain counters
+        self.uploads = self.handling = self.draining = 0  # one event loop per process: plain counters
         self.checks = ThreadPoolExecutor(CHECKS_AT_ONCE, thread_name_prefix="upload-check")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -139,7 +142,13 @@ class RequestGuard:
             )
         if self.uploads >= self.max_uploads:
             why = f"{self.uploads} uploads are being received, the limit of this server (AGE_GENDER_MAX_UPLOADS)"
-            await drain(receive, self.max_bytes, min(self.idle_timeout, BUSY_DRAIN_SECONDS), BUSY_DRAIN_SECONDS)
+            waits = dict(scope["headers"]).get(b"expect", b"").lower() == b"100-continue"
+            if self.draining < self.max_uploads and not waits:
+                self.draining += 1
+                try:
+                    await drain(receive, self.max_bytes, self.idle_timeout, BUSY_DRAIN_SECONDS)
+                finally:
+                    self.draining -= 1
             return await busy(why)(scope, receive, send)
         self.uploads += 1  # until its body is complete and checked
         try:
@@ -237,7 +246,10 @@ class RequestGuard:
             files, pixels = [], 0
             for i, part in enumerate(parts):
                 # a copy of this one file (body may be a mapped file), dropped once its header is read
-                size, fmt = self._header(part, body[part.start : part.end], label(part.filename, i))
+                # several files: each error names its file; one file: the decoder's words alone, as the Python
+                # API and the batch command's local mode give them
+                named = f"file {label(part.filename, i)}: " if field.many else ""
+                size, fmt = self._header(part, body[part.start : part.end], named)
                 pixels += size
                 if pixels > self.max_request_pixels:
                     raise Rejected(
@@ -247,8 +259,9 @@ class RequestGuard:
                 files.append((part, fmt))
             return build_form(field.name, files, body)
 
-    def _header(self, part: Part, data: bytes, name: str) -> tuple[int, str]:
-        """One file's pixels, read from its header (nothing decoded), and its format; or Rejected."""
+    def _header(self, part: Part, data: bytes, named: str) -> tuple[int, str]:
+        """One file's pixels, read from its header (nothing decoded), and its format; or Rejected, its message
+        after `named`."""
         try:
             with open_image(data, self.max_pixels) as image:
                 # the format from the magic number: Pillow names a JPEG with extra pictures (phones) MPO
@@ -256,10 +269,12 @@ class RequestGuard:
                 assert fmt is not None  # open_image accepted the file: its magic number names a format
                 return image.width * image.height, fmt
         except NotAnImage as exc:
-            declared = part.content_type or "none"
-            raise Rejected(status_of(exc), f"file {name}: {exc} (declared content type {declared})") from exc
+            declared = part.content_type
+            # a declared type says what the client thought it sent; the generic one says nothing
+            said = f" (declared content type {declared})" if declared not in ("", GENERIC_TYPE) else ""
+            raise Rejected(status_of(exc), f"{named}{exc}{said}") from exc
         except UserError as exc:
-            raise Rejected(status_of(exc), f"file {name}: {exc}") from exc
+            raise Rejected(status_of(exc), f"{named}{exc}") from exc
 
 
 def _no_input(path: str, spool: Spool) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -14,9 +13,9 @@ from models.faces import DetectorConfig, detector_name
 from models.images import MAX_PIXELS
 from models.outputs import check_level
 from models.runtime import cpu_cores, runtime_name
+from serving.edge import cors_origins
 
 PREFIX = "AGE_GENDER_"
-ORIGIN = re.compile(r"\*|https?://[^/\s?#]+")  # as browsers send Origin: scheme://host[:port], no path
 
 
 @dataclass(frozen=True)
@@ -68,13 +67,16 @@ class Settings:
         for name in ("idle_timeout", "upload_timeout"):
             if not 0 < getattr(self, name) < math.inf:
                 raise UserError(f"{PREFIX}{name.upper()} must be more than 0 seconds, not {getattr(self, name)}")
-        if not 0 <= self.score_threshold <= 1:  # a probability: over 1, no face is ever found
-            raise UserError(f"{PREFIX}SCORE_THRESHOLD must be 0-1, not {self.score_threshold}")
         for name, check in (("detector", detector_name), ("runtime", runtime_name), ("cors_origins", cors_origins)):
             try:
                 check(getattr(self, name))
             except UserError as exc:
                 raise UserError(f"{PREFIX}{name.upper()}: {exc}") from exc
+        try:  # the detection settings' own checks, whose messages start with the setting's name
+            self.detection  # noqa: B018
+        except UserError as exc:
+            name, rest = str(exc).split(" ", 1)
+            raise UserError(f"{PREFIX}{name.upper()} {rest}") from exc
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -101,22 +103,7 @@ _COUNTS = (
     "max_request_pixels",
     "max_batch_size",
     "api_workers",
-    "min_face_size",
-    "max_faces",
 )
-
-
-def cors_origins(raw: str) -> list[str]:
-    """A comma-separated list of origins -> the origins; a UserError for one no browser sends (with a path,
-    a trailing slash) that would never match."""
-    origins = [o.strip() for o in raw.split(",") if o.strip()]
-    for origin in origins:
-        if not ORIGIN.fullmatch(origin):
-            raise UserError(
-                f"{origin!r} is not an origin: give scheme://host[:port] such as https://app.example.com "
-                "(no path, no trailing /), or *"
-            )
-    return origins
 
 
 def _boolean(raw: str) -> bool:

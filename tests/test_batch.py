@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from devtools.photos import astronaut, encode, group_photo, no_face
 from models.errors import UserError
@@ -94,6 +95,17 @@ def test_local_and_url_modes_give_the_same_rows(server: str, model_tag: str, pho
     broken = a[(str(photo_dir / "broken.jpg"), None)]["error"]
     assert "truncated" in broken or "cannot" in broken, broken
     assert b[(str(photo_dir / "broken.jpg"), None)]["error"] == broken  # the same words, whichever mode
+    refused = tmp_path / "refused"  # and for what the service's upload checks refuse before decoding
+    refused.mkdir()
+    (refused / "empty.jpg").write_bytes(b"")
+    (refused / "notes.jpg").write_text("a text file named like a photo")
+    # 9 Mpx in ~1 kB: under the test server's AGE_GENDER_MAX_PIXELS, over the pixels per byte of any photo
+    (refused / "bomb.png").write_bytes(encode(Image.new("1", (3000, 3000)), "PNG"))
+    errors = []
+    for i, mode in enumerate((["--model", model_tag], ["--url", server])):
+        run_predict(str(refused), "--out", str(tmp_path / f"refused{i}.jsonl"), *mode)
+        errors.append({row["file"]: row["error"] for row in read_rows(tmp_path / f"refused{i}.jsonl")})
+    assert errors[0] == errors[1] and len(errors[0]) == 3 and all(errors[0].values()), errors
     assert a[(str(photo_dir / "coffee.JPG"), None)]["error"] is None  # a photo without faces: one empty row
 
 
@@ -125,10 +137,14 @@ def test_local_detection_takes_the_services_settings(model_tag: str, photo_dir: 
     assert r.returncode == 1, r.stderr  # the group photo: 960x640 is over --max-pixels
     rows = {row["file"]: row for row in read_rows(out)}
     assert "the limit is 300000 pixels" in rows[str(group)]["error"]
+    assert rows[str(astronaut_jpg)]["face"] == 0  # its face is over 30 px and scores over 0.9
     r = run_predict(str(group), "--out", str(tmp_path / "group.jsonl"), "--model", model_tag, "--max-faces", "2")
     assert r.returncode == 0, r.stderr
     assert [row["face"] for row in read_rows(tmp_path / "group.jsonl")] == [0, 1]  # 3 faces, the largest 2
-    assert rows[str(astronaut_jpg)]["face"] == 0
+    for option in (["--min-face-size", "200"], ["--score-threshold", "1"]):  # the astronaut's face: ~90 px, 0.99+
+        out = tmp_path / f"none{option[0]}.jsonl"
+        r = run_predict(str(astronaut_jpg), "--out", str(out), "--model", model_tag, *option, "--no-small-faces")
+        assert r.returncode == 0 and [row["face"] for row in read_rows(out)] == [None], (option, r.stderr)
 
 
 def test_a_run_that_fails_before_its_first_photo_leaves_no_file(bentoml_home: Path, tmp_path: Path) -> None:
@@ -150,6 +166,10 @@ def test_a_run_that_fails_before_its_first_photo_leaves_no_file(bentoml_home: Pa
         (["--out", "x.jsonl", "--model", "age_gender:nope", "."], "is not in the BentoML store"),
         (["--out", "x.jsonl", "--max-pixels", "0", "."], "--max-pixels: must be at least 1, not 0"),
         (["--out", "x.jsonl", "--score-threshold", "nan", "."], "--score-threshold: must be 0-1, not nan"),
+        (["--out", "x.jsonl", "--url", "http://x", "--min-face-size", "9", "."], "--min-face-size is an option of"),
+        (["--out", "x.jsonl", "--url", "http://x", "--no-small-faces", "."], "--no-small-faces is an option of"),
+        (["--out", "x.jsonl", "--concurrency", "3", "."], "--concurrency is an option of --url mode"),
+        (["--out", "x.txt", "no/such/folder"], "--out must end in .jsonl or .csv"),  # before the folders
         (
             ["--out", "README.md/x.jsonl", "--url", "http://127.0.0.1:9", "README.md"],
             "README.md: File exists",

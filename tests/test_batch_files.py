@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import threading
@@ -114,6 +115,27 @@ def test_a_second_run_on_one_results_file_stops_at_once(tmp_path: Path) -> None:
         assert out.read_bytes() == before  # and the first run's file is left as it was
     with Output(out) as output:  # once the first run is over, the next one may go on
         assert output.done(set()) == {"a.jpg"}
+
+
+def test_a_results_file_replaced_while_it_is_locked_is_locked_again(tmp_path: Path, monkeypatch) -> None:
+    """Another run replaces the file (dropping rows to retry) between this run's open and its lock: the lock
+    is then on a file without the name, so it is taken again on the file that has it."""
+    out = tmp_path / "faces.jsonl"
+    out.write_text('{"file": "a.jpg"}\n')
+    real_flock, replaced = fcntl.flock, []
+
+    def flock(fd: int, operation: int) -> None:
+        if not replaced:
+            (tmp_path / "new.jsonl").write_text('{"file": "b.jpg"}\n')
+            os.replace(tmp_path / "new.jsonl", out)
+            replaced.append(True)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with Output(out) as output:
+        assert os.fstat(output.fd).st_ino == out.stat().st_ino
+        output.write([{"file": "c.jpg", "face": None}])
+    assert [json.loads(line)["file"] for line in out.read_text().splitlines()] == ["b.jpg", "c.jpg"]
 
 
 def test_detection_processes_that_die_every_time_stop_the_run(model_tag: str, tmp_path: Path) -> None:

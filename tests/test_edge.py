@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import pytest
 from opentelemetry import baggage, propagate
@@ -15,7 +16,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from models.errors import UserError
-from serving.edge import ApiKey, CallerRequestId, RequestId, cors, handling, log_request_ids
+from serving.edge import ApiKey, CallerRequestId, RequestId, cors, cors_origins, handling, log_request_ids
 
 KEY = "s3cret-key"
 ORIGIN = "https://app.example"
@@ -134,7 +135,17 @@ def test_cors_only_for_the_configured_origins(client) -> None:
     assert "access-control-allow-origin" not in r.headers
     r = client.options("/model_info", headers={"Origin": "https://elsewhere.example", **preflight})
     assert r.status_code == 400 and "Disallowed CORS origin" in r.json()["error"]  # as every error: JSON
-    with pytest.raises(UserError, match="'https://app.example/' is not an origin"):  # it would never match
-        cors(object(), "https://app.example/")
+    assert "AGE_GENDER_CORS_ORIGINS" in r.json()["error"]
+    r = client.options("/model_info", headers={"Origin": ORIGIN, **preflight, "Access-Control-Request-Method": "PUT"})
+    assert r.status_code == 400 and "AGE_GENDER_CORS_ORIGINS" not in r.json()["error"]  # the method, not the origin
+    for never in ("https://app.example/", "https://*.example.com", "app.example.com"):  # none would ever match
+        with pytest.raises(UserError, match=re.escape(f"{never!r} is not an origin")):
+            cors(object(), never)
+    assert cors_origins("null, capacitor://localhost, http://localhost:8080, *") == [
+        "null",
+        "capacitor://localhost",
+        "http://localhost:8080",
+        "*",
+    ]  # origins browsers do send
     app = object()
     assert cors(app, "") is app and cors(app, " , ") is app  # off by default

@@ -139,7 +139,7 @@ def test_uploads_being_received_hold_no_handling_slot() -> None:
     guard = RequestGuard(app, ROUTES, **limits)
     read: list[bool] = []  # more_body of each message a whole body's receive gave
 
-    async def call(method: str, path: str, body: bytes | None = None) -> list[dict]:
+    async def call(method: str, path: str, body: bytes | None = None, extra: tuple = ()) -> list[dict]:
         sent: list[dict] = []
 
         async def send(message: dict) -> None:
@@ -149,7 +149,7 @@ def test_uploads_being_received_hold_no_handling_slot() -> None:
             read.append(False)
             return {"type": "http.request", "body": body, "more_body": False}
 
-        headers = [(b"content-type", b"multipart/form-data; boundary=" + B)]
+        headers = [(b"content-type", b"multipart/form-data; boundary=" + B), *extra]
         scope = {"type": "http", "method": method, "path": path, "headers": headers}
         await guard(scope, stalled if body is None else whole, send)
         return sent
@@ -172,6 +172,15 @@ def test_uploads_being_received_hold_no_handling_slot() -> None:
         read.clear()  # a whole body is read before its 429: closed on unread, a client sees a reset instead
         status, _, _ = _answer(await asyncio.wait_for(call("POST", "/predict", form(part(b"image", PNG))), 1))
         assert status == 429 and read == [False]
+        # a client waiting for `100 Continue` is not invited to send what would be refused: 429 at once
+        waiting = call("POST", "/predict", form(part(b"image", PNG)), ((b"expect", b"100-continue"),))
+        read.clear()
+        assert _answer(await asyncio.wait_for(waiting, 0.5))[0] == 429 and read == []
+        # and at most max_uploads refused bodies are drained at once: past that, 429 at once
+        draining = [asyncio.create_task(call("POST", "/predict")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert _answer(await asyncio.wait_for(call("POST", "/predict"), 0.5))[0] == 429
+        assert [_answer(await d)[0] for d in draining] == [429, 429]
         uploads[0].cancel()  # a slot to receive one more body, which is complete: refused once checked
         await asyncio.gather(uploads[0], return_exceptions=True)
         status, headers, message = _answer(
