@@ -54,10 +54,13 @@ DRAIN_UP_TO = 2
 GENERIC_TYPE = "application/octet-stream"  # what clients declare for a file whose type they do not know
 # a body refused because AGE_GENDER_MAX_UPLOADS are being received is read (and dropped) for up to this many
 # seconds before its 429, for the same reason: a photo on a fast link has arrived by then, and asyncio
-# clients (httpx) lost most of these 429s to resets. A slower or stalled upload is closed on after it. At
-# most max_uploads bodies are drained at once (past that, and for clients that wait for `100 Continue`
-# before sending, the 429 comes at once: nothing is invited that would be refused).
+# clients (httpx) lost most of these 429s to resets. A slower or stalled upload is closed on after it.
 BUSY_DRAIN_SECONDS = 2.0
+# At most this many such bodies are drained at once; past it, and for clients that wait for `100 Continue`
+# before sending, the 429 comes at once (nothing is invited that would be refused). Each drain holds a
+# connection for at most BUSY_DRAIN_SECONDS and no memory (its bytes are dropped): as many as the default
+# AGE_GENDER_MAX_UPLOADS, whatever that setting, so that a burst past small limits is still answered.
+MAX_DRAINS = 256
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,7 @@ class RequestGuard:
         if self.uploads >= self.max_uploads:
             why = f"{self.uploads} uploads are being received, the limit of this server (AGE_GENDER_MAX_UPLOADS)"
             waits = dict(scope["headers"]).get(b"expect", b"").lower() == b"100-continue"
-            if self.draining < self.max_uploads and not waits:
+            if self.draining < MAX_DRAINS and not waits:
                 self.draining += 1
                 try:
                     await drain(receive, self.max_bytes, self.idle_timeout, BUSY_DRAIN_SECONDS)
