@@ -93,7 +93,7 @@ class Settings:
         return cls(**values)
 
 
-# settings that count something (bytes, pixels, files, requests, faces, processes): 0 or less makes no sense
+# settings that count something (bytes, pixels, files, requests, processes): 0 or less makes no sense
 _COUNTS = (
     "max_uploads",
     "max_concurrency",
