@@ -199,16 +199,16 @@ class Output:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         self.fd = _open_locked(self.path)
-        # a run that fails before its first photo (a model that does not load) leaves no file it created
-        self.unused = 0 if created else None
         try:
             if self.format == "csv" and os.fstat(self.fd).st_size == 0:
                 self.write([dict(zip(FIELDS, FIELDS, strict=True))])  # the header
-        except BaseException as exc:
-            self.__exit__(type(exc))
+        except BaseException:
+            os.close(self.fd)
+            if created:
+                self.path.unlink(missing_ok=True)
             raise
-        if created:
-            self.unused = os.fstat(self.fd).st_size
+        # a run that fails before its first photo (a model that does not load) leaves no file it created
+        self.unused = os.fstat(self.fd).st_size if created else None
         return self
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:

@@ -138,14 +138,15 @@ class RequestGuard:
         # a browser loading /ui asks for three files at once, and AGE_GENDER_MAX_CONCURRENCY may be 2
         if path in OPEN_PATHS or scope["method"] != "POST" or (field is None and path not in self.no_input_routes):
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > DRAIN_UP_TO * self.max_bytes:  # not worth reading to its end
             return await error(413, f"request body over the {self.max_bytes} byte limit", close=True)(
                 scope, receive, send
             )
         if self.uploads >= self.max_uploads:
             why = f"{self.uploads} uploads are being received, the limit of this server (AGE_GENDER_MAX_UPLOADS)"
-            waits = dict(scope["headers"]).get(b"expect", b"").lower() == b"100-continue"
+            waits = headers.get(b"expect", b"").lower() == b"100-continue"
             if self.draining < MAX_DRAINS and not waits:
                 self.draining += 1
                 try:
