@@ -73,29 +73,36 @@ def face_template() -> tuple[Image.Image, tuple[int, int, int, int]]:
 
 
 def composite(
-    rng: np.random.Generator, faces: int, sizes: tuple[int, ...] = SIZES
+    rng: np.random.Generator,
+    faces: int,
+    sizes: tuple[int, ...] = SIZES,
+    templates: list[tuple[Image.Image, tuple[int, int, int, int]]] | None = None,
+    size: tuple[int, int] = CANVAS,
 ) -> tuple[np.ndarray, list[tuple[int, int, int, int, int]]]:
-    """A 4000x3000 RGB canvas and the pasted faces, their box widths taken from sizes in turn, as
-    (size, x, y, w, h) of each face box."""
-    background = np.asarray(no_face("coffee").resize(CANVAS, Image.BILINEAR), np.float32)
+    """A canvas of `size` (4000x3000) and the pasted faces, their box widths taken from sizes in turn, as
+    (size, x, y, w, h) of each face box. Face k is templates[k] (a picture and its face box, as
+    face_template gives), mirrored or not; by default the astronaut's each time, its brightness varied."""
+    background = np.asarray(no_face("coffee").resize(size, Image.BILINEAR), np.float32)
     canvas = Image.fromarray(np.clip(background + rng.normal(0, 6, background.shape), 0, 255).astype(np.uint8))
-    template, (fx, fy, fw, fh) = face_template()
-    truth, taken = [], []
+    one_face, truth, taken = templates is None, [], []
+    templates = templates or [face_template()] * faces
     for k in range(faces):
-        size = sizes[k % len(sizes)]
-        s = size / fw
+        template, (fx, fy, fw, fh) = templates[k]
+        width = sizes[k % len(sizes)]
+        s = width / fw
         face = template.resize((max(1, round(template.width * s)), max(1, round(template.height * s))), Image.LANCZOS)
         if rng.random() < 0.5:
-            face = ImageOps.mirror(face)
-        face = ImageEnhance.Brightness(face).enhance(rng.uniform(0.7, 1.2))
+            face, fx = ImageOps.mirror(face), template.width - fx - fw
+        if one_face:  # one identity: vary it a little (real faces vary already, and their labels hold as they are)
+            face = ImageEnhance.Brightness(face).enhance(rng.uniform(0.7, 1.2))
         for _ in range(100):  # a free spot
-            x, y = int(rng.integers(0, CANVAS[0] - face.width)), int(rng.integers(0, CANVAS[1] - face.height))
+            x, y = int(rng.integers(0, size[0] - face.width)), int(rng.integers(0, size[1] - face.height))
             box = (x, y, x + face.width, y + face.height)
             if all(box[2] < t[0] or box[0] > t[2] or box[3] < t[1] or box[1] > t[3] for t in taken):
                 break
         taken.append(box)
         canvas.paste(face, (x, y))
-        truth.append((size, x + round(fx * s), y + round(fy * s), round(fw * s), round(fh * s)))
+        truth.append((width, x + round(fx * s), y + round(fy * s), round(fw * s), round(fh * s)))
     return np.asarray(canvas), truth
 
 

@@ -270,7 +270,7 @@ def unexpected(exc: Exception, doing: str) -> UserError:
 def _to_rgb(image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode in ("I", "F") or mode.startswith("I;16"):  # one channel of 16/32-bit integers or floats
-        return np.repeat(_to_uint8(np.asarray(image))[:, :, None], 3, axis=2)
+        return np.repeat(_to_uint8(np.asarray(image), mode.startswith("I;16"))[:, :, None], 3, axis=2)
     if mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = np.asarray(image.convert("RGBA"), dtype=np.uint32)
         alpha = rgba[:, :, 3:]
@@ -278,14 +278,18 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
+def _to_uint8(values: np.ndarray, sixteen_bit: bool) -> np.ndarray:
     """One channel of wide pixels -> uint8 by scaling, where Pillow's convert() clamps at 255.
 
-    Integers in 0..65535 (16-bit files, whichever mode Pillow reads them as) map 65535 -> 255. Floats in
-    0..1 map 1.0 -> 255; floats in 0..255 are kept. Anything else (negative or wider values) is stretched
-    linearly from its own minimum and maximum to 0..255."""
+    Integers of a 16-bit file map 65535 -> 255, however dark the photo. Integers of a 32-bit file (or
+    image) say nothing of their range: in 0..255 they are kept (8-bit pixels in a wider type, as numpy
+    arrays are often saved), in 0..65535 scaled as 16-bit ones. Floats in 0..1 map 1.0 -> 255; floats in
+    0..255 are kept. Anything else (negative or wider values) is stretched linearly from its own minimum
+    and maximum to 0..255."""
     if values.dtype.kind in "ui":
         low, high = float(values.min()), float(values.max())  # exact: 32-bit integers fit a float64
+        if low >= 0 and high <= 255 and not sixteen_bit:
+            return values.astype(np.uint8)
         if low >= 0 and high <= 65535:
             return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
         values = values.astype(np.float64)

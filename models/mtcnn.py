@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 from pathlib import Path
 
 import cv2
@@ -171,12 +172,13 @@ def detect(
     rgb: np.ndarray,
     threshold: float,
     min_size: float,
-    budget: int,
+    budget: float,
     max_size: float = np.inf,
     known: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """MTCNN on an RGB photo -> boxes (N, 4) as x0, y0, x1, y1; O-Net scores (N,) >= threshold; landmarks
-    (N, 5, 2); whether candidates were cut to bound the work, in proportion to `budget` (faces).
+    (N, 5, 2); whether candidates were cut to bound the work, in proportion to `budget` (faces; a fraction
+    of one keeps only a face's best candidates).
     Faces smaller than min_size (>= WINDOW) pixels, larger than max_size, or overlapping the `known`
     boxes (K, 4) are not looked for."""
     pnet, rnet, onet = nets()
@@ -204,7 +206,7 @@ def detect(
     boxes = _squares(np.column_stack([boxes[:, :4] + boxes[:, 5:9] * size, boxes[:, 4]]))
     if known is not None and len(known) and len(boxes):
         boxes = boxes[overlap(boxes, known).max(axis=1) < SAME_FACE]
-    keep, cut = _best(boxes[:, 4], RNET_PER_FACE * budget)
+    keep, cut = _best(boxes[:, 4], math.ceil(RNET_PER_FACE * budget))
     boxes = boxes[keep]
     if not len(boxes):
         return none
@@ -215,7 +217,7 @@ def detect(
     keep = _nms(boxes, prob, 0.7)
     boxes, reg, prob = boxes[keep], reg[keep], prob[keep]
     boxes = _squares(np.column_stack([boxes[:, :4] + reg * np.tile(boxes[:, 2:4] - boxes[:, 0:2] + 1, 2), prob]))
-    keep, cut_more = _best(boxes[:, 4], ONET_PER_FACE * budget)
+    keep, cut_more = _best(boxes[:, 4], math.ceil(ONET_PER_FACE * budget))
     boxes, cut = boxes[keep], cut or cut_more
     if not len(boxes):
         return none

@@ -68,6 +68,8 @@ def _mode_cases() -> dict[str, tuple[bytes, np.ndarray, int]]:
         "I;16 png": (encode(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"), grey3, 0),
         "I;16B tiff": (encode(Image.fromarray((grey.astype(np.uint16) * 257).astype(">u2")), "TIFF"), grey3, 0),
         "I tiff": (encode(Image.fromarray(grey.astype(np.int32) * 257), "TIFF"), grey3, 0),
+        "I tiff, 8-bit values": (encode(Image.fromarray(grey.astype(np.int32)), "TIFF"), grey3, 0),
+        "I;16 png, dark": (encode(Image.fromarray(grey.astype(np.uint16) // 4), "PNG"), np.zeros_like(grey3), 0),
         "I tiff, negative": (encode(Image.fromarray(grey.astype(np.int32) * 1000 - 100_000), "TIFF"), grey3, 1),
         "F tiff, 0..1": (encode(Image.fromarray(grey.astype(np.float32) / 255), "TIFF"), grey3, 0),
         "animated gif": (encode(frames[0], "GIF", save_all=True, append_images=frames[1:]), blocks, 0),
