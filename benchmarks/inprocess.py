@@ -61,17 +61,18 @@ def detector_rate(photo: bytes) -> float:
 
 def detector_rate_together(photo: bytes, processes: int) -> float:
     """photos/s of `processes` FaceFinders running at once, one process each (the service's detector
-    processes, one per core), summed. On this machine two of them do not make twice one's rate: the cores
-    share caches and memory bandwidth (or are one core's hardware threads on the host)."""
+    processes, one per core), summed: what the cores do together, which need not be `processes` times
+    what one does alone (BENCHMARKS.md, INT8 on CPU)."""
     ctx = multiprocessing.get_context("spawn")
-    ready, rates = ctx.Barrier(processes), ctx.Queue()
-    workers = [ctx.Process(target=_rate_after, args=(photo, ready, rates)) for _ in range(processes)]
-    for w in workers:
-        w.start()
-    total = sum(rates.get(timeout=300) for _ in workers)
-    for w in workers:
-        w.join()
-    return float(total)
+    ready, rates = ctx.Barrier(processes, timeout=120), ctx.Queue()
+    workers = [ctx.Process(target=_rate_after, args=(photo, ready, rates), daemon=True) for _ in range(processes)]
+    try:
+        for w in workers:
+            w.start()
+        return float(sum(rates.get(timeout=300) for _ in workers))  # queue.Empty where a worker died
+    finally:
+        for w in workers:
+            w.terminate()
 
 
 def _rate_after(photo: bytes, ready, rates) -> None:

@@ -37,7 +37,7 @@ from models.pipeline import Estimator, FaceFinder
 from training.utkface import read_metadata
 
 SIZES_MEASURED = (16, 20, *SIZES)  # face box widths, px: from under the default smallest face (20 px)
-TEMPLATE_PAD = 50  # pixels of edge around a pasted chip: its crop's margin, and room for 8 faces of each size
+TEMPLATE_PAD = 50  # pixels of edge around a pasted chip (of benchmarks.utkface's PAD): its crop's margin
 
 
 def found(box, face) -> bool:
@@ -92,7 +92,7 @@ def measure(finder: FaceFinder, canvases, negatives, estimator: Estimator | None
 
 def peer_measure(canvases) -> dict:
     """The peer (benchmarks/peer.py) on the same canvases, saved as PNG files: recall and answers as measure()
-    gives them, and its CPU seconds per canvas."""
+    gives them, and its CPU seconds per canvas (measure() gives ours as wall time, one thread)."""
     with tempfile.TemporaryDirectory() as folder:
         paths = [Path(folder) / f"{c}.png" for c in range(len(canvases))]
         for path, (rgb, _) in zip(paths, canvases, strict=True):
@@ -101,7 +101,7 @@ def peer_measure(canvases) -> dict:
     boxes = [[(l, t, r - l, b - t) for l, t, r, b in (f["box"] for f in row["faces"])] for row in rows]  # noqa: E741
     recall, answers = matched(canvases, boxes, [row["faces"] for row in rows])
     cpu = float(np.median([row["cpu_ms"] for row in rows])) / 1000
-    return {"recall_by_size": recall, "s_per_canvas": round(cpu, 2), "answers": answers}
+    return {"recall_by_size": recall, "cpu_s_per_canvas": round(cpu, 2), "answers": answers}
 
 
 def real_faces(metadata: Path, count: int) -> tuple[list, pd.DataFrame]:

@@ -95,11 +95,13 @@ def composite(
             face, fx = ImageOps.mirror(face), template.width - fx - fw
         if one_face:  # one identity: vary it a little (real faces vary already, and their labels hold as they are)
             face = ImageEnhance.Brightness(face).enhance(rng.uniform(0.7, 1.2))
-        for _ in range(100):  # a free spot
+        for _ in range(1000):  # a free spot
             x, y = int(rng.integers(0, size[0] - face.width)), int(rng.integers(0, size[1] - face.height))
             box = (x, y, x + face.width, y + face.height)
             if all(box[2] < t[0] or box[0] > t[2] or box[3] < t[1] or box[1] > t[3] for t in taken):
                 break
+        else:
+            raise ValueError(f"no free spot for face {k} of {faces} on a {size[0]}x{size[1]} canvas: ask for fewer")
         taken.append(box)
         canvas.paste(face, (x, y))
         truth.append((width, x + round(fx * s), y + round(fy * s), round(fw * s), round(fh * s)))

@@ -45,18 +45,18 @@ MAX_SIDE = 640  # the first pass runs on a copy no longer than this: most faces 
 # faces it misses are within the detector's own size tolerance and not worth a second pass.
 SECOND_PASS_GAIN = 1.2
 # The second pass's largest face, relative to the first pass's smallest: past it by more than one step of
-# P-Net's pyramid (1 / mtcnn.FACTOR = 1.41), so that a face at the border of the passes is in one of them,
-# and up to where the first pass's landmarks are as good as the second's (a face found by both keeps the
-# second's). Measured on an astronaut face pasted into a 4000x3000 photo: landmarks off by 6-8 % of the
-# face's width from the first pass at 80-128 px, 0.4-1.7 % from the second; the same cost.
-SECOND_PASS_OVERLAP = 2.5
+# P-Net's pyramid (1 / mtcnn.FACTOR = 1.41), so that a face at the border of the passes is in one of them.
+SECOND_PASS_OVERLAP = 1.5
 # A face found under this many pixels wide on a shrunk copy is found again on the photo's own pixels around
-# it, shrunk to about this width: MTCNN's landmarks on a face of 14-24 px are off by 4-7 % of its width, on
-# one of ~48 px by 1-2 % (the same probe), and the crop is framed by them.
+# it, shrunk to about this width, since the crop is framed by its landmarks: on a face of 8-24 px MTCNN's
+# landmarks were off by 4-8 % of its width, on one of ~48 px by 1-2 % (an astronaut face pasted into 1280x960
+# and 4000x3000 photos; tests/test_faces.py holds it under 3 %).
 REFINE_WIDTH = 48
-REFINE_RANGE = 1.5  # the face found again is 1 / 1.5 - 1.5 times the first box's size
+# The face found again is between 1 / 1.5 and 1.5 times the first box's width (P-Net's pyramid around it),
+# and the same face only if it is within that range too: a box much smaller or larger is another face.
+REFINE_RANGE = 1.5
 # MTCNN's budget for finding one face again, in faces: only the best candidates (R-Net 4, O-Net 2, of the 12
-# and 6 a face gets) reach the later stages, where all 6 cost ~8 ms a face and gave the same landmarks
+# and 6 a face gets) reach the later stages; all 6 cost ~8 ms a face and gave the same landmarks.
 REFINE_BUDGET = 1 / 3
 
 
@@ -126,9 +126,10 @@ class FaceDetector:
         """(the faces in an (H, W, 3) RGB photo, largest first, at most max_faces; how many were found).
 
         The work is bounded: MTCNN's later stages see at most RNET_PER_FACE and ONET_PER_FACE candidates
-        per face of its budget (max_faces, at least MAX_FACES), and in a photo that fills those, the second
-        pass for small faces is skipped. A photo of hundreds of faces then gets max_faces or more of them,
-        not every one."""
+        per face of its budget (max_faces, at least MAX_FACES); in a photo that fills those, the second pass
+        for small faces and the finding again of faces small on the shrunk copy are skipped (which is
+        otherwise done for at most max_faces faces, a few ms each). A photo of hundreds of faces then gets
+        max_faces or more of them, not every one."""
         h, w = rgb.shape[:2]
         scale = min(1.0, self.max_side / max(h, w, 1))
         if min(h, w) * scale < mtcnn.WINDOW:  # thinner than the smallest face either detector finds
@@ -140,10 +141,11 @@ class FaceDetector:
         if self.name == "mtcnn":
             min_size = self.min_face_size * scale
             boxes, scores, marks, cut = mtcnn.detect(small, self.score_threshold, min_size, self.budget)
-            boxes, marks, found_at = boxes / scale, marks / scale, np.full(len(boxes), scale)
+            boxes, marks, found_at = _from_copy(boxes, scale), _from_copy(marks, scale), np.full(len(boxes), scale)
             if self.small_faces and mtcnn.WINDOW / scale > self.min_face_size * SECOND_PASS_GAIN and not cut:
                 boxes, scores, marks, found_at = self._with_small_faces(rgb, scale, boxes, scores, marks)
-            self._refine(rgb, boxes, marks, found_at)
+            if not cut:
+                self._refine(rgb, boxes, marks, found_at)
         else:
             boxes = self._haar_faces(small) / scale
             scores, marks = np.ones(len(boxes)), None  # Haar has no calibrated score: 1.0
@@ -159,26 +161,25 @@ class FaceDetector:
     def _with_small_faces(self, rgb: np.ndarray, scale: float, boxes: np.ndarray, scores: np.ndarray, marks):
         """The faces of the shrunk copy plus those too small for it: on a larger copy, where a face of
         min_face_size is MTCNN's 12 px window (or as near as SMALL_FACES_MAX_PIXELS allows), P-Net's
-        pyramid covers only faces up to SECOND_PASS_OVERLAP times the smallest the shrunk copy finds
-        (12 px / scale), and skips the larger faces already found; a face both passes find keeps the second
-        pass's box and landmarks. Boxes (x0, y0, x1, y1) and landmarks in pixels of the photo, as the first
-        pass's, and the scale of the copy each face was found on."""
+        pyramid covers only faces up to a little past the smallest the shrunk copy finds (12 px / scale),
+        and skips the faces already found. Boxes (x0, y0, x1, y1) and landmarks in pixels of the photo, as
+        the first pass's, and the scale of the copy each face was found on."""
         h, w = rgb.shape[:2]
         fine = min(1.0, mtcnn.WINDOW / self.min_face_size, (SMALL_FACES_MAX_PIXELS / (w * h)) ** 0.5)
         large = cv2.resize(rgb, (round(w * fine), round(h * fine)), interpolation=cv2.INTER_AREA) if fine < 1 else rgb
         fine = large.shape[1] / w
-        reach = SECOND_PASS_OVERLAP * mtcnn.WINDOW / scale  # the largest face it looks for, in photo pixels
-        beyond = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) > reach
         more, more_scores, more_marks, _ = mtcnn.detect(
-            large, self.score_threshold, self.min_face_size * fine, self.budget, reach * fine, boxes[beyond] * fine
+            large,
+            self.score_threshold,
+            self.min_face_size * fine,
+            self.budget,
+            max_size=SECOND_PASS_OVERLAP * mtcnn.WINDOW / scale * fine,
+            known=boxes * fine,
         )
-        more, more_marks = more / fine, more_marks / fine
-        if len(more) and beyond.any():  # a face that O-Net's box correction moved onto a larger known one
-            new = mtcnn.overlap(more, boxes[beyond]).max(axis=1) < mtcnn.SAME_FACE
+        more, more_marks = _from_copy(more, fine), _from_copy(more_marks, fine)
+        if len(more) and len(boxes):  # a face that O-Net's box correction moved onto a known one
+            new = mtcnn.overlap(more, boxes).max(axis=1) < mtcnn.SAME_FACE
             more, more_scores, more_marks = more[new], more_scores[new], more_marks[new]
-        if len(more):  # a face found by both passes: the second's box and landmarks, from more of its pixels
-            kept = beyond | (mtcnn.overlap(boxes, more).max(axis=1) < mtcnn.SAME_FACE)
-            boxes, scores, marks = boxes[kept], scores[kept], marks[kept]
         found_at = np.concatenate([np.full(len(boxes), scale), np.full(len(more), fine)])
         merged = np.vstack([boxes, more]), np.concatenate([scores, more_scores]), np.concatenate([marks, more_marks])
         return *merged, found_at
@@ -186,31 +187,34 @@ class FaceDetector:
     def _refine(self, rgb: np.ndarray, boxes: np.ndarray, marks: np.ndarray, found_at: np.ndarray) -> None:
         """Boxes (x0, y0, x1, y1) and landmarks of the faces found narrower than REFINE_WIDTH on a shrunk
         copy (found_at: the copy's scale, per face), replaced in place by MTCNN's on the photo's pixels
-        around each face, shrunk so that it is about REFINE_WIDTH wide. Where it is not found again, the
-        first answer stays. At most max_faces of them, the largest: a few ms each."""
+        around each face, shrunk so that it is about REFINE_WIDTH wide; the detection score stays the first
+        one. Only among the max_faces largest (those answered); where the face is not found again, the
+        first box and landmarks stay."""
         h, w = rgb.shape[:2]
-        width = boxes[:, 2] - boxes[:, 0]
-        small = np.flatnonzero((found_at < 1) & (width * found_at < REFINE_WIDTH))
-        for k in small[np.argsort(-width[small], kind="stable")][: self.max_faces]:
-            side = max(boxes[k, 2] - boxes[k, 0], boxes[k, 3] - boxes[k, 1])
+        width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        for k in np.argsort(-width * height, kind="stable")[: self.max_faces]:
+            if found_at[k] >= 1 or width[k] * found_at[k] >= REFINE_WIDTH:
+                continue
+            side = max(width[k], height[k])
             cx, cy = (boxes[k, 0] + boxes[k, 2]) / 2, (boxes[k, 1] + boxes[k, 3]) / 2
             x0, y0 = max(0, int(cx - side)), max(0, int(cy - side))  # a region twice the face's size
             region = rgb[y0 : min(h, int(cy + side) + 1), x0 : min(w, int(cx + side) + 1)]
             if min(region.shape[:2]) < mtcnn.WINDOW:  # a box mostly outside the photo
                 continue
             f = min(1.0, REFINE_WIDTH / side)
-            if f < 1:
+            if f < 1:  # one scale for both axes: rounding makes them differ by under one pixel of the region
                 shape = (max(1, round(region.shape[1] * f)), max(1, round(region.shape[0] * f)))
                 f, region = shape[0] / region.shape[1], cv2.resize(region, shape, interpolation=cv2.INTER_AREA)
             again, _, again_marks, _ = mtcnn.detect(
                 region, self.score_threshold, side * f / REFINE_RANGE, REFINE_BUDGET, side * f * REFINE_RANGE
             )
-            if len(again):
-                origin = np.array([x0, y0], np.float32)
-                again, again_marks = again / f + np.tile(origin, 2), again_marks / f + origin
-                near = mtcnn.overlap(again, boxes[k : k + 1, :4])[:, 0]
-                if near.max() >= mtcnn.SAME_FACE:
-                    boxes[k, :4], marks[k] = again[np.argmax(near)], again_marks[np.argmax(near)]
+            origin = np.array([x0, y0], np.float32)
+            again, again_marks = _from_copy(again, f) + np.tile(origin, 2), _from_copy(again_marks, f) + origin
+            ratio = (again[:, 2] - again[:, 0]) / max(width[k], 1e-9)
+            same_size = (ratio > 1 / REFINE_RANGE) & (ratio < REFINE_RANGE)
+            near = mtcnn.overlap(again, boxes[k : k + 1, :4])[:, 0] * same_size
+            if len(again) and near.max() >= mtcnn.SAME_FACE:
+                boxes[k, :4], marks[k] = again[np.argmax(near)], again_marks[np.argmax(near)]
 
     def _haar_faces(self, rgb: np.ndarray) -> np.ndarray:
         """-> (N, 4) boxes as x0, y0, x1, y1 in pixels of rgb."""
@@ -218,6 +222,13 @@ class FaceDetector:
         found = np.array(self._haar.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5))
         found = found.reshape(-1, 4).astype(np.float32)
         return np.column_stack([found[:, :2], found[:, :2] + found[:, 2:]])
+
+
+def _from_copy(xy: np.ndarray, scale: float) -> np.ndarray:
+    """Pixel coordinates (x, y, ... in any shape) on a copy of a photo shrunk by `scale` -> on the photo. The
+    copy's pixel k covers the photo's [k / scale, (k + 1) / scale): its centre is (k + 0.5) / scale - 0.5
+    there, not k / scale (which put landmarks ~0.5 / scale px up and to the left: 1-2 % of a face's width)."""
+    return (xy + 0.5) / scale - 0.5
 
 
 def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

@@ -200,7 +200,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Upload bytes -> (H, W, 3) uint8 RGB, upright per EXIF. UserError for anything that is not one.
 
     Animated GIF / WebP and multi-page TIFF: the first frame. Every Pillow mode is mapped to 8-bit RGB:
-    16-bit and 32-bit integer pixels are scaled (not clamped) to 8 bits, float pixels too (see _to_uint8),
+    16-bit and wider integer pixels are scaled (not clamped) to 8 bits, float pixels too (see _to_uint8),
     transparent pixels (alpha channel or a transparent palette entry / colour key) are composited on white,
     CMYK, 1-bit, greyscale and palette images are converted by Pillow."""
     image = open_image(data, max_pixels)
@@ -270,12 +270,19 @@ def unexpected(exc: Exception, doing: str) -> UserError:
 def _to_rgb(image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode in ("I", "F") or mode.startswith("I;16"):  # one channel of 16/32-bit integers or floats
-        return np.repeat(_to_uint8(np.asarray(image), mode.startswith("I;16"))[:, :, None], 3, axis=2)
+        sixteen_bit = mode.startswith("I;16") or _tiff_bits(image) == (16,)  # Pillow reads signed 16-bit TIFFs as I
+        return np.repeat(_to_uint8(np.asarray(image), sixteen_bit)[:, :, None], 3, axis=2)
     if mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = np.asarray(image.convert("RGBA"), dtype=np.uint32)
         alpha = rgba[:, :, 3:]
         return ((rgba[:, :, :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)  # over white
     return np.asarray(image.convert("RGB"))
+
+
+def _tiff_bits(image: Image.Image) -> tuple | None:
+    """A TIFF's bits per sample (its tag 258), None for other formats."""
+    tags = getattr(image, "tag_v2", None)
+    return None if tags is None else tags.get(258)
 
 
 def _to_uint8(values: np.ndarray, sixteen_bit: bool) -> np.ndarray:

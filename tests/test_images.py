@@ -4,6 +4,7 @@ cut-short or costly files refused with a clear error."""
 from __future__ import annotations
 
 import io
+import struct
 import subprocess
 import sys
 
@@ -29,6 +30,15 @@ from tests.conftest import ROOT
 def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     a = alpha.astype(np.uint32)[:, :, None]
     return ((rgb.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _signed_16_bit_tiff(values: np.ndarray) -> bytes:
+    """A little-endian TIFF of one strip of signed 16-bit samples (Pillow writes none; it reads them as "I")."""
+    h, w = values.shape
+    tags = [(256, w), (257, h), (258, 16), (259, 1), (262, 1), (273, 8 + 2 + 10 * 12 + 4), (277, 1), (278, h)]
+    tags += [(279, values.nbytes), (339, 2)]  # 339 SampleFormat: 2, signed integers
+    ifd = b"".join(struct.pack("<HHII", tag, 4, 1, value) for tag, value in tags)  # every value a LONG
+    return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + ifd + struct.pack("<I", 0) + values.tobytes()
 
 
 def _mode_cases() -> dict[str, tuple[bytes, np.ndarray, int]]:
@@ -70,6 +80,7 @@ def _mode_cases() -> dict[str, tuple[bytes, np.ndarray, int]]:
         "I tiff": (encode(Image.fromarray(grey.astype(np.int32) * 257), "TIFF"), grey3, 0),
         "I tiff, 8-bit values": (encode(Image.fromarray(grey.astype(np.int32)), "TIFF"), grey3, 0),
         "I;16 png, dark": (encode(Image.fromarray(grey.astype(np.uint16) // 4), "PNG"), np.zeros_like(grey3), 0),
+        "I;16S tiff, dark": (_signed_16_bit_tiff(grey.astype("<i2") // 4), np.zeros_like(grey3), 0),
         "I tiff, negative": (encode(Image.fromarray(grey.astype(np.int32) * 1000 - 100_000), "TIFF"), grey3, 1),
         "F tiff, 0..1": (encode(Image.fromarray(grey.astype(np.float32) / 255), "TIFF"), grey3, 0),
         "animated gif": (encode(frames[0], "GIF", save_all=True, append_images=frames[1:]), blocks, 0),
