@@ -80,7 +80,7 @@ def composite(
     size: tuple[int, int] = CANVAS,
 ) -> tuple[np.ndarray, list[tuple[int, int, int, int, int]]]:
     """A canvas of `size` (4000x3000) and the pasted faces, their box widths taken from sizes in turn, as
-    (size, x, y, w, h) of each face box. Face k is templates[k] (a picture and its face box, as
+    (that width, x, y, w, h) of each face box. Face k is templates[k] (a picture and its face box, as
     face_template gives), mirrored or not; by default the astronaut's each time, its brightness varied."""
     background = np.asarray(no_face("coffee").resize(size, Image.BILINEAR), np.float32)
     canvas = Image.fromarray(np.clip(background + rng.normal(0, 6, background.shape), 0, 255).astype(np.uint8))
