@@ -72,7 +72,9 @@ def detector_rate_together(photo: bytes, processes: int) -> float:
         return float(sum(rates.get(timeout=300) for _ in workers))  # queue.Empty where a worker died
     finally:
         for w in workers:
-            w.terminate()
+            if w.pid is not None:  # started
+                w.terminate()
+                w.join()
 
 
 def _rate_after(photo: bytes, ready, rates) -> None:

@@ -50,7 +50,7 @@ SECOND_PASS_OVERLAP = 1.5
 # A face found under this many pixels wide on a shrunk copy is found again on the photo's own pixels around
 # it, shrunk to about this width, since the crop is framed by its landmarks: on a face of 8-24 px MTCNN's
 # landmarks were off by 4-8 % of its width, on one of ~48 px by 1-2 % (an astronaut face pasted into 1280x960
-# and 4000x3000 photos; tests/test_faces.py holds it under 3 %).
+# and 4000x3000 photos; tests/test_faces.py holds it under 2 %).
 REFINE_WIDTH = 48
 # The face found again is between 1 / 1.5 and 1.5 times the first box's width (P-Net's pyramid around it),
 # and the same face only if it is within that range too: a box much smaller or larger is another face.
@@ -126,9 +126,9 @@ class FaceDetector:
         """(the faces in an (H, W, 3) RGB photo, largest first, at most max_faces; how many were found).
 
         The work is bounded: MTCNN's later stages see at most RNET_PER_FACE and ONET_PER_FACE candidates
-        per face of its budget (max_faces, at least MAX_FACES); in a photo that fills those, the second pass
-        for small faces and the finding again of faces small on the shrunk copy are skipped (which is
-        otherwise done for at most max_faces faces, a few ms each). A photo of hundreds of faces then gets
+        per face of its budget (max_faces, at least MAX_FACES); in a photo whose first pass fills those, the
+        second pass for small faces and the finding again of faces small on the shrunk copy are skipped
+        (which is otherwise done for at most max_faces faces, a few ms each). A photo of hundreds of faces then gets
         max_faces or more of them, not every one."""
         h, w = rgb.shape[:2]
         scale = min(1.0, self.max_side / max(h, w, 1))
@@ -210,8 +210,10 @@ class FaceDetector:
             )
             origin = np.array([x0, y0], np.float32)
             again, again_marks = _from_copy(again, f) + np.tile(origin, 2), _from_copy(again_marks, f) + origin
-            ratio = (again[:, 2] - again[:, 0]) / max(width[k], 1e-9)
-            same_size = (ratio > 1 / REFINE_RANGE) & (ratio < REFINE_RANGE)
+            sides = again[:, 2:4] - again[:, 0:2]
+            ratio = sides[:, 0] / max(width[k], 1e-9)
+            # another face, or one the answer would leave out (under min_face_size), is no refinement
+            same_size = (ratio > 1 / REFINE_RANGE) & (ratio < REFINE_RANGE) & (sides.min(axis=1) >= self.min_face_size)
             near = mtcnn.overlap(again, boxes[k : k + 1, :4])[:, 0] * same_size
             if len(again) and near.max() >= mtcnn.SAME_FACE:
                 boxes[k, :4], marks[k] = again[np.argmax(near)], again_marks[np.argmax(near)]

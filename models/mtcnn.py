@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 from pathlib import Path
 
 import cv2
@@ -206,7 +205,7 @@ def detect(
     boxes = _squares(np.column_stack([boxes[:, :4] + boxes[:, 5:9] * size, boxes[:, 4]]))
     if known is not None and len(known) and len(boxes):
         boxes = boxes[overlap(boxes, known).max(axis=1) < SAME_FACE]
-    keep, cut = _best(boxes[:, 4], math.ceil(RNET_PER_FACE * budget))
+    keep, cut = _best(boxes[:, 4], max(1, round(RNET_PER_FACE * budget)))
     boxes = boxes[keep]
     if not len(boxes):
         return none
@@ -217,7 +216,7 @@ def detect(
     keep = _nms(boxes, prob, 0.7)
     boxes, reg, prob = boxes[keep], reg[keep], prob[keep]
     boxes = _squares(np.column_stack([boxes[:, :4] + reg * np.tile(boxes[:, 2:4] - boxes[:, 0:2] + 1, 2), prob]))
-    keep, cut_more = _best(boxes[:, 4], math.ceil(ONET_PER_FACE * budget))
+    keep, cut_more = _best(boxes[:, 4], max(1, round(ONET_PER_FACE * budget)))
     boxes, cut = boxes[keep], cut or cut_more
     if not len(boxes):
         return none
