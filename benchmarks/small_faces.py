@@ -29,7 +29,7 @@ from PIL import Image
 
 from benchmarks import peer
 from benchmarks.run import RESULTS
-from benchmarks.utkface import PAD, padded
+from benchmarks.utkface import PAD, padded, score
 from devtools.photos import CANVAS, SIZES, composite, group_photo
 from models.artifact import MODEL_NAME, stored_meta, stored_model
 from models.faces import DetectorConfig, FaceDetector
@@ -69,8 +69,9 @@ def measure(finder: FaceFinder, canvases, negatives, estimator: Estimator | None
         detection = finder.find_in(rgb)
         times.append(time.perf_counter() - start)
         boxes.append(detection.boxes)
-        said.append(estimator.answers(estimator(detection.crops)) if estimator and len(detection.crops) else [])
-    recall, answers = matched(canvases, boxes, [s or [None] * len(b) for s, b in zip(said, boxes, strict=True)])
+        found_any = estimator and len(detection.crops)
+        said.append(estimator.answers(estimator(detection.crops)) if found_any else [None] * len(detection.boxes))
+    recall, answers = matched(canvases, boxes, said)
     false = sum(len(finder.find_in(rgb).boxes) for rgb in negatives)
     ordinary = {}
     for side in (640, 1280):
@@ -125,13 +126,8 @@ def real_faces(metadata: Path, count: int) -> tuple[list, pd.DataFrame]:
 
 
 def quality(answers: list[dict | None], truth: pd.DataFrame) -> dict:
-    """Age MAE and gender accuracy of the faces answered (None: not found), against the chips' labels."""
-    said = [(a, t) for a, t in zip(answers, truth.itertuples(), strict=True) if a is not None]
-    if not said:
-        return {"n": 0}
-    err = [abs(a["age"] - t.age) for a, t in said]
-    right = [("male", "female").index(a["gender"]) == t.gender for a, t in said]
-    return {"n": len(said), "age_mae": round(float(np.mean(err)), 2), "gender_acc": round(float(np.mean(right)), 3)}
+    """benchmarks.utkface's score of the faces answered (None: not found), against the chips' labels."""
+    return score(truth, answers) if any(a is not None for a in answers) else {"n": 0}
 
 
 def by_size(answers: list[list], truth: pd.DataFrame, per_canvas: int) -> dict[str, dict]:
