@@ -40,7 +40,7 @@ from serving.annotate import annotate as draw_annotations
 from serving.answers import answers_user_errors
 from serving.card import ModelCardRoute
 from serving.dependencies import ByteBudget, call_dependency
-from serving.disconnect import WatchCaller, answer_if_caller_waits
+from serving.disconnect import SlowReaders, WatchCaller, answer_if_caller_waits
 from serving.edge import ApiKey, CallerRequestId, RequestId, cors, log_request_ids
 from serving.guard import RequestGuard, api_routes
 from serving.heap import HeapTrimmer, keep_buffers_while_working, return_large_buffers
@@ -255,5 +255,7 @@ AgeGender.add_asgi_middleware(
     no_input_routes=NO_INPUT_ROUTES,
 )
 AgeGender.add_asgi_middleware(WatchCaller, cancel=True)  # inside the guard: from a complete body on
+# inside the guard too: an answer being sent holds its request's slot, and one its caller does not read is dropped
+AgeGender.add_asgi_middleware(SlowReaders, idle_timeout=SETTINGS.idle_timeout, min_rate=SETTINGS.min_upload_rate)
 AgeGender.add_asgi_middleware(StandardOpenAPI, max_images=SETTINGS.max_images, api_key=bool(SETTINGS.api_key))
 AgeGender.add_asgi_middleware(ModelCardRoute, model=SETTINGS.model)

@@ -33,7 +33,9 @@ class Settings:
     # decoded pixels per request, summed over its images and read from their headers before decoding -> 413;
     # 100 Mpx is about 300 MB of decoded RGB, e.g. eight 12 Mpx photos in one /predict_batch
     max_request_pixels: int = 100_000_000
-    idle_timeout: float = 10.0  # seconds without a byte of the request body -> 408 (slow or stalled clients)
+    # seconds without a byte of the request body -> 408 (slow or stalled clients); and without a byte of a
+    # large answer read -> dropped (serving/disconnect.py, SlowReaders)
+    idle_timeout: float = 10.0
     upload_timeout: float = 60.0  # seconds to receive a whole request body -> 408
     # after idle_timeout seconds, a body arriving slower than this on average -> 408: clients that hold an
     # upload open with a byte now and then; 1 KiB/s is far below any phone network (2G: ~10 KiB/s)
@@ -50,6 +52,9 @@ class Settings:
     interval_level: float = INTERVAL_LEVEL  # level of the central age interval in every answer, 0.5-0.98
     api_key: str = field(default="", repr=False)  # required of every request but health checks when set
     cors_origins: str = ""  # comma-separated origins browsers may call the API from (`*`: any); off when empty
+    # read where errors are answered (models.errors.debugging, below serving); here so that a value that is
+    # no switch (AGE_GENDER_DEBUG=maybe) stops the service instead of meaning off
+    debug: bool = False
 
     @property
     def detection(self) -> DetectorConfig:
@@ -84,7 +89,7 @@ class Settings:
         for f in fields(cls):
             default: Any = f.default
             raw = os.environ.get(PREFIX + f.name.upper())
-            if raw is None:
+            if raw is None or not raw.strip():  # set but empty (`AGE_GENDER_X=` in a compose file): the default
                 continue
             try:
                 values[f.name] = _boolean(raw) if isinstance(default, bool) else type(default)(raw)

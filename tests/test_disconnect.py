@@ -5,6 +5,7 @@ phone photos and hang up."""
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 import socket
 import time
@@ -12,12 +13,15 @@ from pathlib import Path
 
 import anyio.to_thread
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 from starlette.responses import JSONResponse
 
 from devtools.forms import MULTIPART, PNG, form, part
-from devtools.photos import encode, group_photo
-from serving.disconnect import WatchCaller, answer_if_caller_waits
+from devtools.launch import arbiter_pid, descendants, pss_kb, service_name
+from devtools.photos import encode, group_photo, no_face
+from serving.disconnect import ANSWER_CHUNK, SlowReaders, WatchCaller, answer_if_caller_waits
 from serving.guard import FileField, RequestGuard
 from serving.settings import DETECTOR_WORKERS
 
@@ -96,15 +100,18 @@ def test_a_detector_call_whose_caller_left_is_dropped_not_cancelled(leaves: bool
     assert sent[0]["status"] == 200  # answered to nobody when the caller left: the call ran to its end
 
 
-def _post_and_leave(url: str, photo: bytes, request_id: str) -> socket.socket:
-    """A whole /predict body sent on a raw socket, the answer not read; the caller closes the socket."""
+def _post_and_leave(url: str, photo: bytes, request_id: str, path: str = "/predict") -> socket.socket:
+    """A whole body sent on a raw socket, the answer not read (the socket takes in at most a few kB of it
+    meanwhile); the caller closes the socket, or reads it later."""
     host, port = url.removeprefix("http://").split(":")
     body = form(part(b"image", photo, b"a.jpg", b"image/jpeg"))
     head = (
-        f"POST /predict HTTP/1.1\r\nHost: {host}\r\nX-Request-ID: {request_id}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nX-Request-ID: {request_id}\r\n"
         f"Content-Type: {MULTIPART}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
-    sock = socket.create_connection((host, int(port)))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting, so that it holds
+    sock.connect((host, int(port)))
     sock.sendall(head.encode() + body)
     return sock
 
@@ -139,3 +146,98 @@ def test_photos_of_clients_that_left_are_not_detected(server: str, server_log: P
     start = time.perf_counter()
     r = httpx.post(server + "/predict", files={"image": ("a.jpg", encode(group_photo()[0]), "image/jpeg")}, timeout=30)
     assert r.status_code == 200 and time.perf_counter() - start < 5, r.text
+
+
+def _answer_through_slow_readers(size: int, pause: float, stall_after: int | None = None) -> tuple[list[dict], list]:
+    """An app answering `size` bytes through SlowReaders (idle timeout 0.3 s, minimum rate 1 MB/s) to a
+    caller that takes `pause` s to read each piece uvicorn is handed, and none after `stall_after` pieces.
+    -> (the messages the caller was handed, what the app's send raised)."""
+    sent: list[dict] = []
+    raised: list = []
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body" and stall_after is not None and len(sent) > stall_after:
+            await asyncio.Event().wait()  # uvicorn, its buffer full, waits for a caller that reads nothing
+        await asyncio.sleep(pause)
+        sent.append(message)
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            await send({"type": "http.response.body", "body": bytes(size), "more_body": False})
+        except Exception as exc:
+            raised.append(exc)
+            raise
+
+    middleware = SlowReaders(app, idle_timeout=0.3, min_rate=1_000_000)
+    scope = {"type": "http", "method": "POST", "path": "/annotate"}
+    asyncio.run(asyncio.wait_for(middleware(scope, None, send), timeout=5))
+    return sent, raised
+
+
+def test_a_large_answer_goes_in_pieces_as_its_caller_reads_them(caplog) -> None:
+    size = 10 * ANSWER_CHUNK + 5
+    sent, raised = _answer_through_slow_readers(size, pause=0.001)
+    assert not raised and len(sent) == 1 + 11
+    assert b"".join(m["body"] for m in sent[1:]) == bytes(size)
+    assert [m["more_body"] for m in sent[1:]] == [True] * 10 + [False]
+    small, _ = _answer_through_slow_readers(ANSWER_CHUNK, pause=0)
+    assert len(small) == 2 and small[1] == {
+        "type": "http.response.body",
+        "body": bytes(ANSWER_CHUNK),
+        "more_body": False,
+    }
+    assert "dropped" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("pause", "stall_after", "why"),
+    [
+        (0.0, 3, "the caller read nothing of its answer for 0.3 s: answer dropped"),
+        (0.1, None, r"the caller read its answer at \d+ bytes/s, under 1000000: answer dropped"),
+    ],
+)
+def test_an_answer_read_too_slowly_is_dropped(pause: float, stall_after: int | None, why: str, caplog) -> None:
+    """A caller that stops reading, or reads 64 KiB every 0.1 s (655 kB/s, under the minimum rate): the
+    answer stops within the idle timeout (or at the first piece past it), the app's send() raises, and
+    uvicorn, handed an incomplete answer, closes the connection."""
+    start = time.monotonic()
+    sent, raised = _answer_through_slow_readers(40 * ANSWER_CHUNK, pause, stall_after)
+    assert 0.3 <= time.monotonic() - start < 1.0
+    assert raised and sent[-1]["more_body"] and len(sent) < 1 + 40
+    assert re.search("POST /annotate: " + why, caplog.text), caplog.text
+
+
+def test_annotated_photos_their_callers_do_not_read_are_dropped(server: str, server_log: Path) -> None:
+    """/annotate of a 12 Mpx photo answers a ~17 MB PNG. Callers that send the photo and read none of the
+    answer: after the idle timeout (10 s) each answer is dropped, and the public API process holds none of
+    them (uvicorn's buffer held each whole for as long as its caller stayed: +37 MB for three); a caller
+    that reads gets its whole answer, and the service answers the next one at once."""
+    rng = np.random.default_rng(0)
+    coffee = np.asarray(no_face("coffee").resize((4000, 3000), Image.BICUBIC), np.int16)
+    grainy = np.clip(coffee + rng.integers(-16, 17, coffee.shape), 0, 255).astype(np.uint8)  # PNG cannot shrink it
+    photo = encode(Image.fromarray(grainy), quality=75)  # ~1.7 MB
+    files = {"image": ("p.jpg", photo, "image/jpeg")}
+    whole = httpx.post(server + "/annotate", files=files, timeout=60)
+    assert whole.status_code == 200 and len(whole.content) > 10_000_000
+    assert Image.open(io.BytesIO(whole.content)).size == (4000, 3000)
+    api = next(pid for pid in descendants(arbiter_pid(server)) if service_name(pid) == "AgeGender")
+    before = pss_kb(api)
+    tag = f"unread-{time.time_ns()}"
+    sockets = [_post_and_leave(server, photo, f"{tag}-{i}", "/annotate") for i in range(3)]
+    try:
+        dropped: list[str] = []
+        deadline = time.monotonic() + 90
+        while len(dropped) < len(sockets) and time.monotonic() < deadline:
+            time.sleep(1)
+            pattern = rf"\[request ({tag}-\d)\] POST /annotate: the caller read nothing of its answer for 10 s"
+            dropped = re.findall(pattern, server_log.read_text(errors="replace"))
+        assert len(dropped) == len(sockets), f"answers dropped: {dropped}"
+        grown = (pss_kb(api) - before) / 1024
+        assert grown < 15, f"the public API process holds {grown:.0f} MB more than before"
+        start = time.perf_counter()
+        r = httpx.post(server + "/predict", files={"image": ("a.jpg", encode(group_photo()[0]), "image/jpeg")})
+        assert r.status_code == 200 and time.perf_counter() - start < 5, r.text
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -204,6 +204,24 @@ def test_finding_a_face_again_runs_only_its_best_candidates(monkeypatch) -> None
     assert batches[rnet] == [4] and 0 < max(batches[onet]) <= 2  # RNET_PER_FACE 12, ONET_PER_FACE 6
 
 
+def test_only_the_answered_faces_are_found_again(monkeypatch) -> None:
+    """Faces 100-250 px wide in a 4000x3000 photo are 16-40 px on the 640 px copy, each found again on the
+    photo's pixels (with or without the second pass); with a face limit, only the faces answered are."""
+    rgb, _ = composite(np.random.default_rng(5), 4, sizes=(100, 150, 200, 250))
+    detect, again = models.mtcnn.detect, []
+
+    def counted(image, threshold, min_size, budget, *args, **kwargs):
+        if budget == REFINE_BUDGET:
+            again.append(image.shape)
+        return detect(image, threshold, min_size, budget, *args, **kwargs)
+
+    monkeypatch.setattr(models.mtcnn, "detect", counted)
+    for limit, expected in ((10, 4), (2, 2)):
+        again.clear()
+        faces = FaceDetector(DetectorConfig(small_faces=False, max_faces=limit)).detect(rgb)
+        assert len(faces) == len(again) == expected
+
+
 def test_faces_of_16_px_in_a_phone_photo_with_the_smallest_face_size() -> None:
     """MTCNN finds faces from ~1.3x the smallest size it looks for: at 12 px, the second pass works on the
     whole 12 Mpx photo and finds faces of 16 px."""
