@@ -255,7 +255,6 @@ AgeGender.add_asgi_middleware(
     no_input_routes=NO_INPUT_ROUTES,
 )
 AgeGender.add_asgi_middleware(WatchCaller, cancel=True)  # inside the guard: from a complete body on
-# inside the guard too: an answer being sent holds its request's slot, and one its caller does not read is dropped
-AgeGender.add_asgi_middleware(SlowReaders, idle_timeout=SETTINGS.idle_timeout, min_rate=SETTINGS.min_upload_rate)
+AgeGender.add_asgi_middleware(SlowReaders, idle_timeout=SETTINGS.idle_timeout)  # answers callers do not take in
 AgeGender.add_asgi_middleware(StandardOpenAPI, max_images=SETTINGS.max_images, api_key=bool(SETTINGS.api_key))
 AgeGender.add_asgi_middleware(ModelCardRoute, model=SETTINGS.model)

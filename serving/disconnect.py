@@ -15,11 +15,11 @@ Not in the model process: its calls wait in BentoML's batching queue, and it ans
 
 SlowReaders: what is done for a caller that does not read its answer. uvicorn takes an answer's body
 whole into its connection's buffer and the request ends there, so an answer never read (/annotate's PNG
-of a 12 Mpx photo is 10-20 MB) stayed in the public API process for as long as its caller kept the connection
-open. This middleware hands a large body on in ANSWER_CHUNK pieces, which uvicorn takes only as the
-caller reads, within the limits uploads have (serving/uploads.py): a piece within idle_timeout seconds,
-and min_rate bytes/s on average after idle_timeout seconds. Past either the answer is dropped and the
-connection closed; until then the request keeps its slot (AGE_GENDER_MAX_CONCURRENCY).
+of a 12 Mpx photo is 10-20 MB) stayed in the public API process for as long as its caller kept the
+connection open. This middleware hands a large body on in ANSWER_CHUNK pieces, which uvicorn takes only as
+the caller reads (it waits while its buffer is over asyncio's high-water mark, 64 KiB, until it is under
+16 KiB): a piece not taken within idle_timeout seconds, a caller that took in no 48-112 KiB in that time
+(under ~5-10 KiB/s at the default 10 s), drops the rest of the answer.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from models.errors import UserError, as_data
 
 log = logging.getLogger("bentoml").getChild(__name__)  # BentoML shows its own loggers' INFO lines
-# the most of an answer handed to uvicorn at once: it stops taking more while its connection's buffer is
-# over asyncio's high-water mark (64 KiB), so a caller that reads nothing holds up to about twice this
+# the most of an answer handed to uvicorn at once: a caller that reads nothing leaves up to about twice this
+# in uvicorn's buffer, with the rest of the answer freed
 ANSWER_CHUNK = 64 * 1024
 # whether the request being handled has lost its caller: a holder the middleware sets, seen by the
 # request's tasks and by the threads BentoML runs its sync APIs in (both copy the context)
@@ -104,50 +104,54 @@ class WatchCaller:
 
 
 class SlowReaders:
-    """Large answers handed on as their callers read them; dropped for callers that read too slowly."""
+    """Large answers handed on as their callers take them in; dropped for callers that stop taking them."""
 
-    def __init__(self, app: ASGIApp, idle_timeout: float, min_rate: float) -> None:
-        self.app, self.idle_timeout, self.min_rate = app, idle_timeout, min_rate
+    def __init__(self, app: ASGIApp, idle_timeout: float) -> None:
+        self.app, self.idle_timeout = app, idle_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        loop = asyncio.get_running_loop()
-        started, sent, dropped = 0.0, 0, ""  # when the first large piece went, bytes since, why it was dropped
 
         async def paced(message: Message) -> None:
-            nonlocal started, sent, dropped
             body = message.get("body", b"")
-            if dropped:
-                raise _Dropped  # the app's further pieces go nowhere
             if message["type"] != "http.response.body" or len(body) <= ANSWER_CHUNK:
                 return await send(message)  # small answers go at once, as uvicorn takes them
             view, more = memoryview(body), message.get("more_body", False)
-            started = started or loop.time()
             for at in range(0, len(view), ANSWER_CHUNK):
-                piece = bytes(view[at : at + ANSWER_CHUNK])
+                last = at + ANSWER_CHUNK >= len(view)
                 try:
-                    last = at + ANSWER_CHUNK >= len(view)
-                    await asyncio.wait_for(
-                        send({**message, "body": piece, "more_body": more or not last}), self.idle_timeout
-                    )
+                    async with asyncio.timeout(self.idle_timeout):
+                        await send(
+                            {**message, "body": bytes(view[at : at + ANSWER_CHUNK]), "more_body": more or not last}
+                        )
                 except TimeoutError:
-                    dropped = f"read nothing of its answer for {self.idle_timeout:g} s"
                     raise _Dropped from None
-                sent += len(piece)
-                elapsed = loop.time() - started
-                if elapsed > self.idle_timeout and sent < self.min_rate * elapsed:
-                    dropped = f"read its answer at {sent / elapsed:.0f} bytes/s, under {self.min_rate:.0f}"
-                    raise _Dropped
 
         try:
             await self.app(scope, receive, paced)
-        except Exception:
-            if not dropped:
+        except Exception as exc:
+            if not _dropped(exc):
                 raise
-            # the response is incomplete: uvicorn closes the connection, which frees what it holds of it
-            log.warning("%s %s: the caller %s: answer dropped", scope["method"], scope["path"], dropped)
+            # the rest is not sent: uvicorn closes the connection once the caller has taken in what it holds
+            # (up to ~2 x ANSWER_CHUNK) or has gone, and logs "ASGI callable returned without completing response"
+            log.warning(
+                "%s %s: the caller took in no %d KiB of its answer in %g s: the rest is dropped",
+                scope["method"],
+                scope["path"],
+                ANSWER_CHUNK // 1024,
+                self.idle_timeout,
+            )
 
 
 class _Dropped(Exception):
-    """Raised into the app from send(): its answer is not wanted any more (its caller reads too slowly)."""
+    """Raised into the app from send(): the rest of its answer is not wanted (its caller takes in nothing)."""
+
+
+def _dropped(exc: BaseException | None) -> bool:
+    """Whether an exception is _Dropped, or was raised while it unwound (another middleware's own)."""
+    while exc is not None:
+        if isinstance(exc, _Dropped):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

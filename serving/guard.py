@@ -24,7 +24,7 @@ from pathlib import Path
 
 from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from models.errors import NotAnImage, UserError, debugging
 from models.images import image_format, open_image
@@ -99,7 +99,8 @@ class RequestGuard:
 
     Two limits per process, in place of BentoML's one (its max_concurrency is counted from before the body
     is read, so slow uploads took every slot): at most max_uploads bodies being received or checked, and
-    at most max_concurrency requests being handled, counted only once a body is complete and checked.
+    at most max_concurrency requests being handled, counted from a complete and checked body to the start
+    of its answer.
     Past either: 429 at once. Health checks, /metrics and what is not an API (the page, the docs) are never
     limited."""
 
@@ -209,10 +210,20 @@ class RequestGuard:
             why = f"{self.handling} requests are being handled, the limit of this server (AGE_GENDER_MAX_CONCURRENCY)"
             return await busy(why)(scope, receive, send)
         self.handling += 1
+        held = True
+
+        async def answering(message: Message) -> None:
+            nonlocal held
+            if held and message["type"] == "http.response.start":  # sending it takes no slot: SlowReaders bounds it
+                held = False
+                self.handling -= 1
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, answering)
         finally:
-            self.handling -= 1
+            if held:
+                self.handling -= 1
 
     def _check_upload(self, field: FileField, content_type: str, spool: Spool) -> tuple[list[Segment], bytes]:
         """-> (canonical multipart body as segments of the spool, its boundary), or Rejected with the 4xx

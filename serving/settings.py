@@ -33,8 +33,8 @@ class Settings:
     # decoded pixels per request, summed over its images and read from their headers before decoding -> 413;
     # 100 Mpx is about 300 MB of decoded RGB, e.g. eight 12 Mpx photos in one /predict_batch
     max_request_pixels: int = 100_000_000
-    # seconds without a byte of the request body -> 408 (slow or stalled clients); and without a byte of a
-    # large answer read -> dropped (serving/disconnect.py, SlowReaders)
+    # seconds without a byte of the request body -> 408 (slow or stalled clients); and for a caller to take
+    # in each 64 KiB of a large answer, else the rest is dropped (serving/disconnect.py, SlowReaders)
     idle_timeout: float = 10.0
     upload_timeout: float = 60.0  # seconds to receive a whole request body -> 408
     # after idle_timeout seconds, a body arriving slower than this on average -> 408: clients that hold an
@@ -89,7 +89,7 @@ class Settings:
         for f in fields(cls):
             default: Any = f.default
             raw = os.environ.get(PREFIX + f.name.upper())
-            if raw is None or not raw.strip():  # set but empty (`AGE_GENDER_X=` in a compose file): the default
+            if not raw:  # unset, or set but empty (`AGE_GENDER_X=` in a compose file): the default
                 continue
             try:
                 values[f.name] = _boolean(raw) if isinstance(default, bool) else type(default)(raw)

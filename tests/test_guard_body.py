@@ -193,3 +193,42 @@ def test_uploads_being_received_hold_no_handling_slot() -> None:
         uploads[1].cancel()
 
     asyncio.run(scenario())
+
+
+def test_an_answer_being_sent_holds_no_handling_slot() -> None:
+    """A request's slot (max_concurrency) is given back when its answer starts: a caller slow to read its
+    answer (serving/disconnect.py bounds how slow) does not hold a slot that a request ready to run needs."""
+    finish, first = asyncio.Event(), [True]
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        if first and first.pop():  # the first request's answer is still being sent
+            await finish.wait()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    guard = RequestGuard(app, ROUTES, **{**LIMITS, "max_concurrency": 1})
+
+    async def call(sent: list[dict]) -> list[dict]:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": form(part(b"image", PNG)), "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        headers = [(b"content-type", b"multipart/form-data; boundary=" + B)]
+        await guard({"type": "http", "method": "POST", "path": "/predict", "headers": headers}, receive, send)
+        return sent
+
+    async def scenario() -> None:
+        started: list[dict] = []
+        sending = asyncio.create_task(call(started))
+        while len(started) < 2:
+            await asyncio.sleep(0.01)
+        assert guard.handling == 0 and not sending.done()
+        assert (await asyncio.wait_for(call([]), 5))[0]["status"] == 200  # not 429
+        finish.set()
+        await sending
+        assert guard.handling == 0
+
+    asyncio.run(scenario())

@@ -101,7 +101,7 @@ def test_ece_and_temperature_on_known_miscalibration() -> None:
         ({"AGE_GENDER_SMALL_FACES": "false"}, "small_faces", False),
         ({"AGE_GENDER_SMALL_FACES": "On"}, "small_faces", True),
         ({"AGE_GENDER_INTERVAL_LEVEL": "0.9"}, "interval_level", 0.9),
-        ({"AGE_GENDER_SMALL_FACES": " "}, "small_faces", True),  # set but empty: the default
+        ({"AGE_GENDER_SMALL_FACES": ""}, "small_faces", True),  # set but empty: the default
         ({"AGE_GENDER_MAX_IMAGES": ""}, "max_images", 32),
         ({"AGE_GENDER_DEBUG": "Yes"}, "debug", True),
     ],
@@ -119,6 +119,7 @@ def test_settings_from_the_environment(monkeypatch, env: dict, field: str, value
     [
         ({"AGE_GENDER_SMALL_FACES": "maybe"}, "not a valid bool"),
         ({"AGE_GENDER_DEBUG": "maybe"}, "AGE_GENDER_DEBUG='maybe' is not a valid bool"),
+        ({"AGE_GENDER_SMALL_FACES": " "}, "AGE_GENDER_SMALL_FACES=' ' is not a valid bool"),  # not empty: checked
         ({"AGE_GENDER_INTERVAL_LEVEL": "0.99"}, "0.5 and 0.98"),
         ({"AGE_GENDER_MAX_BATCH_SIZE": "0"}, "AGE_GENDER_MAX_BATCH_SIZE must be at least 1, not 0"),
         ({"AGE_GENDER_DETECTOR_WORKERS": "-2"}, "AGE_GENDER_DETECTOR_WORKERS must be at least 0, not -2"),
