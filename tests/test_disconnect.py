@@ -174,7 +174,8 @@ def _answering(*bodies: bytes, then: Exception | None = None, raised: list | Non
             for k, body in enumerate(bodies):
                 await send({"type": "http.response.body", "body": body, "more_body": k < len(bodies) - 1})
         except Exception as exc:
-            (raised if raised is not None else []).append(exc)
+            if raised is not None:
+                raised.append(exc)
             if wrap:
                 raise RuntimeError("Caught handled exception, but response already started.") from exc
             raise
@@ -232,10 +233,10 @@ def test_annotated_photos_their_callers_do_not_read_are_dropped(server: str, ser
     sockets = [_post_and_leave(server, photo, f"{tag}-{i}", "/annotate") for i in range(3)]
     try:
         dropped: list[str] = []
+        pattern = rf"\[request ({tag}-\d)\] POST /annotate: the caller took in no 64 KiB of its answer in"
         deadline = time.monotonic() + 180  # three 12 Mpx photos on two detector processes, then 10 s
         while len(dropped) < len(sockets) and time.monotonic() < deadline:
             time.sleep(1)
-            pattern = rf"\[request ({tag}-\d)\] POST /annotate: the caller took in no 64 KiB of its answer in"
             dropped = re.findall(pattern, server_log.read_text(errors="replace"))
         assert len(dropped) == len(sockets), f"answers dropped: {dropped}"
         grown = (pss_kb(api) - before) / 1024
