@@ -222,6 +222,25 @@ def test_only_the_answered_faces_are_found_again(monkeypatch) -> None:
         assert len(faces) == len(again) == expected
 
 
+def test_a_face_is_not_found_again_on_its_neighbours_box() -> None:
+    """Finding a face again takes a box overlapping the first one by SAME_FACE (0.3), so in a crowd the face
+    found could be a neighbour's, answered twice while the face itself is lost: such a box is not taken."""
+    template, (_, _, face_width, _) = face_template()
+    photo = no_face("coffee").resize((1280, 960))
+    s = 32 / face_width  # 16 px on the 640 px copy: found again
+    photo.paste(template.resize((round(template.width * s), round(template.height * s)), Image.LANCZOS), (300, 200))
+    rgb, detector = np.asarray(photo), FaceDetector()
+    (face,) = detector.detect(rgb)
+    x, y, w, h = face.box
+    # the neighbour's box, as the first pass might place it: overlapping the face by 0.4 of its width
+    boxes = np.array([[x, y, x + w, y + h], [x + 0.6 * w, y, x + 1.6 * w, y + h]], np.float32)
+    marks = np.stack([face.landmarks, face.landmarks + (0.6 * w, 0)])
+    neighbour = boxes[1].copy()
+    detector._refine(rgb, boxes, marks, np.full(2, 0.5))
+    assert np.abs(boxes[0] - (x, y, x + w, y + h)).max() < 0.1 * w  # the face itself: found again in place
+    assert np.array_equal(boxes[1], neighbour), "the neighbour's box moved onto the face"
+
+
 def test_faces_of_16_px_in_a_phone_photo_with_the_smallest_face_size() -> None:
     """MTCNN finds faces from ~1.3x the smallest size it looks for: at 12 px, the second pass works on the
     whole 12 Mpx photo and finds faces of 16 px."""
