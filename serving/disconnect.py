@@ -25,6 +25,7 @@ the caller reads (it waits while its buffer is over asyncio's high-water mark, 6
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -108,6 +109,7 @@ class SlowReaders:
 
     def __init__(self, app: ASGIApp, idle_timeout: float) -> None:
         self.app, self.idle_timeout = app, idle_timeout
+        self.dropped = dropped_answers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -142,6 +144,20 @@ class SlowReaders:
                 ANSWER_CHUNK // 1024,
                 self.idle_timeout,
             )
+            self.dropped.labels(endpoint=scope["path"]).inc()  # BentoML counts a request at its answer's end
+
+
+@functools.cache  # one per process: prometheus_client refuses a second metric of the same name
+def dropped_answers():
+    """/metrics' age_gender_answers_dropped_total{endpoint}: answers SlowReaders dropped, which BentoML's own
+    request counter and access log never see (both act on an answer's last message)."""
+    # imported here, not with this module: BentoML's workers set PROMETHEUS_MULTIPROC_DIR after importing
+    # the service, and prometheus_client reads it when it is imported
+    import prometheus_client
+
+    return prometheus_client.Counter(
+        "age_gender_answers_dropped", "answers whose callers stopped taking them in, dropped", ["endpoint"]
+    )
 
 
 class _Dropped(Exception):
