@@ -185,7 +185,12 @@ async def _send_all(
                         raise
                     put((path, None, f"{type(exc).__name__}: {exc}"))
 
-        await asyncio.gather(*(one(p) for p in paths))
+        try:  # the first 401 cancels every other photo's task before the client closes: none gets a row
+            async with asyncio.TaskGroup() as tasks:
+                for p in paths:
+                    tasks.create_task(one(p))
+        except* UserError as group:
+            raise group.exceptions[0] from None
 
 
 async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult | None, str | None]:

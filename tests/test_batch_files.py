@@ -203,6 +203,8 @@ def stand_in_service(answer) -> Iterator[str]:
     """A local HTTP server whose every POST is answered by answer(headers) -> (status, headers, JSON body)."""
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # connections kept open between requests, as uvicorn keeps them
+
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["content-length"]))
             status, headers, body = answer(self.headers)
@@ -238,8 +240,12 @@ def test_url_mode_sends_the_api_key_and_stops_at_a_401(tmp_path: Path) -> None:
     with stand_in_service(keyed) as url:
         [(_, result, error)] = list(run_remote(url, [photo], 1, 0, 10, api_key="k"))
         assert error is None and result is not None and result.faces == []
+        got: list = []
         with pytest.raises(UserError, match="refused the API key .*HTTP 401: missing or wrong API key.*--api-key"):
-            list(run_remote(url, [photo] * 3, 2, 5, 10))  # no key: the first 401 ends the run, no retries
+            got.extend(run_remote(url, [photo] * 20, 2, 5, 10))  # no key: the first 401 ends the run, no retries
+        # and no photo gets a row: those waiting for a connection were sent on the closed client, and their
+        # "client has been closed" rows were kept, so a rerun skipped those photos for good
+        assert got == []
 
 
 def test_url_mode_waits_as_long_as_a_busy_service_asks(tmp_path: Path) -> None:
