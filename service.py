@@ -45,7 +45,7 @@ from serving.edge import ApiKey, CallerRequestId, RequestId, cors, log_request_i
 from serving.guard import RequestGuard, api_routes
 from serving.heap import HeapTrimmer, keep_buffers_while_working, return_large_buffers
 from serving.openapi import StandardOpenAPI
-from serving.settings import DETECTOR_WORKERS, SETTINGS
+from serving.settings import DETECTOR_WORKERS, SETTINGS, model_in_store
 
 # inter-service HTTP sessions are otherwise recycled under in-flight requests (BentoML #5540, #5544)
 _CONNECTION = {"runner_connection": {"max_requests": 2**31 - 1, "max_age": 1e9}}
@@ -93,7 +93,7 @@ class FaceDetection:
 # BentoML assigns the GPU (CUDA_VISIBLE_DEVICES) when one exists; without one the model runs on the CPU
 @bentoml.service(workers=1, resources={"gpu": 1} if visible_gpus() else {}, traffic={"timeout": 60}, **_CONNECTION)
 class AgeGenderModel:
-    model_ref = bentoml.models.BentoModel(SETTINGS.model)
+    model_ref = bentoml.models.BentoModel(model_in_store(SETTINGS.model))  # absent: the service stops at start
 
     def __init__(self) -> None:
         self.meta = stored_meta(self.model_ref)

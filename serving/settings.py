@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from models.artifact import INTERVAL_LEVEL, MODEL_NAME
+from models.artifact import INTERVAL_LEVEL, MODEL_NAME, stored_model
 from models.errors import FALSE, TRUE, UserError, debugging
 from models.faces import DetectorConfig, detector_name
 from models.images import MAX_PIXELS
@@ -119,12 +119,27 @@ def _boolean(raw: str) -> bool:
     raise ValueError(raw)
 
 
+def _stop(exc: UserError) -> None:
+    """A setting that cannot work stops the service in one line (with AGE_GENDER_DEBUG, its traceback)."""
+    if debugging():
+        raise exc
+    raise SystemExit(f"error: {exc}") from None
+
+
+def model_in_store(tag: str) -> str:
+    """AGE_GENDER_MODEL's tag, once the store holds it: a model service that cannot load its model would
+    restart over and over while the service looks up, with /readyz answering 500."""
+    try:
+        stored_model(tag)
+    except UserError as exc:
+        _stop(UserError(f"{PREFIX}MODEL: {exc}"))
+    return tag
+
+
 try:
     SETTINGS = Settings.from_env()
 except UserError as exc:  # every process of the service reads them: a bad one stops it in one line
-    if debugging():
-        raise
-    raise SystemExit(f"error: {exc}") from None
+    _stop(exc)
 
 
 DETECTOR_WORKERS = SETTINGS.detector_workers or cpu_cores()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,22 @@ def test_the_built_bento_serves_from_an_empty_folder(bento: tuple[str, Path], tm
         assert len(pids) >= 5, pids
         assert not [p for p in pids if _loaded(p, "libtorch")], "a service process imported torch"
         assert [p for p in pids if _loaded(p, "onnxruntime")], "no process runs ONNX Runtime"
+
+
+def test_a_model_not_in_the_store_stops_the_built_bento_in_one_line(bento: tuple[str, Path], tmp_path: Path) -> None:
+    """AGE_GENDER_MODEL naming a model the store lacks: the Bento served by tag kept running while its model
+    service restarted over and over (947 lines of tracebacks a minute) and /readyz answered 500."""
+    env = {**os.environ, "AGE_GENDER_MODEL": "nosuch:latest"}
+    env.pop("AGE_GENDER_DEBUG", None)
+    serve = [BENTOML, "serve", bento[0], "--port", "0"]
+    with subprocess.Popen(serve, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True) as p:
+        try:
+            _, stderr = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # the workers too
+            pytest.fail("the service did not stop")
+    expected = "error: AGE_GENDER_MODEL: model 'nosuch:latest' is not in the BentoML store; `bentoml models list`"
+    assert p.returncode == 1 and stderr.startswith(expected) and stderr.count("\n") == 1, stderr[-2000:]
 
 
 def test_gpu_requirements_are_the_cpu_ones_plus_torch() -> None:
