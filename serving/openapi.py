@@ -70,7 +70,7 @@ def standard_openapi(spec: dict, max_images: int, api_key: bool) -> dict:
     without BentoML's `IODescriptor` suffix or unused `__Input` copies; GET /model_card listed; multipart
     request bodies required and file arrays of 1 to max_images; the `{"error"}` answers of the request
     guard (400 / 408 / 413 / 415) and of any API (429 / 500 / 503 / 504; 401 and the key's security
-    schemes when the service takes an API key)."""
+    schemes when the service takes an API key); /annotate's answer as the PNG it is, not `image/*`."""
 
     def fix(node):
         if isinstance(node, dict):
@@ -108,6 +108,9 @@ def standard_openapi(spec: dict, max_images: int, api_key: bool) -> dict:
             if "x-bentoml-name" in op:  # one of the service's APIs
                 op["operationId"] = op["x-bentoml-name"]
                 errors |= LOAD_ERRORS
+            answer = op.get("responses", {}).get("200", {}).get("content", {})
+            if "image/*" in answer:  # /annotate answers PNG only; generators leave a wildcard answer out
+                answer["image/png"] = answer.pop("image/*")
             content = op.get("requestBody", {}).get("content", {})
             if content:
                 errors |= BODY_ERRORS
