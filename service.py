@@ -93,7 +93,7 @@ class FaceDetection:
 # BentoML assigns the GPU (CUDA_VISIBLE_DEVICES) when one exists; without one the model runs on the CPU
 @bentoml.service(workers=1, resources={"gpu": 1} if visible_gpus() else {}, traffic={"timeout": 60}, **_CONNECTION)
 class AgeGenderModel:
-    model_ref = bentoml.models.BentoModel(model_in_store(SETTINGS.model))  # absent: the service stops at start
+    model_ref = bentoml.models.BentoModel(SETTINGS.model)
 
     def __init__(self) -> None:
         self.meta = stored_meta(self.model_ref)
@@ -144,6 +144,10 @@ UI = Path(__file__).resolve().parent / "serving" / "ui"
 class AgeGender:
     detector = bentoml.depends(FaceDetection)
     model = bentoml.depends(AgeGenderModel)
+
+    @bentoml.on_deployment  # in `bentoml serve`'s own process, before any worker: a missing model stops it
+    def check_model() -> None:
+        model_in_store(SETTINGS.model)
 
     def __init__(self) -> None:
         self._info: dict | None = None
