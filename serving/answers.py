@@ -62,7 +62,7 @@ def busy(message: str) -> JSONResponse:
 
 def rewrite_response(send: Send, rewrite: Callable[[int, bytes], bytes], when: Callable[[int], bool]) -> Send:
     """Responses whose status passes when(): buffered and their body replaced by rewrite(status, body), sent
-    as JSON. Others pass through unbuffered."""
+    as JSON, a 503 with Retry-After. Others pass through unbuffered."""
     start: dict = {}
     chunks: list[bytes] = []
 
@@ -80,6 +80,8 @@ def rewrite_response(send: Send, rewrite: Callable[[int, bytes], bytes], when: C
         body = rewrite(start["status"], b"".join(chunks))
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if start["status"] == 503 and all(k.lower() != b"retry-after" for k, _ in headers):  # as 429s say it
+            headers.append((b"retry-after", b"1"))  # a worker restarting or a batch queue full: back in seconds
         await send({**start, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
         return None

@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 from devtools.forms import MALFORMED, MULTIPART, PNG, B, form, part
 from devtools.photos import astronaut, encode
 from models.images import image_format
+from serving.dependencies import DependencyUnavailable
 from serving.guard import FileField, RequestGuard
 from serving.openapi import StandardOpenAPI
 from serving.uploads import SPOOL_BYTES
@@ -55,6 +56,10 @@ class StandIn:
     @bentoml.api
     def model_info(self) -> dict:
         return {"demo": True}
+
+    @bentoml.api
+    def unavailable(self) -> dict:
+        raise DependencyUnavailable("a backend service is temporarily unavailable, retry")
 
 
 StandIn.add_asgi_middleware(RequestGuard, routes=ROUTES, **LIMITS)
@@ -204,6 +209,12 @@ def test_wrong_methods_and_paths_answer_error_objects(client) -> None:
     assert "multipart/form-data" in error_of(r, 415)
 
 
+def test_a_backend_unavailable_is_a_503_that_says_when_to_retry(client) -> None:
+    """As a 429 does: clients that honour Retry-After (python -m predict --url) wait that long."""
+    r = client.post("/unavailable")
+    assert "retry shortly" in error_of(r, 503) and r.headers["retry-after"] == "1"
+
+
 def test_openapi_requires_bodies_and_documents_error_objects(client) -> None:
     spec = client.get("/docs.json").json()
     for path in ("/predict", "/predict_batch"):
@@ -245,7 +256,7 @@ def test_guard_covers_every_api_from_its_signature() -> None:
     """The routes the guard checks come from the API signatures; an API of another kind stops the start."""
     from serving.guard import api_routes
 
-    assert api_routes(StandIn) == (ROUTES, ["/model_info"])
+    assert api_routes(StandIn) == (ROUTES, ["/model_info", "/unavailable"])
 
     @bentoml.service
     class WithText:
