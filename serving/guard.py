@@ -146,7 +146,7 @@ class RequestGuard:
                 scope, receive, send
             )
         if self.uploads >= self.max_uploads:
-            why = f"{self.uploads} uploads are being received, the limit of this server (AGE_GENDER_MAX_UPLOADS)"
+            why = f"uploads being received: {self.uploads}, the limit of this server (AGE_GENDER_MAX_UPLOADS)"
             waits = headers.get(b"expect", b"").lower() == b"100-continue"
             if self.draining < MAX_DRAINS and not waits:
                 self.draining += 1
@@ -183,6 +183,11 @@ class RequestGuard:
             if exc.status == 413:  # a body somewhat over the limit: read to its end, so that its client reads this
                 await drain(receive, (DRAIN_UP_TO - 1) * self.max_bytes, self.idle_timeout, self.upload_timeout)
             return error(exc.status, exc.message, close=True)
+        encoding = dict(scope["headers"]).get(b"content-encoding", b"identity").strip().lower()
+        if encoding != b"identity":  # its parts would be misread: name the reason, not a missing field
+            spool.close()
+            why = f"Content-Encoding {encoding.decode('latin-1')!r}: send the body uncompressed (images are compressed)"
+            return error(415, why)
         try:
             if field is None:
                 return spool, [_no_input(path, spool)], b"application/json"
@@ -207,7 +212,7 @@ class RequestGuard:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.handling >= self.max_concurrency:
-            why = f"{self.handling} requests are being handled, the limit of this server (AGE_GENDER_MAX_CONCURRENCY)"
+            why = f"requests being handled: {self.handling}, the limit of this server (AGE_GENDER_MAX_CONCURRENCY)"
             return await busy(why)(scope, receive, send)
         self.handling += 1
         held = True

@@ -7,6 +7,7 @@ The guard is wrapped around a tiny stand-in BentoML service with the same API si
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.metadata
 import os
@@ -96,6 +97,12 @@ def test_malformed_multipart_answers_400_at_once(client, case: str) -> None:
     assert message in error_of(r, 400) and seconds < 2
 
 
+def test_a_compressed_body_is_refused_for_what_it_is(client) -> None:
+    body = gzip.compress(form(part(b"image", PNG)))  # before: 400 "missing field 'image'"
+    r = client.post("/predict", content=body, headers={"content-type": MULTIPART, "content-encoding": "gzip"})
+    assert "Content-Encoding 'gzip'" in error_of(r, 415)
+
+
 def test_media_type_is_case_insensitive(client) -> None:
     r, _ = post(client, "/predict", form(part(b"image", PNG)), "Multipart/Form-Data; Boundary=" + B.decode())
     assert r.status_code == 200, r.text
@@ -106,6 +113,16 @@ def test_any_file_name_works_and_is_replaced(client) -> None:
         r, _ = post(client, "/predict", form(part(b"image", PNG, filename=name)))
         assert r.status_code == 200, (name[:20], r.text)
         assert r.json()["name"].endswith("image-0.png") and r.json()["size"] == len(PNG)
+    # RFC 5987's filename* alone (which RFC 7578 forbids, and some clients send): a file, named as meant
+    starred = part(b"images", b"junk", filename=None).replace(
+        b'"images"', b"\"images\"; filename*=UTF-8''%C3%A9t%C3%A9.png"
+    )
+    r, _ = post(client, "/predict_batch", form(part(b"images", PNG), starred))
+    assert "file #2 ('été.png')" in error_of(r, 415)
+    r, _ = post(
+        client, "/predict", form(part(b"image", PNG, filename=None).replace(b'"image"', b'"image"; filename*=a'))
+    )
+    assert r.status_code == 200 and r.json()["size"] == len(PNG), r.text
 
 
 def test_images_are_recognised_from_their_bytes(client) -> None:
