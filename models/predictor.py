@@ -77,7 +77,8 @@ class Predictor:
         if isinstance(image, Image.Image):
             image = image_rgb(image)
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
-            raise UserError(f"an image must be {IMAGE_INPUTS}, not {type(image).__name__}")
+            got = f"a {image.shape} {image.dtype} array" if isinstance(image, np.ndarray) else type(image).__name__
+            raise UserError(f"an image must be {IMAGE_INPUTS}, not {got}")
         return self.finder.find_in(image)
 
     def answer(self, detections: list[Detection]) -> list[PhotoResult]:
@@ -95,7 +96,13 @@ class Predictor:
         per photo instead)."""
         if isinstance(images, ONE_IMAGE):
             raise UserError("predict_many takes a list of images; for one, call predict")
-        return self.answer([self.detect(image) for image in images])
+        return self.answer([self._detect_nth(i, image) for i, image in enumerate(images)])
+
+    def _detect_nth(self, i: int, image: ImageInput) -> Detection:
+        try:
+            return self.detect(image)
+        except UserError as exc:  # which of the images, as the service names a file among several
+            raise type(exc)(f"image #{i + 1}: {exc}") from exc
 
     def predict_faces(self, crops: Iterable[FILE_INPUT]) -> list[FaceAttributes]:
         """Already-cropped faces (UTKFace-like framing) as files or their bytes, no detection: as POST
