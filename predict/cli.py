@@ -16,6 +16,7 @@ import sys
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -127,13 +128,13 @@ def service_url(url: str) -> str:
     return url
 
 
-def run(args: argparse.Namespace) -> dict[str, int]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Output(args.out)  # its suffix checked before folders are searched
     todo, passed_over = photos(args.inputs)
     with out:  # locked: a second run on the same --out stops here
         done = out.done({str(p) for p in todo})
         todo_new = [p for p in todo if str(p) not in done]
-        counts = {"photos": len(todo), "skipped": len(todo) - len(todo_new), "passed_over": passed_over}
+        counts: dict[str, Any] = {"photos": len(todo), "skipped": len(todo) - len(todo_new), "passed_over": passed_over}
         counts |= {"faces": 0, "errors": 0}
         answers = outcomes(args, todo_new)  # the model loaded (or the URL checked) before the progress bar
         with tqdm(total=len(todo_new), unit="photo", desc="predict") as bar:
@@ -173,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> None:
         nonlocal errors
         counts = run(args)
-        other = f"; {counts['passed_over']} other files passed over" if counts["passed_over"] else ""
+        passed_over = counts["passed_over"]  # by suffix: a folder of .heic files says so
+        kinds = ", ".join(f"{suffix} {n}" for suffix, n in passed_over.most_common(5))
+        other = f"; {passed_over.total()} other files passed over ({kinds})" if passed_over else ""
         print(
             f"{counts['photos']} photos ({counts['skipped']} already in {args.out}{other}): "
             f"{counts['faces']} faces, {counts['errors']} errors"

@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import stat
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,20 +40,22 @@ FIELDS = (
 FORMATS = ("jsonl", "csv")
 
 
-def photos(inputs: list[str]) -> tuple[list[Path], int]:
+def photos(inputs: list[str]) -> tuple[list[Path], Counter[str]]:
     """Files, folders (searched recursively for models.images.IMAGE_SUFFIXES, in any case, symbolic links
     followed) and @list files (one file or folder per line, relative to the current folder; `#` comments)
-    -> (photos, in order, each once; how many files in the folders were passed over for their suffix).
-    Files named on the command line or in a list are tried whatever their suffix."""
+    -> (photos, in order, each once; the files in the folders passed over, by suffix). A broken link with a
+    photo's suffix is a photo (its row says it cannot be read). Files named on the command line or in a
+    list are tried whatever their suffix."""
     found: list[Path] = []
-    passed_over = 0
+    passed_over: Counter[str] = Counter()
     for item in _listed(inputs):
         path = Path(item)
         if path.is_dir():
-            files = sorted(_files_under(path))
-            images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-            found += images
-            passed_over += len(files) - len(images)
+            for file in sorted(_files_under(path)):
+                if file.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append(file)
+                else:
+                    passed_over[file.suffix.lower() or "no suffix"] += 1
         elif path.is_file():
             found.append(path)
         elif path.exists():  # reading a pipe or a device would wait for data that may never come
@@ -89,7 +92,8 @@ def _files_under(folder: Path) -> Iterator[Path]:
             dirs.clear()
             continue
         seen.add((info.st_dev, info.st_ino))
-        yield from (p for p in (Path(root, name) for name in files) if p.is_file())
+        # files, and links to nothing (not pipes or devices, which a read could wait on for ever)
+        yield from (p for p in (Path(root, name) for name in files) if p.is_file() or not p.exists())
 
 
 def rows(file: str, result: PhotoResult | None, error: str | None) -> list[dict[str, Any]]:

@@ -72,7 +72,7 @@ def test_local_and_url_modes_give_the_same_rows(server: str, model_tag: str, pho
     # the broken photo: its row says why, and the exit code that not every photo was answered
     assert r.returncode == 1 and f"photos not answered: 1; their rows in {local} say why" in r.stderr, r.stderr
     assert "4 photos (0 already in" in r.stdout and "4 faces, 1 errors" in r.stdout
-    assert "1 other files passed over" in r.stdout  # notes.txt: not a photo's suffix
+    assert "1 other files passed over (.txt 1)" in r.stdout  # notes.txt: not a photo's suffix
     assert "photo/s" in r.stderr  # tqdm's progress bar
     r = run_predict(str(photo_dir), "--out", str(remote), "--url", server, "--concurrency", "3")
     assert r.returncode == 1, r.stderr
@@ -101,11 +101,13 @@ def test_local_and_url_modes_give_the_same_rows(server: str, model_tag: str, pho
     (refused / "notes.jpg").write_text("a text file named like a photo")
     # 9 Mpx in ~1 kB: under the test server's AGE_GENDER_MAX_PIXELS, over the pixels per byte of any photo
     (refused / "bomb.png").write_bytes(encode(Image.new("1", (3000, 3000)), "PNG"))
+    (refused / "gone.jpg").symlink_to(refused / "deleted.jpg")  # a link to a photo that was deleted
     errors = []
     for i, mode in enumerate((["--model", model_tag], ["--url", server])):
         run_predict(str(refused), "--out", str(tmp_path / f"refused{i}.jsonl"), *mode)
         errors.append({row["file"]: row["error"] for row in read_rows(tmp_path / f"refused{i}.jsonl")})
-    assert errors[0] == errors[1] and len(errors[0]) == 3 and all(errors[0].values()), errors
+    assert errors[0] == errors[1] and len(errors[0]) == 4 and all(errors[0].values()), errors
+    assert errors[0][str(refused / "gone.jpg")] == "cannot read the file: No such file or directory"
     assert a[(str(photo_dir / "coffee.JPG"), None)]["error"] is None  # a photo without faces: one empty row
 
 

@@ -36,8 +36,13 @@ def test_folders_are_searched_through_links_and_lists_like_the_command_line(tmp_
     no_face("coffee").save(photos_dir / "b.jpg")
     (photos_dir / "linked").symlink_to(elsewhere)  # a folder reached through a link
     (photos_dir / "loop").symlink_to(photos_dir)  # and a link back up: each folder once
-    found, _ = photos([str(photos_dir)])
-    assert sorted(p.name for p in found) == ["a.jpg", "b.jpg"]
+    (photos_dir / "gone.jpg").symlink_to(elsewhere / "deleted.jpg")  # a photo whose row will say it is gone
+    os.mkfifo(photos_dir / "pipe.jpg")  # reading it would wait for a writer forever: left out
+    for name in ("IMG_1.HEIC", "notes.txt", "more.TXT", "README"):
+        (photos_dir / name).write_text("not a photo")
+    found, passed_over = photos([str(photos_dir)])
+    assert sorted(p.name for p in found) == ["a.jpg", "b.jpg", "gone.jpg"]
+    assert passed_over == {".txt": 2, ".heic": 1, "no suffix": 1}  # the command's summary names them
     listing = tmp_path / "list.txt"
     listing.write_text(f"\ufeff{photos_dir / 'b.jpg'}\n   # an indented comment\n{elsewhere}\n", encoding="utf-8")
     assert [p.name for p in photos([f"@{listing}"])[0]] == ["b.jpg", "a.jpg"]  # BOM dropped, folder searched
