@@ -89,7 +89,9 @@ async def read_body(
             except TimeoutError as exc:
                 if left <= idle_timeout:
                     raise Rejected(408, f"the request body took longer than {upload_timeout:g} s") from exc
-                raise Rejected(408, f"no request body bytes for {idle_timeout:g} s") from exc
+                # a client whose Content-Length is over what it sends waits here too: say what arrived
+                why = f"no request body bytes for {idle_timeout:g} s ({spool.size} bytes arrived)"
+                raise Rejected(408, f"{why}; is the body shorter than its Content-Length?") from exc
             if message["type"] == "http.disconnect":
                 raise ClientGone
             try:
