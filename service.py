@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
 from models.artifact import stored_meta
-from models.errors import UserError, raised
+from models.errors import UserError, about, raised
 from models.images import decode_image
 from models.outputs import answers
 from models.pipeline import Detection, Estimator, FaceFinder, load_crops, photo_results
@@ -193,7 +193,7 @@ class AgeGender:
             try:
                 return Detection(**raised(answer))
             except UserError as exc:
-                raise type(exc)(f"file #{i + 1}: {exc}" if len(paths) > 1 else str(exc)) from exc
+                raise about(exc, "file", i, len(paths)) from exc
 
         detections = await asyncio.gather(*(detect(i, p) for i, p in enumerate(paths)))
         return photo_results(detections, await self._attributes(np.concatenate([d.crops for d in detections])))

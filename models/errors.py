@@ -20,6 +20,11 @@ class UserError(Exception):
     """Something the user asked for or supplied is wrong; the message says what and what is allowed."""
 
 
+def about(exc: UserError, what: str, i: int, of: int) -> UserError:
+    """exc, its message naming which of `of` inputs (`file #2: ...`) it is about when there are several."""
+    return type(exc)(f"{what} #{i + 1}: {exc}" if of > 1 else str(exc))
+
+
 class TooLarge(UserError):
     """Input over a configured size limit (the service answers HTTP 413)."""
 

@@ -188,8 +188,8 @@ class FaceDetector:
         """Boxes (x0, y0, x1, y1) and landmarks of the faces found narrower than REFINE_WIDTH on a shrunk
         copy (found_at: the copy's scale, per face), replaced in place by MTCNN's on the photo's pixels
         around each face, shrunk so that it is about REFINE_WIDTH wide; the detection score stays the first
-        one. Only among the max_faces largest (those answered); where the face is not found again, or only a
-        neighbour's face is, the first box and landmarks stay."""
+        one. Only among the max_faces largest (those answered); where the face is not found again, or only
+        another box's face is, the first box and landmarks stay."""
         h, w = rgb.shape[:2]
         width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         for k in np.argsort(-width * height, kind="stable")[: self.max_faces]:
@@ -214,9 +214,9 @@ class FaceDetector:
             ratio = sides[:, 0] / max(width[k], 1e-9)
             # another face, or one the answer would leave out (under min_face_size), is no refinement
             same_size = (ratio > 1 / REFINE_RANGE) & (ratio < REFINE_RANGE) & (sides.min(axis=1) >= self.min_face_size)
-            # and a face that covers a neighbour's box more than this one's is the neighbour, found already
-            cover = mtcnn.overlap(again, boxes[:, :4])  # (found again, faces)
-            near = cover[:, k] * same_size * (cover[:, k] >= cover.max(axis=1))
+            # and a face nearer another face's box than this one's is that face, found already
+            nearest = mtcnn.overlap(again, boxes[:, :4], union=True)  # (found again, faces)
+            near = mtcnn.overlap(again, boxes[k : k + 1, :4])[:, 0] * same_size * (nearest[:, k] >= nearest.max(axis=1))
             if len(again) and near.max() >= mtcnn.SAME_FACE:
                 boxes[k, :4], marks[k] = again[np.argmax(near)], again_marks[np.argmax(near)]
 

@@ -125,12 +125,15 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, over_smaller: 
     return np.array(keep, dtype=np.int64)
 
 
-def overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, M) intersection of boxes a (N, 4+) and b (M, 4+), as x0, y0, x1, y1, over the smaller of the two."""
+def overlap(a: np.ndarray, b: np.ndarray, union: bool = False) -> np.ndarray:
+    """(N, M) intersection of boxes a (N, 4+) and b (M, 4+), as x0, y0, x1, y1, over the smaller of the two
+    (or over their union: a box around another then covers it by less than a box of its size)."""
     w = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
     h = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
     area = lambda c: (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])  # noqa: E731
-    return np.clip(w, 0, None) * np.clip(h, 0, None) / np.maximum(np.minimum.outer(area(a), area(b)), 1e-9)
+    both = np.clip(w, 0, None) * np.clip(h, 0, None)
+    whole = area(a)[:, None] + area(b)[None, :] - both if union else np.minimum.outer(area(a), area(b))
+    return both / np.maximum(whole, 1e-9)
 
 
 def _best(scores: np.ndarray, limit: int) -> tuple[np.ndarray, bool]:

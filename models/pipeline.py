@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from models.artifact import INTERVAL_LEVEL, ModelMeta, array_preprocess_for
-from models.errors import UserError
+from models.errors import UserError, about
 from models.faces import CROP_SIZE, DetectorConfig, FaceDetector, align_crop
 from models.images import MAX_PIXELS, decode_image
 from models.outputs import answers, decode
@@ -73,7 +73,7 @@ def load_crops(images: list[bytes], max_pixels: int = MAX_PIXELS) -> np.ndarray:
         try:
             rgb = decode_image(data, max_pixels)
         except UserError as exc:
-            raise type(exc)(f"file #{i + 1}: {exc}") from exc
+            raise about(exc, "file", i, len(images)) from exc
         if rgb.shape[:2] != (CROP_SIZE, CROP_SIZE):
             rgb = cv2.resize(rgb, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA)
         crops.append(rgb)

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from models.artifact import INTERVAL_LEVEL, MODEL_NAME, ModelMeta, stored_model
-from models.errors import UserError
+from models.errors import UserError, about
 from models.faces import DetectorConfig
 from models.images import MAX_PIXELS, image_rgb
 from models.outputs import check_level
@@ -96,13 +96,14 @@ class Predictor:
         per photo instead)."""
         if isinstance(images, ONE_IMAGE):
             raise UserError("predict_many takes a list of images; for one, call predict")
-        return self.answer([self._detect_nth(i, image) for i, image in enumerate(images)])
+        images = list(images)
+        return self.answer([self._detect_nth(i, image, len(images)) for i, image in enumerate(images)])
 
-    def _detect_nth(self, i: int, image: ImageInput) -> Detection:
+    def _detect_nth(self, i: int, image: ImageInput, of: int) -> Detection:
         try:
             return self.detect(image)
-        except UserError as exc:  # which of the images, as the service names a file among several
-            raise type(exc)(f"image #{i + 1}: {exc}") from exc
+        except UserError as exc:
+            raise about(exc, "image", i, of) from exc
 
     def predict_faces(self, crops: Iterable[FILE_INPUT]) -> list[FaceAttributes]:
         """Already-cropped faces (UTKFace-like framing) as files or their bytes, no detection: as POST

@@ -14,9 +14,10 @@ import dataclasses
 import os
 import sys
 import urllib.parse
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from tqdm import tqdm
 
@@ -128,14 +129,21 @@ def service_url(url: str) -> str:
     return url
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+class Counts(TypedDict):
+    photos: int
+    skipped: int  # already in the results file
+    passed_over: Counter[str]  # files in the folders without a photo's suffix, by suffix
+    faces: int
+    errors: int
+
+
+def run(args: argparse.Namespace) -> Counts:
     out = Output(args.out)  # its suffix checked before folders are searched
     todo, passed_over = photos(args.inputs)
     with out:  # locked: a second run on the same --out stops here
         done = out.done({str(p) for p in todo})
         todo_new = [p for p in todo if str(p) not in done]
-        counts: dict[str, Any] = {"photos": len(todo), "skipped": len(todo) - len(todo_new), "passed_over": passed_over}
-        counts |= {"faces": 0, "errors": 0}
+        counts = Counts(photos=len(todo), skipped=len(todo) - len(todo_new), passed_over=passed_over, faces=0, errors=0)
         answers = outcomes(args, todo_new)  # the model loaded (or the URL checked) before the progress bar
         with tqdm(total=len(todo_new), unit="photo", desc="predict") as bar:
             for path, result, error in answers:
@@ -175,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal errors
         counts = run(args)
         passed_over = counts["passed_over"]  # by suffix: a folder of .heic files says so
-        kinds = ", ".join(f"{suffix} {n}" for suffix, n in passed_over.most_common(5))
+        kinds = ", ".join(f"{suffix} {n}" for suffix, n in passed_over.most_common(5))  # a line, not a listing
         other = f"; {passed_over.total()} other files passed over ({kinds})" if passed_over else ""
         print(
             f"{counts['photos']} photos ({counts['skipped']} already in {args.out}{other}): "

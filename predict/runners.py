@@ -151,7 +151,7 @@ def run_remote(
     def loop() -> None:
         try:
             asyncio.run(_send_all(url.rstrip("/"), paths, concurrency, retries, timeout, headers, outcomes.put))
-        except UserError as exc:
+        except BaseException as exc:  # a UserError (a 401); with --debug, anything: raised in the caller's thread
             outcomes.put(exc)
         finally:
             outcomes.put(done)
@@ -159,7 +159,7 @@ def run_remote(
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     while (item := outcomes.get()) is not done:
-        if isinstance(item, UserError):
+        if isinstance(item, BaseException):
             raise item
         yield item
     thread.join()

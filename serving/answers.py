@@ -12,6 +12,9 @@ from starlette.types import Message, Send
 
 from models.errors import NotAnImage, TooLarge, UserError
 
+# seconds a 429 or 503 asks its client to wait: requests end, and workers restart, within seconds
+RETRY_AFTER = b"1"
+
 
 def error(status: int, message: str, close: bool = False) -> JSONResponse:
     """The error object every 4xx answer has; close=True when the request body was not read to its end."""
@@ -56,7 +59,9 @@ def as_error_object(status: int, body: bytes) -> bytes:
 def busy(message: str) -> JSONResponse:
     """429: a limit of this server is reached; the connection is closed (a body may be left unread)."""
     return JSONResponse(
-        {"error": f"{message}; retry shortly"}, status_code=429, headers={"retry-after": "1", "connection": "close"}
+        {"error": f"{message}; retry shortly"},
+        status_code=429,
+        headers={"retry-after": RETRY_AFTER.decode(), "connection": "close"},
     )
 
 
@@ -81,7 +86,7 @@ def rewrite_response(send: Send, rewrite: Callable[[int, bytes], bytes], when: C
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if start["status"] == 503 and all(k.lower() != b"retry-after" for k, _ in headers):  # as 429s say it
-            headers.append((b"retry-after", b"1"))  # a worker restarting or a batch queue full: back in seconds
+            headers.append((b"retry-after", RETRY_AFTER))
         await send({**start, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
         return None

@@ -25,11 +25,11 @@ the caller reads (it waits while its buffer is over asyncio's high-water mark, 6
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Callable
 from contextvars import ContextVar
 
+import prometheus_client
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.errors import UserError, as_data
@@ -38,6 +38,11 @@ log = logging.getLogger("bentoml").getChild(__name__)  # BentoML shows its own l
 # the most of an answer handed to uvicorn at once: a caller that reads nothing leaves up to about twice this
 # in uvicorn's buffer, with the rest of the answer freed
 ANSWER_CHUNK = 64 * 1024
+# /metrics' age_gender_answers_dropped_total{endpoint}: BentoML's own request counter and access log act on
+# an answer's last message, so they never see a dropped answer's request end
+DROPPED = prometheus_client.Counter(
+    "age_gender_answers_dropped", "answers dropped, their callers reading none", ["endpoint"]
+)
 # whether the request being handled has lost its caller: a holder the middleware sets, seen by the
 # request's tasks and by the threads BentoML runs its sync APIs in (both copy the context)
 LEFT: ContextVar[list[bool] | None] = ContextVar("caller_left", default=None)
@@ -109,7 +114,6 @@ class SlowReaders:
 
     def __init__(self, app: ASGIApp, idle_timeout: float) -> None:
         self.app, self.idle_timeout = app, idle_timeout
-        self.dropped = dropped_answers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,20 +148,7 @@ class SlowReaders:
                 ANSWER_CHUNK // 1024,
                 self.idle_timeout,
             )
-            self.dropped.labels(endpoint=scope["path"]).inc()  # BentoML counts a request at its answer's end
-
-
-@functools.cache  # one per process: prometheus_client refuses a second metric of the same name
-def dropped_answers():
-    """/metrics' age_gender_answers_dropped_total{endpoint}: answers SlowReaders dropped, which BentoML's own
-    request counter and access log never see (both act on an answer's last message)."""
-    # imported here, not with this module: BentoML's workers set PROMETHEUS_MULTIPROC_DIR after importing
-    # the service, and prometheus_client reads it when it is imported
-    import prometheus_client
-
-    return prometheus_client.Counter(
-        "age_gender_answers_dropped", "answers whose callers stopped taking them in, dropped", ["endpoint"]
-    )
+            DROPPED.labels(endpoint=scope["path"]).inc()
 
 
 class _Dropped(Exception):

@@ -176,25 +176,20 @@ class RequestGuard:
         type); or the error answer; or None when the client left."""
         try:
             limits = (self.max_bytes, self.idle_timeout, self.upload_timeout, self.min_upload_rate)
-            spool = await read_body(receive, *limits)
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            spool = await read_body(receive, *limits, int(declared) if declared.isdigit() else -1)
         except ClientGone:
             return None
         except Rejected as exc:
             if exc.status == 413:  # a body somewhat over the limit: read to its end, so that its client reads this
                 await drain(receive, (DRAIN_UP_TO - 1) * self.max_bytes, self.idle_timeout, self.upload_timeout)
             return error(exc.status, exc.message, close=True)
-        encoding = dict(scope["headers"]).get(b"content-encoding", b"identity").strip().lower()
-        if encoding != b"identity":  # its parts would be misread: name the reason, not a missing field
-            spool.close()
-            why = f"Content-Encoding {encoding.decode('latin-1')!r}: send the body uncompressed (images are compressed)"
-            return error(415, why)
         try:
             if field is None:
                 return spool, [_no_input(path, spool)], b"application/json"
-            media = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
             # in the checks' own thread: a request cancelled meanwhile (its client gone, BentoML's timeout)
             # leaves a running check to finish, so no more than CHECKS_AT_ONCE ever run
-            check = self.checks.submit(self._check_upload, field, media, spool)
+            check = self.checks.submit(self._check_upload, field, dict(scope["headers"]), spool)
             segments, boundary = await asyncio.wrap_future(check)
             return spool, segments, b"multipart/form-data; boundary=" + boundary
         except Rejected as exc:
@@ -230,15 +225,20 @@ class RequestGuard:
             if held:
                 self.handling -= 1
 
-    def _check_upload(self, field: FileField, content_type: str, spool: Spool) -> tuple[list[Segment], bytes]:
+    def _check_upload(self, field: FileField, headers: dict, spool: Spool) -> tuple[list[Segment], bytes]:
         """-> (canonical multipart body as segments of the spool, its boundary), or Rejected with the 4xx
         answer that says why."""
         hint = f"send {'one or more image files' if field.many else 'one image file'} as multipart field {field.name!r}"
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
         media, params = parse_options_header(content_type)
         if media != b"multipart/form-data":
             raise Rejected(
                 415, f"content type {content_type or 'missing'}; send multipart/form-data with field {field.name!r}"
             )
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding != b"identity":  # else its parts are misread: a form without the field
+            got = encoding[:40].decode("latin-1")
+            raise Rejected(415, f"Content-Encoding {got!r}; send the form uncompressed (images are compressed already)")
         boundary = params.get(b"boundary", b"")
         if not boundary or len(boundary) > MAX_BOUNDARY:
             got = "no boundary parameter" if not boundary else f"a boundary over {MAX_BOUNDARY} characters"

@@ -7,11 +7,11 @@ not folded, the body ends with the closing boundary, and parsing takes time line
 
 from __future__ import annotations
 
+import email.message
 import mmap
 import re
 import secrets
 from dataclasses import dataclass
-from urllib.parse import unquote
 
 from python_multipart.multipart import parse_options_header
 
@@ -21,8 +21,6 @@ MAX_HEADER_BYTES = 8192  # one part's header block
 MAX_TEXT_FIELDS = 4  # no route takes text fields; a few are parsed so that the answer can name them
 MAX_TEXT_BYTES = 8192  # one text field (a URL fits; an image sent as text does not)
 MAX_BOUNDARY = 70  # RFC 2046
-# RFC 5987's file name, filename*=UTF-8''%C3%A9t%C3%A9.jpg: RFC 7578 forbids it in forms, some clients send it
-STARRED_NAME = re.compile(r';\s*filename\*\s*=\s*"?([^";]*)', re.IGNORECASE)
 _LINE_END = re.compile(rb"[ \t]*\r\n")  # after a boundary: optional transport padding, then CRLF
 
 
@@ -137,9 +135,11 @@ def _part_headers(block: bytes) -> tuple[str, str | None, str]:
         raise Rejected(400, 'a part\'s Content-Disposition is not form-data; name="..."')
     name = _text(options[b"name"])
     filename = _text(options[b"filename"]) if b"filename" in options else None
-    starred = STARRED_NAME.search(headers["content-disposition"])  # which parse_options_header drops
-    if filename is None and starred:
-        filename = unquote(starred[1].split("'", 2)[-1], errors="replace")
+    if filename is None:  # RFC 5987's filename*=UTF-8''%C3%A9t%C3%A9.jpg, which parse_options_header drops:
+        # RFC 7578 forbids it in forms, some clients send it
+        disposition_header = email.message.Message()
+        disposition_header["content-disposition"] = headers["content-disposition"]
+        filename = disposition_header.get_filename()
     return name, filename, headers.get("content-type", "")
 
 

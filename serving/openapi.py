@@ -38,7 +38,8 @@ UPLOAD_ERRORS = {**BODY_ERRORS, "415": "Unsupported Media Type"}
 LOAD_ERRORS = {
     "429": "Too Many Requests: a limit of this server is reached; retry after Retry-After seconds",
     "500": "Internal Server Error: a bug; its message says no more than that",
-    "503": "Service Unavailable: a model batch could not be served in time, or a worker is restarting",
+    "503": "Service Unavailable: a model batch could not be served in time, or a worker is restarting; retry after "
+    "Retry-After seconds",
     "504": "Gateway Timeout: the request took longer than the service's timeout",
 }
 KEY_ERROR = {"401": "Unauthorized: the API key (AGE_GENDER_API_KEY) is missing or wrong"}

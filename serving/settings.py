@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NoReturn
 
 from models.artifact import INTERVAL_LEVEL, MODEL_NAME, stored_model
 from models.errors import FALSE, TRUE, UserError, debugging
@@ -119,21 +119,21 @@ def _boolean(raw: str) -> bool:
     raise ValueError(raw)
 
 
-def _stop(exc: UserError) -> None:
+def _stop(exc: UserError) -> NoReturn:
     """A setting that cannot work stops the service in one line (with AGE_GENDER_DEBUG, its traceback)."""
     if debugging():
         raise exc
     raise SystemExit(f"error: {exc}") from None
 
 
-def model_in_store(tag: str) -> str:
-    """AGE_GENDER_MODEL's tag, once the store holds it: a model service that cannot load its model would
-    restart over and over while the service looks up, with /readyz answering 500."""
+def model_in_store(tag: str) -> None:
+    """Stops the service in one line unless the local store (or the Bento's) holds AGE_GENDER_MODEL's tag: a
+    model service that cannot load its model would restart over and over behind a /readyz answering 500.
+    A model only on BentoCloud, which BentoML would fetch, is refused too: this project serves local ones."""
     try:
         stored_model(tag)
     except UserError as exc:
         _stop(UserError(f"{PREFIX}MODEL: {exc}"))
-    return tag
 
 
 try:

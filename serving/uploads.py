@@ -70,13 +70,13 @@ class Spool:
 
 
 async def read_body(
-    receive: Receive, max_bytes: int, idle_timeout: float, upload_timeout: float, min_rate: float
+    receive: Receive, max_bytes: int, idle_timeout: float, upload_timeout: float, min_rate: float, declared: int = -1
 ) -> Spool:
     """The client's body -> a Spool; Rejected(413) past max_bytes, Rejected(408) after idle_timeout
     seconds without a byte, past upload_timeout seconds in all, or when after idle_timeout seconds it
     has arrived slower than min_rate bytes/s on average (checked as each piece arrives: a client sending
     a byte now and then is cut within about 2 x idle_timeout); Rejected(503) when the body cannot be
-    stored (a full disk); ClientGone when the client disconnects."""
+    stored (a full disk); ClientGone when the client disconnects. declared: its Content-Length (-1: none)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = started + upload_timeout
@@ -89,9 +89,10 @@ async def read_body(
             except TimeoutError as exc:
                 if left <= idle_timeout:
                     raise Rejected(408, f"the request body took longer than {upload_timeout:g} s") from exc
-                # a client whose Content-Length is over what it sends waits here too: say what arrived
-                why = f"no request body bytes for {idle_timeout:g} s ({spool.size} bytes arrived)"
-                raise Rejected(408, f"{why}; is the body shorter than its Content-Length?") from exc
+                why = f"no request body bytes for {idle_timeout:g} s"
+                if declared > spool.size:  # a client that declares more than it sends waits here too
+                    why += f": {spool.size} of the {declared} bytes its Content-Length declares arrived"
+                raise Rejected(408, why) from exc
             if message["type"] == "http.disconnect":
                 raise ClientGone
             try:

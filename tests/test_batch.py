@@ -275,7 +275,7 @@ def test_python_api_takes_a_pil_image_as_it_takes_its_file(model_tag: str) -> No
         (predictor.predict_faces, b"...", "takes a list"),
         (predictor.predict_many, "photo.jpg", "takes a list"),
         (predictor.predict, 12, "not int"),
-        (predictor.predict, grey, r"not a \(512, 512\) uint8 array"),  # was "not ndarray"
+        (predictor.predict, grey, r"not a \(512, 512\) uint8 array"),  # what is wrong with it
         (predictor.predict_many, [photo, b"junk"], "image #2: "),  # which one
     ]:
         with pytest.raises(UserError, match=message):

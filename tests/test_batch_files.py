@@ -248,8 +248,7 @@ def test_url_mode_sends_the_api_key_and_stops_at_a_401(tmp_path: Path) -> None:
         got: list = []
         with pytest.raises(UserError, match="refused the API key .*HTTP 401: missing or wrong API key.*--api-key"):
             got.extend(run_remote(url, [photo] * 20, 2, 5, 10))  # no key: the first 401 ends the run, no retries
-        # and no photo gets a row: those waiting for a connection were sent on the closed client, and their
-        # "client has been closed" rows were kept, so a rerun skipped those photos for good
+        # and no photo gets a row: a rerun with the key skips the photos that have one
         assert got == []
 
 

@@ -98,7 +98,7 @@ def test_malformed_multipart_answers_400_at_once(client, case: str) -> None:
 
 
 def test_a_compressed_body_is_refused_for_what_it_is(client) -> None:
-    body = gzip.compress(form(part(b"image", PNG)))  # before: 400 "missing field 'image'"
+    body = gzip.compress(form(part(b"image", PNG)))  # not "missing field 'image'": the encoding is named
     r = client.post("/predict", content=body, headers={"content-type": MULTIPART, "content-encoding": "gzip"})
     assert "Content-Encoding 'gzip'" in error_of(r, 415)
 
