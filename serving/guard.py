@@ -140,8 +140,9 @@ class RequestGuard:
         if path in OPEN_PATHS or scope["method"] != "POST" or (field is None and path not in self.no_input_routes):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > DRAIN_UP_TO * self.max_bytes:  # not worth reading to its end
+        raw_length = headers.get(b"content-length", b"")
+        declared = int(raw_length) if raw_length.isdigit() else -1  # -1: none (a chunked body)
+        if declared > DRAIN_UP_TO * self.max_bytes:  # not worth reading to its end
             return await error(413, f"request body over the {self.max_bytes} byte limit", close=True)(
                 scope, receive, send
             )
@@ -157,7 +158,7 @@ class RequestGuard:
             return await busy(why)(scope, receive, send)
         self.uploads += 1  # until its body is complete and checked
         try:
-            outcome = await self._receive(scope, receive, path, field)
+            outcome = await self._receive(receive, headers, declared, path, field)
         finally:
             self.uploads -= 1
         if not isinstance(outcome, tuple):  # the client left (None), or the answer that says what is wrong
@@ -170,14 +171,13 @@ class RequestGuard:
             spool.close()
 
     async def _receive(
-        self, scope: Scope, receive: Receive, path: str, field: FileField | None
+        self, receive: Receive, headers: dict, declared: int, path: str, field: FileField | None
     ) -> tuple[Spool, list[Segment], bytes] | JSONResponse | None:
         """The body read and checked -> (its spool, the canonical body as segments of it, its content
         type); or the error answer; or None when the client left."""
         try:
             limits = (self.max_bytes, self.idle_timeout, self.upload_timeout, self.min_upload_rate)
-            declared = dict(scope["headers"]).get(b"content-length", b"")
-            spool = await read_body(receive, *limits, int(declared) if declared.isdigit() else -1)
+            spool = await read_body(receive, *limits, declared)
         except ClientGone:
             return None
         except Rejected as exc:
@@ -189,7 +189,7 @@ class RequestGuard:
                 return spool, [_no_input(path, spool)], b"application/json"
             # in the checks' own thread: a request cancelled meanwhile (its client gone, BentoML's timeout)
             # leaves a running check to finish, so no more than CHECKS_AT_ONCE ever run
-            check = self.checks.submit(self._check_upload, field, dict(scope["headers"]), spool)
+            check = self.checks.submit(self._check_upload, field, headers, spool)
             segments, boundary = await asyncio.wrap_future(check)
             return spool, segments, b"multipart/form-data; boundary=" + boundary
         except Rejected as exc:
