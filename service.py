@@ -42,9 +42,10 @@ from serving.card import ModelCardRoute
 from serving.dependencies import ByteBudget, call_dependency
 from serving.disconnect import SlowReaders, WatchCaller, answer_if_caller_waits
 from serving.edge import ApiKey, CallerRequestId, RequestId, cors, log_request_ids
-from serving.guard import RequestGuard, api_routes
+from serving.guard import RequestGuard
 from serving.heap import HeapTrimmer, keep_buffers_while_working, return_large_buffers
 from serving.openapi import StandardOpenAPI
+from serving.routes import api_routes
 from serving.settings import DETECTOR_WORKERS, SETTINGS, model_in_store
 
 # inter-service HTTP sessions are otherwise recycled under in-flight requests (BentoML #5540, #5544)
@@ -259,6 +260,7 @@ AgeGender.add_asgi_middleware(
     no_input_routes=NO_INPUT_ROUTES,
 )
 AgeGender.add_asgi_middleware(WatchCaller, cancel=True)  # inside the guard: from a complete body on
-AgeGender.add_asgi_middleware(SlowReaders, idle_timeout=SETTINGS.idle_timeout)  # answers callers do not take in
+# answers callers do not take in; every API route's count of them on /metrics from the start
+AgeGender.add_asgi_middleware(SlowReaders, idle_timeout=SETTINGS.idle_timeout, routes=[*ROUTES, *NO_INPUT_ROUTES])
 AgeGender.add_asgi_middleware(StandardOpenAPI, max_images=SETTINGS.max_images, api_key=bool(SETTINGS.api_key))
 AgeGender.add_asgi_middleware(ModelCardRoute, model=SETTINGS.model)

@@ -23,8 +23,9 @@ from starlette.testclient import TestClient
 
 from devtools.forms import MALFORMED, MULTIPART, PNG, B, form, part
 from devtools.photos import one_bit_png
-from serving.guard import FileField, RequestGuard
+from serving.guard import RequestGuard
 from serving.multipart import MAX_TEXT_BYTES, MAX_TEXT_FIELDS
+from serving.routes import FileField
 from serving.settings import Settings
 
 LIMITS = {"max_bytes": Settings.max_bytes, "max_images": Settings.max_images, "max_pixels": Settings.max_pixels}

@@ -16,11 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import typing
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
@@ -41,6 +38,7 @@ from serving.multipart import (
     label,
     parse_form,
 )
+from serving.routes import FileField
 from serving.settings import SETTINGS
 from serving.uploads import SPOOL_BYTES, Spool, drain, length, read_body, replay
 
@@ -61,34 +59,6 @@ BUSY_DRAIN_SECONDS = 2.0
 # connection for at most BUSY_DRAIN_SECONDS and no memory (its bytes are dropped): as many as the default
 # AGE_GENDER_MAX_UPLOADS, whatever that setting, so that a burst past small limits is still answered.
 MAX_DRAINS = 256
-
-
-@dataclass(frozen=True)
-class FileField:
-    name: str
-    many: bool
-
-
-def api_routes(service) -> tuple[dict[str, FileField], list[str]]:
-    """A BentoML service's APIs -> (the routes that take files, with their field; the routes that take no
-    input): what the guard must cover, read from the API signatures. An API taking anything else stops
-    the service from starting (TypeError): the guard would not know how to check its requests."""
-    files: dict[str, FileField] = {}
-    empty: list[str] = []
-    for api in service.apis.values():
-        if api.is_task:  # its /submit, /status and /get routes would pass the guard unchecked
-            raise TypeError(f"{service.name}.{api.name} is a task API: serving/guard.py does not check its routes")
-        inputs = [(name, kind) for name, kind in typing.get_type_hints(api.func).items() if name != "return"]
-        if not inputs:
-            empty.append(api.route)
-        elif len(inputs) == 1 and inputs[0][1] in (Path, list[Path]):
-            files[api.route] = FileField(inputs[0][0], many=inputs[0][1] != Path)
-        else:
-            raise TypeError(
-                f"{service.name}.{api.name} takes {inputs}: serving/guard.py checks APIs of one file, a list of "
-                "files or no input; teach it this kind of request before adding the API"
-            )
-    return files, empty
 
 
 class RequestGuard:

@@ -22,7 +22,8 @@ from devtools.forms import MULTIPART, PNG, form, part
 from devtools.launch import arbiter_pid, descendants, pss_kb, service_name
 from devtools.photos import encode, group_photo, no_face
 from serving.disconnect import ANSWER_CHUNK, SlowReaders, WatchCaller, answer_if_caller_waits
-from serving.guard import FileField, RequestGuard
+from serving.guard import RequestGuard
+from serving.routes import FileField
 from serving.settings import DETECTOR_WORKERS
 
 ROUTES = {"/predict": FileField("image", many=False)}
@@ -214,12 +215,19 @@ def test_an_apps_own_error_is_not_taken_for_a_dropped_answer(caplog) -> None:
     assert "dropped" not in caplog.text
 
 
-def _dropped_metric(server: str) -> float:
-    """/metrics' count of /annotate's dropped answers (0 before the first: the counter has no such line)."""
+def _dropped_metric(server: str, route: str = "/annotate") -> float:
+    """/metrics' count of a route's dropped answers: every API route has the line, at 0 before the first."""
     line = re.search(
-        r'^age_gender_answers_dropped_total\{endpoint="/annotate"\} (\S+)$', httpx.get(server + "/metrics").text, re.M
+        rf'^age_gender_answers_dropped_total\{{endpoint="{route}"\}} (\S+)$', httpx.get(server + "/metrics").text, re.M
     )
-    return float(line.group(1)) if line else 0.0
+    assert line, f"no dropped-answers line for {route} on /metrics"
+    return float(line.group(1))
+
+
+def test_every_api_route_has_a_dropped_answers_count_from_the_start(server: str) -> None:
+    """/predict's answers (JSON, under 64 KiB) are never dropped: its count is there, at 0."""
+    assert _dropped_metric(server, "/predict") == 0
+    assert _dropped_metric(server, "/model_info") == 0
 
 
 def test_annotated_photos_their_callers_do_not_read_are_dropped(server: str, server_log: Path) -> None:

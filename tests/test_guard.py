@@ -24,8 +24,9 @@ from devtools.forms import MALFORMED, MULTIPART, PNG, B, form, part
 from devtools.photos import astronaut, encode
 from models.images import image_format
 from serving.dependencies import DependencyUnavailable
-from serving.guard import FileField, RequestGuard
+from serving.guard import RequestGuard
 from serving.openapi import StandardOpenAPI
+from serving.routes import FileField
 from serving.uploads import SPOOL_BYTES
 
 MAX_IMAGES = 4
@@ -271,7 +272,7 @@ def test_openapi_names_the_api_key_where_one_is_set() -> None:
 
 def test_guard_covers_every_api_from_its_signature() -> None:
     """The routes the guard checks come from the API signatures; an API of another kind stops the start."""
-    from serving.guard import api_routes
+    from serving.routes import api_routes
 
     assert api_routes(StandIn) == (ROUTES, ["/model_info", "/unavailable"])
 
