@@ -120,6 +120,19 @@ class ModelMeta(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+def check_tag(tag: str) -> None:
+    """A UserError unless tag is a BentoML tag: BentoML's own error, met where the model is first named
+    (a service's class body), stops it without saying which setting."""
+    import bentoml
+
+    try:
+        bentoml.Tag.from_taglike(tag)
+    except (ValueError, bentoml.exceptions.BentoMLException) as exc:
+        raise UserError(
+            f"{tag!r} is not a BentoML tag: a name, or name:version, of lower-case letters, digits, '_', '-' and '.'"
+        ) from exc
+
+
 def stored_model(tag: str):
     """A model of the BentoML store ($BENTOML_HOME) by tag; a UserError that says where to look if absent."""
     import bentoml

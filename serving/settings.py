@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 
-from models.artifact import INTERVAL_LEVEL, MODEL_NAME, stored_model
+from models.artifact import INTERVAL_LEVEL, MODEL_NAME, check_tag, stored_model
 from models.errors import FALSE, TRUE, UserError, debugging
 from models.faces import DetectorConfig, detector_name
 from models.images import MAX_PIXELS
@@ -72,7 +72,15 @@ class Settings:
         for name in ("idle_timeout", "upload_timeout"):
             if not 0 < getattr(self, name) < math.inf:
                 raise UserError(f"{PREFIX}{name.upper()} must be more than 0 seconds, not {getattr(self, name)}")
-        for name, check in (("detector", detector_name), ("runtime", runtime_name), ("cors_origins", cors_origins)):
+        if self.api_key != self.api_key.strip():  # HTTP strips a header's value: no client's key could match
+            raise UserError(f"{PREFIX}API_KEY starts or ends with whitespace (a newline, from a file?): remove it")
+        checks = (
+            ("model", check_tag),
+            ("detector", detector_name),
+            ("runtime", runtime_name),
+            ("cors_origins", cors_origins),
+        )
+        for name, check in checks:
             try:
                 check(getattr(self, name))
             except UserError as exc:

@@ -131,6 +131,10 @@ def test_settings_from_the_environment(monkeypatch, env: dict, field: str, value
         ({"AGE_GENDER_DETECTOR": "retina"}, "AGE_GENDER_DETECTOR: unknown detector 'retina'"),
         ({"AGE_GENDER_RUNTIME": "gpu"}, "AGE_GENDER_RUNTIME: unknown runtime 'gpu'; choose from auto, onnx"),
         ({"AGE_GENDER_CORS_ORIGINS": "notaurl"}, "AGE_GENDER_CORS_ORIGINS: 'notaurl' is not an origin"),
+        ({"AGE_GENDER_MODEL": "!!bad"}, "AGE_GENDER_MODEL: '!!bad' is not a BentoML tag: a name, or name:version"),
+        ({"AGE_GENDER_MODEL": "a:b:c"}, "AGE_GENDER_MODEL: 'a:b:c' is not a BentoML tag"),
+        ({"AGE_GENDER_API_KEY": "secret\n"}, "AGE_GENDER_API_KEY starts or ends with whitespace"),
+        ({"AGE_GENDER_API_KEY": "  "}, "AGE_GENDER_API_KEY starts or ends with whitespace"),
     ],
 )
 def test_bad_settings_name_the_variable(monkeypatch, env: dict, message: str) -> None:
