@@ -143,7 +143,7 @@ def run_remote(
     url: str, paths: list[Path], concurrency: int, retries: int, timeout: float, api_key: str = ""
 ) -> Iterator[Outcome]:
     """The photos sent to `url`'s /predict from a background event loop; outcomes as they arrive. A 401 (the
-    API key) stops the run: every photo would get it."""
+    API key), 404 or 405 (not the service's address) stops the run: every photo would get it."""
     outcomes: queue.Queue = queue.Queue()
     done = object()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -218,6 +218,8 @@ async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult
         problem = f"HTTP {r.status_code}: {r.text[:200] if said is None else said}"
         if r.status_code == 401:
             raise UserError(f"{url} refused the API key ({problem}): give the service's key with --api-key")
+        if r.status_code in (404, 405):  # the service has a POST /predict: this address is something else
+            raise UserError(f"{url}/predict answered {problem}: give the service's address, without a path, with --url")
         if r.status_code not in RETRY_STATUSES:
             return None, problem
         retry_after = r.headers.get("retry-after", "")

@@ -219,8 +219,8 @@ class RequestGuard:
             except TooManyFiles as exc:
                 if field.many:
                     raise Rejected(413, f"got {exc.count} images; at most {self.max_images} per request") from exc
-                raise Rejected(
-                    400, f"got {exc.count} files in {field.name!r}; this endpoint takes one (use /predict_batch)"
+                raise Rejected(  # in any fields: a second one may be named otherwise
+                    400, f"got {exc.count} files; this endpoint takes one, in field {field.name!r} (use /predict_batch)"
                 ) from exc
             except Rejected as exc:
                 raise Rejected(exc.status, f"malformed multipart form: {exc.message}; {hint}") from exc

@@ -252,6 +252,17 @@ def test_url_mode_sends_the_api_key_and_stops_at_a_401(tmp_path: Path) -> None:
         assert got == []
 
 
+def test_url_mode_stops_at_an_address_that_is_not_the_service(tmp_path: Path) -> None:
+    """--url with a path (a proxy's prefix, a typo): every photo gets a 404, which rows would keep for good."""
+    photo = tmp_path / "a.jpg"
+    astronaut().save(photo)
+    with stand_in_service(lambda headers: (404, {}, {"detail": "Not Found"})) as url:
+        got: list = []
+        with pytest.raises(UserError, match=r"/v1/predict answered HTTP 404: .*without a path, with --url"):
+            got.extend(run_remote(url + "/v1", [photo] * 8, 2, 5, 10))
+        assert got == []
+
+
 def test_url_mode_waits_as_long_as_a_busy_service_asks(tmp_path: Path) -> None:
     calls: list[float] = []
 

@@ -112,6 +112,12 @@ def _bad_requests():
         "misnamed field": ({"photo": ("a.jpg", good, JPEG)}, 400, "unknown field 'photo'"),
         "string in file field": ({"image": (None, "http://example.com/a.jpg")}, 400, "must be a file upload"),
         "two files for one": ([("image", ("a.jpg", good, JPEG)), ("image", ("b.jpg", good, JPEG))], 400, "takes one"),
+        # the second in another field: not "2 files in 'image'"
+        "a second file field": (
+            [("image", ("a.jpg", good, JPEG)), ("other", ("b.jpg", good, JPEG))],
+            400,
+            "got 2 files; this endpoint takes one, in field 'image'",
+        ),
     }
 
 
