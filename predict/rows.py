@@ -169,12 +169,20 @@ class Output:
         return done
 
     def _rows(self, text: str) -> Iterator[dict[str, Any]]:
-        """The rows of complete lines of the file's format."""
+        """The rows of complete lines of the file's format; ValueError where they are not this command's (another
+        tool's CSV header, a JSON line that names no file), whose rows would be appended to."""
         lines = io.StringIO(text, newline="")
         if self.format == "csv":
-            yield from csv.DictReader(lines)
-        else:
-            yield from (json.loads(line) for line in lines if line.strip())
+            rows = csv.DictReader(lines)
+            if rows.fieldnames is not None and tuple(rows.fieldnames) != FIELDS:
+                raise ValueError(f"its header is {','.join(rows.fieldnames)[:80]!r}, not {','.join(FIELDS[:3])},...")
+            yield from rows
+            return
+        for line in filter(str.strip, lines):
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("file"), str):
+                raise ValueError(f"a line that names no file: {line[:80]!r}")
+            yield row
 
     def _rewrite(self, rows: Iterator[dict[str, Any]]) -> None:
         """The file replaced at once by these rows, with its permissions, where a link points to it."""

@@ -76,12 +76,21 @@ def test_file_names_that_are_not_utf8_round_trip(suffix: str, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    "content",
-    [b'{"file": "x"}\nnot json\n', b"a,b\n1,2\n", b"[1]\n", b"\xff\xfe\n", b"name,age\nalice,30\nbob,41"],
-    ids=["json", "csv", "list", "bytes", "csv without a last newline"],
+    ("suffix", "content"),
+    [
+        ("jsonl", b'{"file": "x"}\nnot json\n'),
+        ("jsonl", b"[1]\n"),
+        ("jsonl", b"\xff\xfe\n"),
+        ("jsonl", b'{"file": 5}\n'),
+        ("csv", b"a,b\n1,2\n"),
+        ("csv", b"name,age\nalice,30\nbob,41"),  # no last newline
+        ("csv", b"name,age\n"),  # another tool's header, no rows yet: ours would go under it
+        ("csv", b"file,size\nbig.jpg,3\n"),  # a column of ours among others
+        ("csv", b"hello\n"),
+    ],
 )
-def test_an_out_file_of_something_else_is_refused(content: bytes, tmp_path: Path) -> None:
-    out = tmp_path / ("faces.csv" if content[:1] in b"an" else "faces.jsonl")
+def test_an_out_file_of_something_else_is_refused(suffix: str, content: bytes, tmp_path: Path) -> None:
+    out = tmp_path / f"faces.{suffix}"
     out.write_bytes(content)
     with pytest.raises(UserError, match="is not a results file of this command"), Output(out) as output:
         output.done(set())
