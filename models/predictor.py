@@ -21,7 +21,7 @@ from PIL import Image
 from models.artifact import INTERVAL_LEVEL, MODEL_NAME, ModelMeta, stored_model
 from models.errors import UserError, about
 from models.faces import DetectorConfig
-from models.images import MAX_PIXELS, image_rgb
+from models.images import MAX_PIXELS, image_rgb, read_image_file
 from models.outputs import check_level
 from models.pipeline import Detection, Estimator, FaceFinder, load_crops, photo_results
 from models.schemas import FaceAttributes, PhotoResult
@@ -73,7 +73,7 @@ class Predictor:
         """Any supported input -> its faces. Files and bytes go through the upload rules (formats, size); a
         PIL image's pixels are mapped to RGB as its file's would be (models.images.image_rgb)."""
         if isinstance(image, FILE_INPUT):
-            return self.finder.find(_file_bytes(image))
+            return self.finder.find(_file_bytes(image, self.finder.max_pixels))
         if isinstance(image, Image.Image):
             image = image_rgb(image)
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
@@ -114,18 +114,19 @@ class Predictor:
         for crop in crops:
             if not isinstance(crop, FILE_INPUT):
                 raise UserError(f"a cropped face must be a path or bytes, not {type(crop).__name__}")
-            data.append(_file_bytes(crop))
+            data.append(_file_bytes(crop, self.finder.max_pixels))
         if not data:
             raise UserError("predict_faces needs at least one cropped face")
         rows = self.estimator(load_crops(data, self.finder.max_pixels))
         return [FaceAttributes(**a) for a in self.estimator.answers(rows)]
 
 
-def _file_bytes(image: FILE_INPUT) -> bytes:
-    """A file's bytes, or bytes-like input as bytes."""
+def _file_bytes(image: FILE_INPUT, max_pixels: int) -> bytes:
+    """A file's bytes (read whole only if it may be an image: models.images.read_image_file), or bytes-like
+    input as bytes."""
     if not isinstance(image, str | Path):
         return bytes(image)
     try:
-        return Path(image).read_bytes()
+        return read_image_file(image, max_pixels)
     except OSError as exc:
         raise UserError(f"cannot read {exc.filename}: {exc.strerror}") from exc

@@ -30,6 +30,7 @@ import cv2
 
 from models.errors import UserError, debugging
 from models.faces import DetectorConfig
+from models.images import read_image_file
 from models.pipeline import Detection, FaceFinder
 from models.predictor import Predictor
 from models.schemas import PhotoResult
@@ -67,7 +68,7 @@ def _detect(path: Path) -> Detection | str:
     """A photo's detection, or the text of whatever went wrong with it (nothing here may stop the run)."""
     assert _finder is not None, "runs in the pool's processes, which _start_worker set up"
     try:
-        return _finder.find(path.read_bytes())
+        return _finder.find(read_image_file(path, _finder.max_pixels))
     except UserError as exc:
         return str(exc)
     except OSError as exc:
@@ -197,9 +198,11 @@ async def _send(client, url: str, path: Path, retries: int) -> tuple[PhotoResult
     import httpx
 
     try:
-        data = path.read_bytes()
+        data = read_image_file(path, None)  # the service's pixel limit is its own
     except OSError as exc:
         return None, f"cannot read the file: {exc.strerror}"
+    except UserError as exc:  # not an image: the row the service's 415 would give, nothing sent
+        return None, str(exc)
     name = os.fsencode(path.name).decode(errors="replace")  # a header holds text: bytes not UTF-8 are replaced
     problem, asked = "", 0.0
     for attempt in range(retries + 1):

@@ -18,6 +18,7 @@ import pytest
 
 from devtools.photos import astronaut, no_face
 from models.errors import UserError
+from models.schemas import PhotoResult
 from predict.rows import Output, photos
 from predict.runners import TRANSIENT, _detect, run_remote
 
@@ -270,6 +271,17 @@ def test_url_mode_stops_at_an_address_that_is_not_the_service(tmp_path: Path) ->
         with pytest.raises(UserError, match=r"/v1/predict answered HTTP 404: .*without a path, with --url"):
             got.extend(run_remote(url + "/v1", [photo] * 8, 2, 5, 10))
         assert got == []
+
+
+def test_url_mode_sends_no_file_that_is_not_an_image(tmp_path: Path) -> None:
+    calls: list[int] = []
+    photo, text = tmp_path / "a.jpg", tmp_path / "notes.jpg"
+    astronaut().save(photo)
+    text.write_bytes(b"just some text")
+    with stand_in_service(lambda headers: calls.append(1) or (200, {}, NO_FACE)) as url:
+        rows = {p.name: (result, error) for p, result, error in run_remote(url, [text, photo], 1, 0, 10)}
+    assert rows["notes.jpg"][1] is not None and "not an image in an accepted format" in rows["notes.jpg"][1]
+    assert rows["a.jpg"] == (PhotoResult(**NO_FACE), None) and calls == [1]
 
 
 def test_url_mode_waits_as_long_as_a_busy_service_asks(tmp_path: Path) -> None:

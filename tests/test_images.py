@@ -266,3 +266,30 @@ def test_decoding_cost_is_bounded_before_decoding() -> None:
     end = scan_end(photo, photo.index(b"\xff\xda"))
     assert jpeg_scans(photo[:end] + b"\xff\x01" * MAX_JPEG_MARKERS + photo[end:]) == MAX_JPEG_SCANS + 1
     assert decode_image(encode(Image.new("RGB", (4000, 3000)), "PNG"), MAX_PIXELS).shape == (3000, 4000, 3)
+
+
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        (b"", "not an image in an accepted format"),  # zeros, as `truncate -s 4G` leaves
+        (b"\x89PNG\r\n\x1a\n", "more than any image of at most 1000000 pixels takes"),
+    ],
+)
+def test_a_huge_file_is_refused_from_its_first_bytes(head: bytes, message: str, tmp_path) -> None:
+    """A 4 GB (sparse) file, in a process that may map 3 GB: read whole, it would fail with MemoryError."""
+    path = tmp_path / "huge.png"
+    with path.open("wb") as f:
+        f.write(head)
+        f.truncate(4 << 30)
+    script = (
+        "import resource, sys\n"
+        "from models.errors import UserError\n"
+        "from models.images import read_image_file\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+        "try:\n"
+        f"    read_image_file({str(path)!r}, 1_000_000)\n"
+        "except UserError as exc:\n"
+        "    print(exc)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and message in r.stdout, r.stderr[-500:]
