@@ -50,9 +50,10 @@ CHECKS_AT_ONCE = 1
 # clients that write the whole body before reading (http.client, requests) otherwise see a reset, not why
 DRAIN_UP_TO = 2
 GENERIC_TYPE = "application/octet-stream"  # what clients declare for a file whose type they do not know
-# a body refused because AGE_GENDER_MAX_UPLOADS are being received is read (and dropped) for up to this many
-# seconds before its 429, for the same reason: a photo on a fast link has arrived by then, and asyncio
-# clients (httpx) lost most of these 429s to resets. A slower or stalled upload is closed on after it.
+# a body refused because AGE_GENDER_MAX_UPLOADS are being received, or declared over DRAIN_UP_TO x max_bytes,
+# is read (and dropped) for up to this many seconds before its 429 or 413, for the same reason: a photo on a
+# fast link has arrived by then, and asyncio clients (httpx) lost most of these answers to resets (the batch
+# command retried a 100 MB file as a server gone). A slower or stalled upload is closed on after it.
 BUSY_DRAIN_SECONDS = 2.0
 # At most this many such bodies are drained at once; past it, and for clients that wait for `100 Continue`
 # before sending, the 429 comes at once (nothing is invited that would be refused). Each drain holds a
@@ -112,19 +113,14 @@ class RequestGuard:
         headers = dict(scope["headers"])
         raw_length = headers.get(b"content-length", b"")
         declared = int(raw_length) if raw_length.isdigit() else -1  # -1: none (a chunked body)
-        if declared > DRAIN_UP_TO * self.max_bytes:  # not worth reading to its end
+        if declared > DRAIN_UP_TO * self.max_bytes:  # not worth reading to its end: only for a while
+            await self._drain_refused(receive, headers, declared)
             return await error(413, f"request body over the {self.max_bytes} byte limit", close=True)(
                 scope, receive, send
             )
         if self.uploads >= self.max_uploads:
             why = f"uploads being received: {self.uploads}, the limit of this server (AGE_GENDER_MAX_UPLOADS)"
-            waits = headers.get(b"expect", b"").lower() == b"100-continue"
-            if self.draining < MAX_DRAINS and not waits:
-                self.draining += 1
-                try:
-                    await drain(receive, self.max_bytes, self.idle_timeout, BUSY_DRAIN_SECONDS)
-                finally:
-                    self.draining -= 1
+            await self._drain_refused(receive, headers, self.max_bytes)
             return await busy(why)(scope, receive, send)
         self.uploads += 1  # until its body is complete and checked
         try:
@@ -139,6 +135,17 @@ class RequestGuard:
             await self._handle(body, replay(spool, segments, receive), send)
         finally:
             spool.close()
+
+    async def _drain_refused(self, receive: Receive, headers: dict, most: int) -> None:
+        """A refused body read and dropped for up to BUSY_DRAIN_SECONDS, so that clients that write it whole
+        before reading (httpx, requests) read its answer; not for clients waiting for `100 Continue` (nothing
+        is invited that would be refused), nor past MAX_DRAINS such bodies at once."""
+        if self.draining < MAX_DRAINS and headers.get(b"expect", b"").lower() != b"100-continue":
+            self.draining += 1
+            try:
+                await drain(receive, most, self.idle_timeout, BUSY_DRAIN_SECONDS)
+            finally:
+                self.draining -= 1
 
     async def _receive(
         self, receive: Receive, headers: dict, declared: int, path: str, field: FileField | None
