@@ -73,13 +73,13 @@ TOO_MANY_MARKERS = -1  # what _jpeg_markers yields last for a file past MAX_JPEG
 _NEXT_MARKER = re.compile(rb"\xff+([^\x00\xff])")
 _MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # 0xFF, then neither stuffing, a restart nor fill
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-# what Pillow's decoders raise on truncated or corrupt data (OSError: truncated; SyntaxError: a broken PNG
-# chunk or TIFF tag; zlib.error, struct.error: broken compressed or packed fields)
 # An image of max_pixels takes at most this many bytes a pixel in any accepted format (16-bit RGBA TIFF, 8),
 # plus FILE_SLACK bytes of metadata (EXIF, ICC profiles, thumbnails): a larger file is read no further
 MAX_BYTES_PER_PIXEL = 8
 FILE_SLACK = 16 * 1024 * 1024
 NOT_AN_IMAGE = f"the file is not an image in an accepted format (send {FORMAT_NAMES})"
+# what Pillow's decoders raise on truncated or corrupt data (OSError: truncated; SyntaxError: a broken PNG
+# chunk or TIFF tag; zlib.error, struct.error: broken compressed or packed fields)
 CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
 # libjpeg's warning for entropy-coded data that ends, at a marker, before the picture does (JWRN_HIT_MARKER:
 # rows missing). Its other warnings keep the pixels as Pillow keeps them: extraneous bytes before a marker

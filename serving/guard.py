@@ -56,7 +56,7 @@ GENERIC_TYPE = "application/octet-stream"  # what clients declare for a file who
 # command retried a 100 MB file as a server gone). A slower or stalled upload is closed on after it.
 BUSY_DRAIN_SECONDS = 2.0
 # At most this many such bodies are drained at once; past it, and for clients that wait for `100 Continue`
-# before sending, the 429 comes at once (nothing is invited that would be refused). Each drain holds a
+# before sending, the answer comes at once (nothing is invited that would be refused). Each drain holds a
 # connection for at most BUSY_DRAIN_SECONDS and no memory (its bytes are dropped): as many as the default
 # AGE_GENDER_MAX_UPLOADS, whatever that setting, so that a burst past small limits is still answered.
 MAX_DRAINS = 256
