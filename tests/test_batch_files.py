@@ -88,6 +88,8 @@ def test_file_names_that_are_not_utf8_round_trip(suffix: str, tmp_path: Path) ->
         ("csv", b"name,age\n"),  # another tool's header, no rows yet: ours would go under it
         ("csv", b"file,size\nbig.jpg,3\n"),  # a column of ours among others
         ("csv", b"hello\n"),
+        ("csv", b"name,age"),  # one line, cut short as a killed run's last line may be: not ours, not cut away
+        ("jsonl", b'{"a": 1}'),
     ],
 )
 def test_an_out_file_of_something_else_is_refused(suffix: str, content: bytes, tmp_path: Path) -> None:
