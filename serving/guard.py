@@ -72,8 +72,8 @@ class RequestGuard:
     is read, so slow uploads took every slot): at most max_uploads bodies being received or checked, and
     at most max_concurrency requests being handled, counted from a complete and checked body to the start
     of its answer.
-    Past either: 429 at once. Health checks, /metrics and what is not an API (the page, the docs) are never
-    limited."""
+    Past either: 429 (past max_uploads after up to BUSY_DRAIN_SECONDS of reading the body). Health
+    checks, /metrics and what is not an API (the page, the docs) are never limited."""
 
     def __init__(
         self,
