@@ -152,15 +152,13 @@ class Output:
         with self.path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
             text = f.read()
         complete = text[: text.rfind("\n") + 1]  # a last line cut short is not read
-        # nor cut away, if it is the only line, without starting as this command's first line does: the file
-        # is another's (`name,age` with no newline), whose one line would go
         first, start = text.split("\n", 1)[0].rstrip("\r"), ",".join(FIELDS) if self.format == "csv" else '{"file": '
-        if text and not complete and not (start.startswith(first) or first.startswith(start)):
-            raise UserError(
-                f"{self.path} is not a results file of this command (it holds {first[:40]!r}); give another --out"
-            )
         done, again = set(), 0
         try:
+            # nor cut away, if it is the only line, without starting as this command's first line does: the
+            # file is another's (`name,age` with no newline), whose one line would go
+            if text and not complete and not (start.startswith(first) or first.startswith(start)):
+                raise ValueError(f"it holds {first[:40]!r}")
             for row in self._rows(complete):
                 if not _transient(row):
                     done.add(row["file"])
